@@ -1,0 +1,1 @@
+"""The ClientApp and the local computation of a federated client."""

@@ -1,0 +1,50 @@
+"""What a client computes locally: a few optimiser steps on its data, or a gradient sum.
+
+Plain PyTorch on purpose: the model, optimiser and batch iterator are the three things
+Opacus' ``PrivacyEngine.make_private`` takes, so DP-SGD can wrap this loop unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], batches,
+                  lr: float, device: str = "cpu") -> dict[str, float]:
+    """AdamW on ``trainable`` over every batch of ``batches``; a fresh optimiser each round."""
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return {"train_loss": sum(losses) / max(len(losses), 1), "steps": len(losses)}
+
+
+def base_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter], batches,
+                      device: str = "cpu") -> dict[str, torch.Tensor]:
+    """``sum_i grad_W loss_i`` over every example of ``batches`` for each frozen base weight W.
+
+    A sum (not a mean) so that sums over clients equal the sum over their pooled examples.
+    The weights are made trainable only for this pass and frozen again afterwards.
+    """
+    model.train()
+    sums = {key: torch.zeros_like(w, device="cpu") for key, w in weights.items()}
+    params = list(weights.values())
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+            for (key, _), grad in zip(weights.items(), torch.autograd.grad(loss, params)):
+                sums[key] += grad.detach().cpu()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return sums

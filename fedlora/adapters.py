@@ -1,0 +1,97 @@
+"""LoRA-family adapter layers, written by hand from ``nn.Linear`` parts.
+
+One layer serves every method::
+
+    LoRA / FedIT / FFA / FedSVD / LoRA-FAIR / FedEx:  y = W0 x + b + s * B (A x)
+    LoRA-SB / Fed-SB (arXiv 2411.19557, 2502.15436):   y = W0 x + b + s * B (R (A x))
+
+with ``A`` (r x n) = ``lora_A.weight``, ``R`` (r x r) = ``lora_R.weight`` and ``B`` (m x r) =
+``lora_B.weight``, the layout of ``nn.Linear.weight`` (out x in). Why not peft: peft has no
+LoRA-SB layer, and building every factor as an ``nn.Linear`` lets Opacus compute per-sample
+gradients with its native Linear rule, for every method alike. peft's table of default target
+modules per architecture is reused, so any Hugging Face model gets sensible targets.
+
+A state dict key names its part by its suffix: ``...lora_A.weight`` (A), ``...lora_B.weight``
+(B), ``...lora_R.weight`` (R); the task head's keys are passed in from the model loader.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+PARTS = ("A", "B", "R", "head")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a low-rank update ``s * B [R] A``."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, latent: bool):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scale = alpha / rank
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_R = nn.Linear(rank, rank, bias=False) if latent else None
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        for factor in (self.lora_A, self.lora_R, self.lora_B):
+            if factor is not None:
+                factor.to(device=base.weight.device, dtype=base.weight.dtype)
+        self.reset_lora()
+
+    @torch.no_grad()
+    def reset_lora(self) -> None:
+        """LoRA's init: A Kaiming-uniform (as peft), B = 0, R = I; so B [R] A = 0."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if self.lora_R is not None:
+            self.lora_R.weight.copy_(torch.eye(self.rank))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B [R] A`` in the base weight's (out x in) layout."""
+        middle = self.lora_A.weight if self.lora_R is None else self.lora_R.weight @ self.lora_A.weight
+        return self.scale * self.lora_B.weight @ middle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.lora_A(x)
+        if self.lora_R is not None:
+            hidden = self.lora_R(hidden)
+        return self.base(x) + self.scale * self.lora_B(hidden)
+
+
+def inject_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float,
+                latent: bool) -> list[str]:
+    """Replace every ``nn.Linear`` whose name ends in one of ``targets`` by a ``LoRALinear``.
+
+    Returns the module paths of the adapted layers (in model order). Raises ``ValueError`` if
+    no layer matches.
+    """
+    adapted = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, LoRALinear(module, rank, alpha, latent))
+            adapted.append(name)
+    if not adapted:
+        raise ValueError(f"no nn.Linear layer is named one of {list(targets)}")
+    return adapted
+
+
+def part_of(key: str, head_keys: frozenset[str]) -> str | None:
+    """Which adapter part a state-dict key belongs to: 'A', 'B', 'R', 'head' or None (frozen base)."""
+    if key.endswith("lora_A.weight"):
+        return "A"
+    if key.endswith("lora_B.weight"):
+        return "B"
+    if key.endswith("lora_R.weight"):
+        return "R"
+    if key in head_keys:
+        return "head"
+    return None
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}

@@ -1,0 +1,85 @@
+"""Communication accounting: bytes measured from the messages, and the formulas they must meet.
+
+``tensor_bytes`` measures what a message carries: the elements of every array in its
+ArrayRecords times the bytes per element of the dtype sent (read from the Array's own shape and
+dtype fields). ``wire_bytes`` is Flower's ``count_bytes`` (the serialised ``np.save`` payloads
+plus key names: a fixed header per array on top of ``tensor_bytes``).
+
+Formulas (../shared/ALGORITHMS.md, "Communication cost"): each strategy class states its
+parameters per adapted m x n matrix; ``expected_params`` sums them over the model's layers and
+adds the trained head.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+
+def array_bytes(array) -> int:
+    return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+
+
+def tensor_bytes(record: ArrayRecord) -> int:
+    return sum(array_bytes(a) for a in record.values())
+
+
+def message_arrays(message: Message) -> list[ArrayRecord]:
+    return list(message.content.array_records.values())
+
+
+class CommLedger:
+    """Bytes per round and direction, split by adapter part ('A', 'B', 'R', 'head', 'grad').
+
+    Round 0 holds one-time exchanges before training (Fed-SB's gradient upload). A strategy
+    marks parts of later messages as one-time too (Fed-SB's first B/A download to a client).
+    """
+
+    def __init__(self, part_of):
+        self.part_of = part_of  # key -> part name
+        self.rounds = defaultdict(lambda: {"up": defaultdict(int), "down": defaultdict(int)})
+        self.one_time = {"up": 0, "down": 0}
+        self.wire = {"up": 0, "down": 0}
+        self.elements_up = defaultdict(list)  # round -> per-client elements uploaded (regular)
+
+    def record(self, server_round: int, direction: str, messages, one_time_parts=frozenset()):
+        for message in messages:
+            if message.has_error():
+                continue
+            elements = 0
+            for record in message_arrays(message):
+                self.wire[direction] += record.count_bytes()
+                for key, array in record.items():
+                    part = self.part_of(key)
+                    size = array_bytes(array)
+                    self.rounds[server_round][direction][part] += size
+                    if server_round == 0 or part in one_time_parts:
+                        self.one_time[direction] += size
+                    else:
+                        elements += int(np.prod(array.shape, dtype=np.int64))
+            if direction == "up" and server_round > 0:
+                self.elements_up[server_round].append(elements)
+
+    def round_bytes(self, server_round: int, direction: str) -> int:
+        return sum(self.rounds[server_round][direction].values()) if server_round in self.rounds else 0
+
+    def total(self, direction: str, upto: int | None = None) -> int:
+        return sum(self.round_bytes(r, direction) for r in list(self.rounds) if upto is None or r <= upto)
+
+    def params_up_per_client(self, server_round: int) -> int | None:
+        counts = self.elements_up.get(server_round)
+        return counts[0] if counts and len(set(counts)) == 1 else (max(counts) if counts else None)
+
+    def state_dict(self) -> dict:
+        return {"rounds": {r: {d: dict(p) for d, p in v.items()} for r, v in self.rounds.items()},
+                "one_time": dict(self.one_time), "wire": dict(self.wire),
+                "elements_up": {r: list(v) for r, v in self.elements_up.items()}}
+
+
+def expected_params(strategy_cls, layer_shapes, rank: int, head_params: int) -> dict[str, int]:
+    """Per-client parameters per round from the strategy's formula, summed over layers, + head."""
+    up = sum(strategy_cls.params_up(m, n, rank) for m, n in layer_shapes) + head_params
+    down = sum(strategy_cls.params_down(m, n, rank) for m, n in layer_shapes) + head_params
+    return {"up": up, "down": down}

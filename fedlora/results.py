@@ -1,0 +1,92 @@
+"""Results files and the live progress display.
+
+A run directory holds plain files, readable with ``json`` alone (no fedlora import needed):
+
+* ``results.jsonl``: one JSON object per evaluated round (round 0 = before training), appended
+  and flushed as each round ends, so nothing computed is lost if the run dies;
+* ``summary.json``: final and best metrics, byte totals (one-time costs separately), the
+  resolved config, package versions, seed and wall time;
+* ``config.yaml``: the resolved config; ``partitions.json``: each client's examples and labels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+ROW_FIELDS = ("round", "strategy", "accuracy", "loss", "train_loss", "clients_trained",
+              "clients_failed", "bytes_up", "bytes_down", "bytes_up_cum", "bytes_down_cum",
+              "params_up_per_client", "epsilon", "wall_s")
+
+PACKAGES = ("fedlora", "torch", "flwr", "ray", "transformers", "peft", "opacus", "numpy")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+class ResultsWriter:
+    """Appends round rows to ``results.jsonl`` and shows one progress line per round."""
+
+    def __init__(self, out: Path, config: dict, total_rounds: int):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.total_rounds = total_rounds
+        self.rows: list[dict] = []
+        self.console = Console(stderr=False, highlight=False)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self._file = (self.out / "results.jsonl").open("a", encoding="utf-8")
+
+    def write_json(self, name: str, payload) -> None:
+        path = self.out / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        tmp.replace(path)  # atomic: a reader never sees half a file
+
+    def row(self, row: dict) -> None:
+        missing = [f for f in ROW_FIELDS if f not in row]
+        if missing:
+            raise ValueError(f"results row lacks {missing}")
+        self.rows.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        failed = f" ({row['clients_failed']} failed)" if row["clients_failed"] else ""
+        self.console.print(
+            f"[bold]round {row['round']:>3}/{self.total_rounds}[/bold]  acc {row['accuracy']:.4f}  "
+            f"loss {row['loss']:.4f}  clients {row['clients_trained']}{failed}  "
+            f"up {human_bytes(row['bytes_up_cum'])}  down {human_bytes(row['bytes_down_cum'])}  "
+            f"{row['wall_s']:.0f} s")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_results(run_dir) -> list[dict]:
+    """The rows of a run's ``results.jsonl`` (a convenience: plain ``json`` does the same)."""
+    with (Path(run_dir) / "results.jsonl").open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def elapsed(since: float) -> float:
+    return round(time.time() - since, 3)

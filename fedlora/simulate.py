@@ -1,0 +1,160 @@
+"""``python -m fedlora.simulate key=value ...``: a federated run in Flower's simulation engine.
+
+The ServerApp (``fedlora.server``) and the ClientApp (``fedlora.clients.app``) run through
+``flwr.simulation.run_simulation`` on Ray: one virtual SuperNode per client, each Ray worker
+serving many of them with one copy of the base model. Config keys: ``fedlora/conf/config.yaml``
+(Hydra: ``key=value`` overrides, ``-m`` for sweeps). The whole config, the data and the model
+are checked before Ray starts; a bad value is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+
+CONF_DIR = Path(__file__).parent / "conf"
+
+# Flower must not try to install the app's dependencies itself (it would pull a CUDA torch).
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1" if not os.environ.get("FEDLORA_ONLINE") else "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def prepare(cfg: RunConfig):
+    """Load and check the data, the partitions and the model in this process (before Ray)."""
+    from fedlora.data import client_partitions, load_dataset
+    from fedlora.models import build_model
+
+    data = load_dataset(cfg.data)
+    if data.num_labels < 2:
+        raise ConfigError(f"the data has {data.num_labels} label value(s); a classification task "
+                          "needs at least 2 (check data.label_field)")
+    client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.partition_alpha, cfg.seed)
+    bundle = build_model(cfg.model_spec(data.num_labels), cfg.device)
+    smallest = min(min(bundle.model.get_submodule(n).base.weight.shape) for n in bundle.adapted)
+    if cfg.rank > smallest:
+        raise ConfigError(f"rank={cfg.rank} exceeds the smallest adapted dimension ({smallest}); "
+                          f"set rank <= {smallest}")
+    return data, bundle
+
+
+def run(cfg: RunConfig, out) -> dict:
+    """Run one federated simulation; write ``out``; return the summary dict."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.app import Context
+    from flwr.simulation import run_simulation
+
+    from fedlora.clients.app import app as client_app
+    from fedlora.server import run_server
+
+    out = Path(out)
+    data, bundle = prepare(cfg)
+    quiet = not cfg.verbose
+    setup_logging(out, quiet)
+
+    result: dict = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        result["summary"] = run_server(grid, cfg, out, bundle, data)
+
+    backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+               "init_args": {"include_dashboard": False, "log_to_driver": not quiet,
+                             "logging_level": logging.WARNING if quiet else logging.INFO}}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
+                   backend_config=backend, verbose_logging=cfg.verbose)
+    if "summary" not in result:
+        raise RuntimeError(f"the simulation ended without finishing its rounds; rows so far are in {out}")
+    return result["summary"]
+
+
+def setup_logging(out: Path, quiet: bool) -> None:
+    """fedlora's and Flower's log lines go to ``out/run.log``; the console gets warnings only
+    (and the progress lines) unless ``verbose=true``."""
+    out.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(out / "run.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("fedlora", "flwr"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(file_handler)
+        for handler in logger.handlers:
+            if handler is not file_handler and isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not logging.getLogger("fedlora").handlers[:-1]:
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING if quiet else logging.INFO)
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("fedlora").addHandler(console)
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _paths(tree: dict, prefix: str = "") -> set[str]:
+    """Every dotted key path of a nested config dict."""
+    paths = set()
+    for key, value in tree.items():
+        paths.add(prefix + key)
+        if isinstance(value, dict):
+            paths |= _paths(value, prefix + key + ".")
+    return paths
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Reject unknown keys and group choices before Hydra (whose errors are multi-line)."""
+    import yaml
+
+    keys = _paths({k: v for k, v in yaml.safe_load((CONF_DIR / "config.yaml").read_text()).items()
+                   if k not in ("defaults", "hydra")})
+    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF_DIR.iterdir() if d.is_dir()}
+    for group in groups:
+        for option in (CONF_DIR / group).glob("*.yaml"):
+            keys |= _paths(yaml.safe_load(option.read_text()), group + ".")
+    for arg in argv:
+        if arg.startswith(("-", "hydra.", "hydra/", "+", "~")) or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if key in groups:
+            for choice in value.split(","):
+                if choice not in groups[key]:
+                    fail(f"{key} '{choice}' is unknown; choose one of: {', '.join(groups[key])}")
+        elif key not in keys:
+            fail(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml for the valid keys")
+
+
+def hydra_task(conf) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(conf, resolve=True)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg = RunConfig.from_dict(raw)
+        summary = run(cfg, out)
+    except ConfigError as error:
+        fail(str(error))
+    print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
+          f"bytes up {summary['bytes_up_total']:,} down {summary['bytes_down_total']:,}; "
+          f"{summary['wall_s']:.0f} s; results in {out}")
+
+
+def main() -> None:
+    import hydra
+
+    check_command_line(sys.argv[1:])
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(hydra_task)()
+
+
+if __name__ == "__main__":
+    main()

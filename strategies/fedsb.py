@@ -1,0 +1,77 @@
+"""Fed-SB (arXiv 2502.15436): federated LoRA-SB (arXiv 2411.19557), only R (r x r) trained.
+
+    adapter:  W0 + B R A with B (m x r), A (r x n) frozen and orthonormal, R trainable
+    round 0:  init clients upload G_k = sum of base-weight gradients over their examples;
+              server: G = sum_k G_k,  U S V^T = rank-r SVD of -eta sign(G),
+              B = U, R0 = diag(S), A = V^T   (LoRA-SB init, scale s = 1)
+    round t:  clients train R (and the head) from the global R
+              server: R <- E_w[R_k],  head <- E_w[head_k]
+    exact:    B E_w[R_k] A = E_w[B R_k A]  (B and A are shared), so this is FedAvg of updates.
+
+fedlora's decision (ALGORITHMS.md): the official code estimates G on the pooled training set,
+which a federated system cannot; here it is a one-shot sum over the round-0 clients, whose
+upload (m n per matrix per client) and the first B/A download to each client are counted.
+"""
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedlora.aggregation import lora_sb_init
+from fedlora.strategies.base import FederatedLoRA
+
+log = logging.getLogger("fedlora")
+
+
+class FedSB(FederatedLoRA):
+    name = "fedsb"
+    latent = True
+    trained_parts = ("R", "head")
+    one_time_parts_down = frozenset({"A", "B"})
+    defaults = {"rank": 32, "alpha_per_rank": 1.0, "lr": 3e-3}
+
+    @staticmethod
+    def params_up(m: int, n: int, rank: int) -> int:
+        return rank * rank
+
+    @staticmethod
+    def params_down(m: int, n: int, rank: int) -> int:
+        return rank * rank
+
+    def __init__(self, cfg, head_keys):
+        super().__init__(cfg, head_keys)
+        self.has_factors: set[int] = set()  # nodes that hold B and A
+
+    def payload_down(self, node_id, state):
+        parts = set(self.trained_parts)
+        if node_id not in self.has_factors:  # B and A travel once per client
+            parts |= self.one_time_parts_down
+            self.has_factors.add(node_id)
+        return {k: v for k, v in state.items() if self.part(k) in parts}
+
+    def initialize(self, grid, arrays, exchange):
+        """Round 0: the federated LoRA-SB initialisation from the clients' summed gradients."""
+        state = arrays.to_torch_state_dict()
+        head = {k: v for k, v in state.items() if self.part(k) == "head"}
+        nodes = self.sample(0)
+        share = -(-self.cfg.fedsb.init_samples // len(nodes))  # examples per init client
+        messages = [Message(content=RecordDict({
+                        "arrays": ArrayRecord(head),
+                        "config": ConfigRecord({**exchange.client_config, "server-round": 0,
+                                                "init-samples": share})}),
+                            message_type="train.fedsb_init", dst_node_id=node) for node in nodes]
+        replies = [r for r in exchange(0, messages) if not r.has_error()]
+        if not replies:
+            raise RuntimeError("Fed-SB initialisation failed: no init client replied")
+        grads = [r.content["arrays"].to_torch_state_dict() for r in replies]
+        for grad_key in grads[0]:  # '<layer>.base.weight'
+            layer = grad_key[: -len(".base.weight")]
+            grad_sum = torch.stack([g[grad_key].to(torch.float64) for g in grads]).sum(0)
+            B, R, A = lora_sb_init(grad_sum, self.cfg.rank, self.cfg.fedsb.init_lr)
+            state[f"{layer}.lora_B.weight"] = B.float()
+            state[f"{layer}.lora_R.weight"] = R.float()
+            state[f"{layer}.lora_A.weight"] = A.float()
+        log.info("Fed-SB init from %d clients' gradients over %d examples", len(replies),
+                 sum(int(r.content["metrics"]["num-examples"]) for r in replies))
+        return ArrayRecord(state)
