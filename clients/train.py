@@ -29,10 +29,12 @@ def base_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parame
                       device: str = "cpu") -> dict[str, torch.Tensor]:
     """``sum_i grad_W loss_i`` over every example of ``batches`` for each frozen base weight W.
 
-    A sum (not a mean) so that sums over clients equal the sum over their pooled examples.
+    A sum (not a mean) so that sums over clients equal the sum over their pooled examples;
+    computed in eval mode, since dropout's random masks would break that equality.
     The weights are made trainable only for this pass and frozen again afterwards.
     """
-    model.train()
+    was_training = model.training
+    model.eval()
     sums = {key: torch.zeros_like(w, device="cpu") for key, w in weights.items()}
     params = list(weights.values())
     for p in params:
@@ -47,4 +49,5 @@ def base_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parame
     finally:
         for p in params:
             p.requires_grad_(False)
+        model.train(was_training)
     return sums

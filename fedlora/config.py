@@ -46,7 +46,7 @@ class RunConfig:
     local_steps: int = 8
     batch_size: int = 16
     lr: float = 1e-3
-    max_length: int = 64
+    max_length: int = 32
     seed: int = 0
     eval_every: int = 1
     device: str = "cpu"
@@ -96,6 +96,7 @@ class RunConfig:
         partition = raw.get("partition") or {}
         if isinstance(partition, str):
             partition = {"name": partition}
+        _known_keys(partition, ("name", "alpha"), "partition")
         partition_name = partition.get("name", "iid")
         if partition_name not in PARTITIONS:
             raise ConfigError(f"partition '{partition_name}' is unknown; choose one of: "
@@ -115,12 +116,14 @@ class RunConfig:
         if isinstance(targets, str):
             targets = tuple(t.strip() for t in targets.split(",") if t.strip())
         data = raw.get("data") or {}
+        _known_keys(data, tuple(f.name for f in fields(DataSpec)), "data")
         if data.get("path") and data.get("name"):
             raise ConfigError("data.path and data.name are both set; give one of them")
         test_fraction = float(data.get("test_fraction", 0.2))
         if not 0 < test_fraction < 1:
             raise ConfigError(f"data.test_fraction={test_fraction} must be in (0, 1)")
         fedsb_raw = raw.get("fedsb") or {}
+        _known_keys(fedsb_raw, tuple(f.name for f in fields(FedSBConfig)), "fedsb")
         fedsb = FedSBConfig(init_samples=_positive_int(fedsb_raw, "init_samples", 256,
                                                        key_name="fedsb.init_samples"),
                             init_lr=_positive_float(fedsb_raw, "init_lr", 1e-3,
@@ -144,6 +147,13 @@ class RunConfig:
                           text_field=data.get("text_field", "text"),
                           label_field=data.get("label_field", "label"), test_fraction=test_fraction),
             fedsb=fedsb, verbose=bool(raw.get("verbose", False)))
+
+
+def _known_keys(section: dict, valid: tuple[str, ...], name: str) -> None:
+    for key in section:
+        if key not in valid:
+            raise ConfigError(f"'{name}.{key}' is not a fedlora setting; valid keys under {name}: "
+                              f"{', '.join(valid)}")
 
 
 def _number(raw: dict, key: str, default, kind, key_name: str | None):

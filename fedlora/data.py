@@ -6,7 +6,8 @@ Three sources, one shape (a list of texts and integer labels per split):
   ``chatterbot-corpus`` wheel. Every utterance is labelled with the topic file it comes from
   (21 topics). Utterances that occur in more than one topic are ambiguous and dropped; an exact
   duplicate inside one topic is kept once. The split is fixed and independent of any seed: an
-  utterance is in the test split iff ``sha1(text) mod 5 == 0`` (about 20 %).
+  utterance is in the test split iff the first 8 bytes of ``sha1(text)``, as a big-endian
+  integer, mod 10 000 are below 2 000 (about 20 %; ``in_test_split``).
 * ``data.path``: a directory with ``train`` and ``test`` files (``.jsonl`` or ``.csv``), or one
   such file that is split by ``data.test_fraction`` with the same hash rule.
 * ``data.name``: a Hugging Face dataset id loaded with ``datasets`` (needs network access).
@@ -279,6 +280,8 @@ class Batches:
 
     def sample_steps(self, indices, batch_size: int, steps: int, rng: random.Random):
         """``steps`` batches drawn by cycling through reshuffled passes over ``indices``."""
+        if not indices:
+            raise ValueError("a client with no examples cannot take training steps")
         drawn = 0
         while drawn < steps:
             for batch in self.epoch(indices, batch_size, rng):

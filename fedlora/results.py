@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 ROW_FIELDS = ("round", "strategy", "accuracy", "loss", "train_loss", "clients_trained",
               "clients_failed", "bytes_up", "bytes_down", "bytes_up_cum", "bytes_down_cum",
@@ -54,6 +55,12 @@ class ResultsWriter:
         self.total_rounds = total_rounds
         self.rows: list[dict] = []
         self.console = Console(stderr=False, highlight=False)
+        # A live bar on terminals; elsewhere (CI, pipes) rich shows only the printed lines.
+        self.progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.description}"),
+                                 console=self.console, transient=True)
+        self.task = self.progress.add_task("", total=total_rounds)
+        self.progress.start()
         (self.out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         self._file = (self.out / "results.jsonl").open("a", encoding="utf-8")
 
@@ -71,14 +78,17 @@ class ResultsWriter:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         failed = f" ({row['clients_failed']} failed)" if row["clients_failed"] else ""
-        self.console.print(
+        self.progress.console.print(
             f"[bold]round {row['round']:>3}/{self.total_rounds}[/bold]  acc {row['accuracy']:.4f}  "
             f"loss {row['loss']:.4f}  clients {row['clients_trained']}{failed}  "
             f"up {human_bytes(row['bytes_up_cum'])}  down {human_bytes(row['bytes_down_cum'])}  "
             f"{row['wall_s']:.0f} s")
+        self.progress.update(self.task, completed=row["round"],
+                             description=f"acc {row['accuracy']:.4f}  up {human_bytes(row['bytes_up_cum'])}")
         sys.stdout.flush()
 
     def close(self) -> None:
+        self.progress.stop()
         self._file.close()
 
 

@@ -16,13 +16,15 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
 
 from fedlora.adapters import PARTS, part_of
 from fedlora.comm import CommLedger, expected_params
 from fedlora.config import RunConfig, client_config
-from fedlora.data import Batches
-from fedlora.models import AdaptedModel, evaluate
+from fedlora.data import Batches, client_partitions, load_dataset
+from fedlora.errors import ConfigError
+from fedlora.models import AdaptedModel, build_model, evaluate
 from fedlora.results import ResultsWriter, elapsed, package_versions
 from fedlora.strategies import get_strategy
 
@@ -112,24 +114,26 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
             "epsilon": None, "wall_s": elapsed(started)})
         last_row_round, trained, failed, train_losses = server_round, 0, 0, []
 
-    add_row(0, evaluate_global(arrays))
-    for server_round in range(1, cfg.rounds + 1):
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(config), grid))
-        replies = exchange(server_round, messages)
-        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
-        for report in strategy.client_reports:
-            pid = int(report["pid"])
-            client_processes[pid] = max(client_processes.get(pid, 0), int(report["model-builds"]))
-        accepted = int(metrics["clients_trained"]) if metrics else 0
-        trained += accepted
-        failed += len(messages) - accepted
-        if metrics:
-            train_losses.append(float(metrics["train_loss"]))
-        if new_arrays is not None:
-            arrays = new_arrays
-        if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
-            add_row(server_round, evaluate_global(arrays))
-    writer.close()
+    try:
+        add_row(0, evaluate_global(arrays))
+        for server_round in range(1, cfg.rounds + 1):
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(config), grid))
+            replies = exchange(server_round, messages)
+            new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+            for report in strategy.client_reports:
+                pid = int(report["pid"])
+                client_processes[pid] = max(client_processes.get(pid, 0), int(report["model-builds"]))
+            accepted = int(metrics["clients_trained"]) if metrics else 0
+            trained += accepted
+            failed += len(messages) - accepted
+            if metrics:
+                train_losses.append(float(metrics["train_loss"]))
+            if new_arrays is not None:
+                arrays = new_arrays
+            if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
+                add_row(server_round, evaluate_global(arrays))
+    finally:  # rows written so far stay on disk whatever happens
+        writer.close()
 
     layers = [tuple(bundle.model.get_submodule(name).base.weight.shape) for name in bundle.adapted]
     head_params = sum(int(v.numel()) for k, v in bundle.state(("head",)).items())
@@ -150,3 +154,46 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
     }
     writer.write_json("summary.json", summary)
     return summary
+
+
+def prepare(cfg: RunConfig):
+    """Load and check the data, the partitions and the model in this process (before Ray)."""
+    from fedlora.data import client_partitions, load_dataset
+    from fedlora.models import build_model
+
+    data = load_dataset(cfg.data)
+    if data.num_labels < 2:
+        raise ConfigError(f"the data has {data.num_labels} label value(s); a classification task "
+                          "needs at least 2 (check data.label_field)")
+    client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.partition_alpha, cfg.seed)
+    bundle = build_model(cfg.model_spec(data.num_labels), cfg.device)
+    smallest = min(min(bundle.model.get_submodule(n).base.weight.shape) for n in bundle.adapted)
+    if cfg.rank > smallest:
+        raise ConfigError(f"rank={cfg.rank} exceeds the smallest adapted dimension ({smallest}); "
+                          f"set rank <= {smallest}")
+    return data, bundle
+
+
+def config_from_run_config(run_config: dict) -> tuple[RunConfig, Path]:
+    """The RunConfig from Flower's run config (``[tool.flwr.app.config]``, ``--run-config``),
+    whose keys are the same as ``python -m fedlora.simulate``'s, nested ones dotted."""
+    nested: dict = {}
+    for key, value in run_config.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = None if value == "" else value
+    out = nested.pop("out", None) or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}-deploy"
+    return RunConfig.from_dict(nested), Path(out)
+
+
+# The ServerApp Flower loads from pyproject.toml ([tool.flwr.app.components]), e.g. for `flwr run`.
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, out = config_from_run_config(dict(context.run_config))
+    data, bundle = prepare(cfg)
+    run_server(grid, cfg, out, bundle, data)

@@ -25,24 +25,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1" if not os.environ.get("FEDLORA_ONLINE") else "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def prepare(cfg: RunConfig):
-    """Load and check the data, the partitions and the model in this process (before Ray)."""
-    from fedlora.data import client_partitions, load_dataset
-    from fedlora.models import build_model
-
-    data = load_dataset(cfg.data)
-    if data.num_labels < 2:
-        raise ConfigError(f"the data has {data.num_labels} label value(s); a classification task "
-                          "needs at least 2 (check data.label_field)")
-    client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.partition_alpha, cfg.seed)
-    bundle = build_model(cfg.model_spec(data.num_labels), cfg.device)
-    smallest = min(min(bundle.model.get_submodule(n).base.weight.shape) for n in bundle.adapted)
-    if cfg.rank > smallest:
-        raise ConfigError(f"rank={cfg.rank} exceeds the smallest adapted dimension ({smallest}); "
-                          f"set rank <= {smallest}")
-    return data, bundle
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
 
 
 def run(cfg: RunConfig, out) -> dict:
@@ -52,7 +35,7 @@ def run(cfg: RunConfig, out) -> dict:
     from flwr.simulation import run_simulation
 
     from fedlora.clients.app import app as client_app
-    from fedlora.server import run_server
+    from fedlora.server import prepare, run_server
 
     out = Path(out)
     data, bundle = prepare(cfg)
@@ -88,7 +71,10 @@ def setup_logging(out: Path, quiet: bool) -> None:
         logger.addHandler(file_handler)
         for handler in logger.handlers:
             if handler is not file_handler and isinstance(handler, logging.StreamHandler):
-                handler.setLevel(logging.WARNING if quiet else logging.INFO)
+                # Flower's console warnings (run_simulation's deprecation, skipped federated
+                # evaluation) are expected here; they stay in run.log.
+                handler.setLevel(logging.ERROR if quiet and name == "flwr" else
+                                 logging.WARNING if quiet else logging.INFO)
     if not logging.getLogger("fedlora").handlers[:-1]:
         console = logging.StreamHandler()
         console.setLevel(logging.WARNING if quiet else logging.INFO)

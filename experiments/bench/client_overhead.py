@@ -1,0 +1,104 @@
+"""fedlora's overhead over a bare PyTorch loop doing the same client work.
+
+    python experiments/bench/client_overhead.py [--strategy fedavg] [--clients-per-round 10]
+        [--rounds 3] [--local-steps 8] [--batch-size 16] [--workers 2]
+
+Both sides train the same clients (the same partitions, sampled with the same seed), the same
+local steps and batch size, from the same global state, and aggregate with the same maths:
+
+* bare: one process, a plain loop over the clients, ``--workers`` torch threads;
+* fedlora: a Flower simulation on Ray with ``--workers`` single-CPU workers, timed from the end
+  of round 0 to the end of the last round (Ray start-up, model loading in the workers and the
+  round-0 evaluation are reported separately), minus the server-side evaluation time.
+
+It prints one JSON line with both times per round and their ratio. Target (README): fedlora's
+per-round time within 1.25x of the bare loop's on CPU with 10 clients per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def bare_rounds(cfg, rounds: int, threads: int) -> float:
+    """Seconds per round of the plain loop (no Flower, no Ray, no messages)."""
+    from fedlora.aggregation import sample_weights
+    from fedlora.clients.train import client_update
+    from fedlora.data import Batches, client_partitions, load_dataset
+    from fedlora.models import build_model
+    from fedlora.strategies import get_strategy
+
+    torch.set_num_threads(threads)
+    data = load_dataset(cfg.data)
+    parts = client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.partition_alpha, cfg.seed)
+    bundle = build_model(cfg.model_spec(data.num_labels))
+    train = Batches(bundle.tokenizer, data.train.texts, data.train.labels, cfg.max_length)
+    strategy = get_strategy(cfg.strategy)
+    trained = strategy.trained_parts
+    state = bundle.state(("A", "B", "R", "head"))
+    rng = random.Random(cfg.seed)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        updates, sizes = [], []
+        for client in rng.sample(range(cfg.clients), cfg.clients_per_round):
+            bundle.load(state)
+            params = bundle.set_trainable(trained)
+            batches = train.sample_steps(parts[client], cfg.batch_size, cfg.local_steps, rng)
+            client_update(bundle.model, params, batches, cfg.lr)
+            updates.append(bundle.state(trained))
+            sizes.append(len(parts[client]))
+        from fedlora.aggregation import weighted_mean_states
+
+        state = {**state, **weighted_mean_states(updates, sample_weights(sizes))}
+    return (time.perf_counter() - started) / rounds
+
+
+def fedlora_rounds(cfg, out: Path) -> dict:
+    """Seconds per round of the simulation, from its results rows, without evaluation time."""
+    from fedlora.simulate import run
+
+    summary = run(cfg, out)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    eval_s = summary.get("eval_s_per_round", 0.0)
+    per_round = (rows[-1]["wall_s"] - rows[0]["wall_s"]) / (len(rows) - 1) - eval_s
+    return {"round_s": per_round, "startup_s": rows[0]["wall_s"], "eval_s": eval_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--strategy", default="fedavg")
+    parser.add_argument("--clients-per-round", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="CPU cores used by either side")
+    args = parser.parse_args()
+
+    from fedlora.config import RunConfig
+
+    cfg = RunConfig.from_dict({"strategy": args.strategy, "clients": 100,
+                               "clients_per_round": args.clients_per_round, "rounds": args.rounds,
+                               "local_steps": args.local_steps, "batch_size": args.batch_size})
+    bare_s = bare_rounds(cfg, args.rounds, args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = fedlora_rounds(cfg, Path(tmp) / "run")
+    print(json.dumps({
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+                   f"available, {args.workers} used", "strategy": args.strategy,
+        "clients_per_round": args.clients_per_round, "local_steps": args.local_steps,
+        "batch_size": args.batch_size, "rounds": args.rounds,
+        "bare_round_s": round(bare_s, 2), "fedlora_round_s": round(sim["round_s"], 2),
+        "ratio": round(sim["round_s"] / bare_s, 3),
+        "fedlora_startup_s": round(sim["startup_s"], 1), "server_eval_s": round(sim["eval_s"], 2)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Config validation (fedlora.config.RunConfig.from_dict) and the communication formulas."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.comm import expected_params
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+from fedlora.strategies import FedIT, FedSB
+
+HEAD_PARAMS = 21 * 384 + 21  # classifier.weight + classifier.bias for 21 labels
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"strategy": "fedsbb"}, "strategy 'fedsbb' is unknown; choose one of: fedavg, fedsb"),
+    ({"rank": 0}, "rank=0 must be a positive integer; set rank >= 1"),
+    ({"rank": -1}, "rank=-1 must be a positive integer; set rank >= 1"),
+    ({"rank": 2.5}, "rank=2.5 is not a number of type int; set rank to one"),
+    ({"clients": 5, "clients_per_round": 6},
+     "clients_per_round=6 exceeds clients=5; set clients_per_round <= 5 or raise clients"),
+    ({"clients_per_round": 0}, "clients_per_round=0 must be a positive integer; set clients_per_round >= 1"),
+    ({"partition": {"name": "pathological"}},
+     "partition 'pathological' is unknown; choose one of: iid, dirichlet"),
+    ({"partition": "pathological"}, "partition 'pathological' is unknown; choose one of: iid, dirichlet"),
+    ({"rounds": "abc"}, "rounds='abc' is not a number of type int; set rounds to one"),
+    ({"rounds": True}, "rounds=True is not a number of type int; set rounds to one"),
+    ({"foo": 1}, "'foo' is not a fedlora setting; see fedlora/conf/config.yaml for the valid keys"),
+    ({"fedsb": {"init_samples": 0}},
+     "fedsb.init_samples=0 must be a positive integer; set fedsb.init_samples >= 1"),
+    ({"data": {"test_fraction": 1.0}}, "data.test_fraction=1.0 must be in (0, 1)"),
+])
+def test_from_dict_rejects_bad_values_with_one_line_message(raw, message):
+    # Execute
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict(raw)
+
+    # Assert
+    assert str(error.value) == message
+    assert "\n" not in str(error.value)
+
+
+def test_config_error_is_a_value_error():
+    # Execute / Assert
+    with pytest.raises(ValueError):
+        RunConfig.from_dict({"rank": 0})
+
+
+def test_fedsb_defaults_give_rank_32_and_scale_one():
+    # Execute
+    cfg = RunConfig.from_dict({"strategy": "fedsb"})
+
+    # Assert
+    assert cfg.strategy == "fedsb"
+    assert cfg.rank == 32
+    assert cfg.alpha == 32.0
+    assert cfg.alpha / cfg.rank == 1.0
+    assert cfg.lr == 3e-3
+    assert cfg.model_spec(21).latent is True
+
+
+def test_fedavg_defaults_give_rank_8_alpha_16():
+    # Execute
+    cfg = RunConfig.from_dict({"strategy": "fedavg"})
+
+    # Assert
+    assert cfg.rank == 8
+    assert cfg.alpha == 16.0
+    assert cfg.lr == 3e-3
+    assert cfg.model_spec(21).latent is False
+
+
+def test_default_strategy_is_fedsb_and_hydra_nulls_mean_defaults():
+    # Execute: Hydra passes unset keys as None
+    cfg = RunConfig.from_dict({"rank": None, "alpha": None, "lr": None, "clients_per_round": None})
+
+    # Assert
+    assert (cfg.strategy, cfg.rank, cfg.alpha, cfg.clients_per_round) == ("fedsb", 32, 32.0, 10)
+
+
+def test_alpha_follows_a_given_rank():
+    # Execute
+    fedsb = RunConfig.from_dict({"strategy": "fedsb", "rank": 16})
+    fedavg = RunConfig.from_dict({"strategy": "fedavg", "rank": 4})
+    explicit = RunConfig.from_dict({"strategy": "fedavg", "rank": 4, "alpha": 3})
+
+    # Assert
+    assert fedsb.alpha == 16.0
+    assert fedavg.alpha == 8.0
+    assert explicit.alpha == 3.0
+
+
+@pytest.mark.parametrize("clients,per_round", [(100, 10), (10, 10), (5, 5), (1, 1)])
+def test_clients_per_round_defaults_to_min_10_clients(clients, per_round):
+    # Execute
+    cfg = RunConfig.from_dict({"clients": clients})
+
+    # Assert
+    assert cfg.clients == clients
+    assert cfg.clients_per_round == per_round
+
+
+def test_partition_and_data_are_read():
+    # Execute
+    cfg = RunConfig.from_dict({"partition": {"name": "dirichlet", "alpha": 0.1},
+                               "data": {"path": "/tmp/x", "label_field": "topic"}})
+
+    # Assert
+    assert cfg.partition == "dirichlet"
+    assert cfg.partition_alpha == 0.1
+    assert cfg.data.path == "/tmp/x"
+    assert cfg.data.label_field == "topic"
+    assert cfg.data.text_field == "text"
+
+
+# --------------------------------------------------------------------------------------------
+# Communication formulas (ALGORITHMS.md, "Communication cost")
+
+
+def test_expected_params_fedsb_is_r_squared_per_matrix_plus_head():
+    # Execute
+    expected = expected_params(FedSB, [(384, 384)] * 12, 32, HEAD_PARAMS)
+
+    # Assert
+    assert expected == {"up": 32 * 32 * 12 + HEAD_PARAMS, "down": 32 * 32 * 12 + HEAD_PARAMS}
+    assert expected["up"] == 20373
+
+
+def test_expected_params_fedit_is_r_times_m_plus_n_per_matrix_plus_head():
+    # Execute
+    expected = expected_params(FedIT, [(384, 384)] * 12, 8, HEAD_PARAMS)
+
+    # Assert
+    assert expected == {"up": 8 * (384 + 384) * 12 + HEAD_PARAMS,
+                        "down": 8 * (384 + 384) * 12 + HEAD_PARAMS}
+    assert expected["up"] == 81813
+
+
+def test_expected_params_on_non_square_layers():
+    # Execute
+    fedit = expected_params(FedIT, [(5, 7), (3, 2)], 2, 0)
+    fedsb = expected_params(FedSB, [(5, 7), (3, 2)], 2, 0)
+
+    # Assert
+    assert fedit["up"] == 2 * 12 + 2 * 5
+    assert fedsb["up"] == 4 + 4
