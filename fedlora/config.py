@@ -14,6 +14,7 @@ from fedlora.errors import ConfigError
 from fedlora.models import EMBEDDED_MODEL, ModelSpec
 
 PARTITIONS = ("iid", "dirichlet")
+LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda")
 
 
@@ -42,10 +43,11 @@ class RunConfig:
     targets: tuple[str, ...] = ()
     clients: int = 100
     clients_per_round: int = 10
-    rounds: int = 30
+    rounds: int = 25
     local_steps: int = 8
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "cosine"
     max_length: int = 32
     seed: int = 0
     eval_every: int = 1
@@ -128,6 +130,10 @@ class RunConfig:
                                                        key_name="fedsb.init_samples"),
                             init_lr=_positive_float(fedsb_raw, "init_lr", 1e-3,
                                                     key_name="fedsb.init_lr"))
+        lr_schedule = raw.get("lr_schedule", "cosine")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule '{lr_schedule}' is unknown; choose one of: "
+                              f"{', '.join(LR_SCHEDULES)}")
         alpha = raw.get("alpha")
         return cls(
             strategy=strategy, model=str(raw.get("model") or EMBEDDED_MODEL), rank=rank,
@@ -138,6 +144,7 @@ class RunConfig:
             local_steps=_positive_int(raw, "local_steps", cls.local_steps),
             batch_size=_positive_int(raw, "batch_size", cls.batch_size),
             lr=defaults["lr"] if raw.get("lr") is None else _positive_float(raw, "lr", 0.0),
+            lr_schedule=lr_schedule,
             max_length=_positive_int(raw, "max_length", cls.max_length),
             seed=_int(raw, "seed", 0),
             eval_every=_positive_int(raw, "eval_every", 1),
@@ -215,6 +222,15 @@ def client_config(cfg: RunConfig, num_labels: int) -> dict:
             "partition-alpha": cfg.partition_alpha, "seed": cfg.seed,
             "max-length": cfg.max_length, "device": cfg.device, "client-cpus": cfg.client_cpus,
             "local-steps": cfg.local_steps, "batch-size": cfg.batch_size, "lr": cfg.lr}
+
+
+def round_lr(cfg: RunConfig, server_round: int) -> float:
+    """The clients' learning rate in a round: constant, or cosine-decayed from ``lr`` in round 1
+    to ``0.1 * lr`` in the last round (a stable final model despite client drift)."""
+    if cfg.lr_schedule == "constant" or cfg.rounds == 1:
+        return cfg.lr
+    progress = (server_round - 1) / (cfg.rounds - 1)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def specs_from_client_config(record) -> tuple[ModelSpec, DataSpec]:

@@ -92,9 +92,14 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
     test = Batches(bundle.tokenizer, data.test.texts, data.test.labels, cfg.max_length)
     arrays = strategy.initialize(grid, ArrayRecord(bundle.state(PARTS)), exchange)
 
+    eval_seconds: list[float] = []
+
     def evaluate_global(arrays: ArrayRecord) -> dict:
+        begin = time.time()
         bundle.load(arrays.to_torch_state_dict())
-        return evaluate(bundle, test, device=cfg.device)
+        metrics = evaluate(bundle, test, device=cfg.device)
+        eval_seconds.append(time.time() - begin)
+        return metrics
 
     client_processes: dict[int, int] = {}  # pid -> model builds seen in that process
     last_row_round, trained, failed, train_losses = -1, 0, 0, []
@@ -150,6 +155,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
                                                      head_params),
         "adapted_layers": len(layers), "head_params": head_params,
         "client_processes": {str(pid): builds for pid, builds in sorted(client_processes.items())},
+        "eval_s_total": round(sum(eval_seconds), 3), "evaluations": len(eval_seconds),
         "wall_s": elapsed(started), "config": cfg.to_dict(), "versions": package_versions(),
     }
     writer.write_json("summary.json", summary)

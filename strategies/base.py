@@ -25,7 +25,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.adapters import part_of
-from fedlora.aggregation import sample_weights, weighted_mean_states
+from fedlora.aggregation import sample_weights, single_threaded, weighted_mean_states
+from fedlora.config import round_lr
 
 log = logging.getLogger("fedlora")
 
@@ -101,6 +102,7 @@ class FederatedLoRA(FedAvg):
         for node_id in self.sample(server_round):
             payload = self.payload_down(node_id, self.current)
             node_config = ConfigRecord({**config, "server-round": server_round,
+                                        "lr": round_lr(self.cfg, server_round),
                                         "trained-parts": ",".join(self.trained_parts),
                                         "keep-parts": ",".join(sorted(self.one_time_parts_down))})
             content = RecordDict({"arrays": ArrayRecord(payload), "config": node_config})
@@ -145,7 +147,8 @@ class FederatedLoRA(FedAvg):
             return None, None
         updates = [r.content["arrays"].to_torch_state_dict() for r in valid]
         weights = sample_weights([int(r.content["metrics"]["num-examples"]) for r in valid])
-        new_state = self.aggregate(self.current, updates, weights)
+        with single_threaded():
+            new_state = self.aggregate(self.current, updates, weights)
         train_loss = sum(w * r.content["metrics"]["train_loss"] for w, r in zip(weights, valid))
         return ArrayRecord(new_state), MetricRecord({"train_loss": train_loss,
                                                      "clients_trained": len(valid)})

@@ -13,7 +13,7 @@ from fedlora.strategies.base import FederatedLoRA
 class FedIT(FederatedLoRA):
     name = "fedavg"
     trained_parts = ("A", "B", "head")
-    defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 3e-3}
+    defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-2}
 
     @staticmethod
     def params_up(m: int, n: int, rank: int) -> int:

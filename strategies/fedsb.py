@@ -18,7 +18,7 @@ import logging
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedlora.aggregation import lora_sb_init
+from fedlora.aggregation import lora_sb_init, single_threaded
 from fedlora.strategies.base import FederatedLoRA
 
 log = logging.getLogger("fedlora")
@@ -29,7 +29,7 @@ class FedSB(FederatedLoRA):
     latent = True
     trained_parts = ("R", "head")
     one_time_parts_down = frozenset({"A", "B"})
-    defaults = {"rank": 32, "alpha_per_rank": 1.0, "lr": 3e-3}
+    defaults = {"rank": 32, "alpha_per_rank": 1.0, "lr": 3e-2}
 
     @staticmethod
     def params_up(m: int, n: int, rank: int) -> int:
@@ -65,13 +65,14 @@ class FedSB(FederatedLoRA):
         if not replies:
             raise RuntimeError("Fed-SB initialisation failed: no init client replied")
         grads = [r.content["arrays"].to_torch_state_dict() for r in replies]
-        for grad_key in grads[0]:  # '<layer>.base.weight'
-            layer = grad_key[: -len(".base.weight")]
-            grad_sum = torch.stack([g[grad_key].to(torch.float64) for g in grads]).sum(0)
-            B, R, A = lora_sb_init(grad_sum, self.cfg.rank, self.cfg.fedsb.init_lr)
-            state[f"{layer}.lora_B.weight"] = B.float()
-            state[f"{layer}.lora_R.weight"] = R.float()
-            state[f"{layer}.lora_A.weight"] = A.float()
+        with single_threaded():
+            for grad_key in grads[0]:  # '<layer>.base.weight'
+                layer = grad_key[: -len(".base.weight")]
+                grad_sum = torch.stack([g[grad_key].to(torch.float64) for g in grads]).sum(0)
+                B, R, A = lora_sb_init(grad_sum, self.cfg.rank, self.cfg.fedsb.init_lr)
+                state[f"{layer}.lora_B.weight"] = B.float()
+                state[f"{layer}.lora_R.weight"] = R.float()
+                state[f"{layer}.lora_A.weight"] = A.float()
         log.info("Fed-SB init from %d clients' gradients over %d examples", len(replies),
                  sum(int(r.content["metrics"]["num-examples"]) for r in replies))
         return ArrayRecord(state)

@@ -30,7 +30,7 @@ import torch
 
 def bare_rounds(cfg, rounds: int, threads: int) -> float:
     """Seconds per round of the plain loop (no Flower, no Ray, no messages)."""
-    from fedlora.aggregation import sample_weights
+    from fedlora.aggregation import sample_weights, weighted_mean_states
     from fedlora.clients.train import client_update
     from fedlora.data import Batches, client_partitions, load_dataset
     from fedlora.models import build_model
@@ -44,19 +44,18 @@ def bare_rounds(cfg, rounds: int, threads: int) -> float:
     strategy = get_strategy(cfg.strategy)
     trained = strategy.trained_parts
     state = bundle.state(("A", "B", "R", "head"))
-    rng = random.Random(cfg.seed)
+    sampler = random.Random(cfg.seed)  # draws the same clients as the server's sampler
+    rng = random.Random(cfg.seed + 1)
     started = time.perf_counter()
     for _ in range(rounds):
         updates, sizes = [], []
-        for client in rng.sample(range(cfg.clients), cfg.clients_per_round):
-            bundle.load(state)
+        for client in sampler.sample(range(cfg.clients), cfg.clients_per_round):
+            bundle.load(state)  # the same swap-in a fedlora client does
             params = bundle.set_trainable(trained)
             batches = train.sample_steps(parts[client], cfg.batch_size, cfg.local_steps, rng)
             client_update(bundle.model, params, batches, cfg.lr)
             updates.append(bundle.state(trained))
             sizes.append(len(parts[client]))
-        from fedlora.aggregation import weighted_mean_states
-
         state = {**state, **weighted_mean_states(updates, sample_weights(sizes))}
     return (time.perf_counter() - started) / rounds
 
@@ -67,7 +66,7 @@ def fedlora_rounds(cfg, out: Path) -> dict:
 
     summary = run(cfg, out)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    eval_s = summary.get("eval_s_per_round", 0.0)
+    eval_s = summary["eval_s_total"] / summary["evaluations"]
     per_round = (rows[-1]["wall_s"] - rows[0]["wall_s"]) / (len(rows) - 1) - eval_s
     return {"round_s": per_round, "startup_s": rows[0]["wall_s"], "eval_s": eval_s}
 
