@@ -55,7 +55,7 @@ def test_fedsb_defaults_give_rank_32_and_scale_one():
     assert cfg.rank == 32
     assert cfg.alpha == 32.0
     assert cfg.alpha / cfg.rank == 1.0
-    assert cfg.lr == 3e-3
+    assert cfg.lr == FedSB.defaults["lr"]
     assert cfg.model_spec(21).latent is True
 
 
@@ -66,7 +66,7 @@ def test_fedavg_defaults_give_rank_8_alpha_16():
     # Assert
     assert cfg.rank == 8
     assert cfg.alpha == 16.0
-    assert cfg.lr == 3e-3
+    assert cfg.lr == FedIT.defaults["lr"]
     assert cfg.model_spec(21).latent is False
 
 
