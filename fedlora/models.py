@@ -168,10 +168,14 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
     return bundle
 
 
-@lru_cache(maxsize=2)
 def cached_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
     """The model of this process, built on first use and kept (shared by all virtual clients of
     a Ray worker: callers load the full adapter state they need before every use)."""
+    return _cached_model(spec, device)  # one cache key whether or not the device is given
+
+
+@lru_cache(maxsize=2)
+def _cached_model(spec: ModelSpec, device: str) -> AdaptedModel:
     return build_model(spec, device)
 
 

@@ -79,7 +79,7 @@ def test_base_delta_adds_new_rounds_skips_known_ones_and_restarts_from_round_zer
 @pytest.fixture(scope="module")
 def client_model():
     cfg = RunConfig.from_dict({"strategy": "fedex", "clients": 4, "rank": 2, "seed": 0})
-    return models.cached_model(cfg.model_spec(21), "cpu")  # the clients' call, same cache key
+    return models.cached_model(cfg.model_spec(21))  # the very model the clients will use
 
 
 def federation(strategy: str, bundle, **overrides):
