@@ -316,33 +316,30 @@ def _int(raw, key, default, key_name=None) -> int:
     return _number(raw, key, default, int, key_name)
 
 
-def _positive_int(raw, key, default, key_name=None) -> int:
-    value = _number(raw, key, default, int, key_name)
-    if value <= 0:
-        raise ConfigError(f"{key_name or key}={value} must be a positive integer; set "
-                          f"{key_name or key} >= 1")
+def _checked(raw, key, default, kind, key_name, valid, requirement: str):
+    """A number of ``kind`` that must satisfy ``valid``; ``requirement`` ends the error line
+    (``{name}`` stands for the key)."""
+    value = _number(raw, key, default, kind, key_name)
+    if not valid(value):
+        raise ConfigError(f"{key_name or key}={value} " + requirement.format(name=key_name or key))
     return value
+
+
+def _positive_int(raw, key, default, key_name=None) -> int:
+    return _checked(raw, key, default, int, key_name, lambda v: v > 0,
+                    "must be a positive integer; set {name} >= 1")
 
 
 def _nonneg_int(raw, key, default, key_name=None) -> int:
-    value = _number(raw, key, default, int, key_name)
-    if value < 0:
-        raise ConfigError(f"{key_name or key}={value} must be an integer >= 0")
-    return value
+    return _checked(raw, key, default, int, key_name, lambda v: v >= 0, "must be an integer >= 0")
 
 
 def _positive_float(raw, key, default, key_name=None) -> float:
-    value = _number(raw, key, default, float, key_name)
-    if value <= 0:
-        raise ConfigError(f"{key_name or key}={value} must be > 0")
-    return value
+    return _checked(raw, key, default, float, key_name, lambda v: v > 0, "must be > 0")
 
 
 def _nonneg_float(raw, key, default, key_name=None) -> float:
-    value = _number(raw, key, default, float, key_name)
-    if value < 0:
-        raise ConfigError(f"{key_name or key}={value} must be >= 0")
-    return value
+    return _checked(raw, key, default, float, key_name, lambda v: v >= 0, "must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------

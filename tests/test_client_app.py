@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedlora import models
-from fedlora.adapters import PARTS, part_of
+from fedlora.adapters import part_of
 from fedlora.clients.app import (full_adapter_state, residual_increments, train,
                                  update_base_delta)
 from fedlora.config import RunConfig, client_config

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -28,13 +29,12 @@ from fedlora.adapters import factor_key, part_of, residual_key, split_residual_k
 from fedlora.comm import CommLedger, expected_params, message_part
 from fedlora.participation import Bernoulli, Cyclic, Markov, participation_probabilities
 from fedlora.strategies import STRATEGIES, FederatedLoRA, FedIT
-from tests.federation import (CLIENTS, F64, HEAD_KEYS, HISTOGRAMS, LAYERS, M, N, RANK, SCALE,
-                              Federation, effective_weights, reply)
+from tests.federation import (CLIENTS, F64, HEAD_KEYS, HISTOGRAMS, LAYERS, M, N, RANK, Federation,
+                              reply)
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 NAMES = list(STRATEGIES)
-EXACT = [name for name, cls in STRATEGIES.items() if cls.exact]
 HEAD_PARAMS = 3 * N + 3
 
 
@@ -77,12 +77,12 @@ def test_every_strategy_states_its_parts_and_formulas():
         assert cls.name == name and issubclass(cls, FederatedLoRA)
         assert set(cls.trained_parts) <= {"A", "B", "R", "head"} and "head" in cls.trained_parts
         assert cls.params_up(M, N, RANK) > 0 and cls.params_down(M, N, RANK) > 0
-        assert cls.__doc__ or __import__(cls.__module__).__doc__
+        assert "arXiv" in sys.modules[cls.__module__].__doc__ or name == "fedavg"  # cites its paper
 
 
 @pytest.mark.parametrize("weighting,server_lr", [("samples", 1.0), ("uniform", 0.5), ("fedau", 1.0),
                                                  ("fedau", 1.7)])
-@pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("name", NAMES)
 def test_exact_methods_aggregate_the_clients_effective_weights(name, weighting, server_lr):
     # Prepare: 3 of 4 clients per round, so clients skip rounds (FedEx catch-up, FedSVD's A)
     fed = Federation(name, clients_per_round=3, weighting=weighting, server_lr=server_lr)
@@ -96,29 +96,16 @@ def test_exact_methods_aggregate_the_clients_effective_weights(name, weighting, 
         # Execute
         fed.aggregate(replies)
 
-        # Assert: W0' + s B [R] A == W_t + eta sum_k c_k (W_k - W_t)
+        # Assert: W0' + s B [R] A == W_t + eta sum_k c_k (W_k - W_t) where the paper promises
+        # it; elsewhere (FedIT, LoRA-FAIR) the factors' cross-covariance leaves a gap
         expected = delta_rule(before, clients, coefficients, server_lr)
         result = fed.global_effective_weights()
-        if name == "fedsvd":  # the re-factorisation keeps the product to rounding (SVD)
+        if not STRATEGIES[name].exact:
+            assert max_error(result, expected) > 1e-4
+        elif name == "fedsvd":  # the re-factorisation keeps the product to rounding (SVD)
             assert relative_error(result, expected) <= 1e-10
         else:
             assert max_error(result, expected) <= 1e-12
-
-
-def test_fedavg_is_not_exact():
-    # Prepare
-    fed = Federation("fedavg")
-    before = fed.global_effective_weights()
-    messages = fed.configure()
-    replies = fed.train(messages)
-    clients = [fed.clients[m.metadata.dst_node_id].effective_weights(fed.W0) for m in messages]
-    coefficients = fed.reference_coefficients(sampled_partitions(messages))
-
-    # Execute
-    fed.aggregate(replies)
-
-    # Assert: the cross-covariance gap E[B A] - E[B] E[A] of independent factors is non-zero
-    assert max_error(fed.global_effective_weights(), delta_rule(before, clients, coefficients, 1.0)) > 1e-4
 
 
 @pytest.mark.parametrize("objective,lam", [("ls", 0.01), ("cos", 0.01), ("cos", 1e-4)])
@@ -539,9 +526,9 @@ def test_equal_sizes_reproduce_the_unweighted_mean(name):
     # Assert: samples with equal sizes == uniform with any sizes == the official mean(0)
     assert max_error(fed.state, uniform.state) <= 1e-15
     updates = [fed.clients[m.metadata.dst_node_id].update for m in messages]
+    corrected = "B" if name in ("lorafair", "fedsvd") else None  # B is more than a mean there
     for key in updates[0]:
-        if not (STRATEGIES[name].latent is False and part_of(key, HEAD_KEYS) == "B"
-                and name in ("lorafair", "fedsvd")):  # B is corrected / re-factorised there
+        if part_of(key, HEAD_KEYS) != corrected:
             assert (fed.state[key] - torch.stack([u[key] for u in updates]).mean(0)).abs().max() <= 1e-15
 
 
