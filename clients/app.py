@@ -3,8 +3,12 @@
 It has no config of its own: every message carries the model, data and training settings in
 its ConfigRecord. The pretrained model is built once per process and kept
 (``fedlora.models.cached_model``); each message loads the full adapter state it needs into it,
-so virtual clients sharing a Ray worker never see each other's tensors. Tensors a client must
-keep across rounds (Fed-SB's B and A) live in the node's ``Context.state``.
+so virtual clients sharing a Ray worker never see each other's tensors. That state is, key by
+key, what the server sent, else what the node kept from an earlier round (``keep-parts``:
+Fed-SB's B and A, FedSVD's latest A, in ``Context.state``), else the shared-seed init
+(``seeded-parts``: FFA-LoRA's and FedSVD's A_0). FedEx-LoRA's residuals are added to the base
+delta the node keeps in ``Context.state``, and every adapted base weight is set to the
+pretrained W0 plus this node's delta before training (W0 for the other methods).
 
 Handlers (message types):
   query.describe     partition id, number of examples and label histogram of this node
@@ -23,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedlora import models
-from fedlora.adapters import part_of
+from fedlora.adapters import part_of, split_residual_key
 from fedlora.config import specs_from_client_config
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.clients.train import base_gradient_sum, client_update
@@ -46,7 +50,8 @@ class ClientSetup:
         self.partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config["num-partitions"])
         partitions = client_partitions(self.data_spec, num_partitions, str(cfg["partition"]),
-                                       float(cfg["partition-alpha"]), int(cfg["seed"]))
+                                       float(cfg["partition-alpha"]), int(cfg["seed"]),
+                                       int(cfg.get("partition-labels-per-client", 2)))
         self.indices = partitions[self.partition_id]
         server_round = int(cfg.get("server-round", 0))
         # One seed per (run, round, client): the batches and dropout masks are reproducible.
@@ -84,23 +89,76 @@ def describe(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
+def residual_increments(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FedEx-LoRA's base-weight increment per layer from a message's residual tensors: the
+    dense sum as sent, or the product of the stacked factors ``B_stack @ A_stack``."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in arrays.items():
+        layer, factor = split_residual_key(key)
+        parts.setdefault(layer, {})[factor] = tensor
+    return {layer: f[""] if "" in f else f["_B"] @ f["_A"] for layer, f in parts.items()}
+
+
+def update_base_delta(delta: dict[str, torch.Tensor], held: int, start: int, end: int,
+                      residuals: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """A node's base delta after the residual rounds ``start..end`` the server sent, given
+    that it has added ``held`` rounds so far. Returns ``(delta, rounds held)``.
+
+    ``start = 0`` is every residual so far: the delta starts afresh (the server resends all
+    after a lost reply, not knowing whether the node added the last ones)."""
+    if end == held:  # nothing new (or already added before a lost reply)
+        return delta, held
+    if start == 0:
+        delta = {}
+    elif held != start:
+        raise RuntimeError(f"the node holds the residuals of {held} rounds but the server sent "
+                           f"rounds {start}..{end}")
+    delta = dict(delta)
+    for layer, increment in residual_increments(residuals).items():
+        delta[layer] = delta[layer] + increment if layer in delta else increment.clone()
+    return delta, end
+
+
+def node_base_delta(context: Context, config: ConfigRecord,
+                    residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """This node's accumulated base delta (FedEx-LoRA), updated in ``Context.state``."""
+    records = context.state
+    held = int(records["base-delta-rounds"]["rounds"]) if "base-delta-rounds" in records.config_records else 0
+    delta = records["base-delta"].to_torch_state_dict() if held else {}
+    delta, now_held = update_base_delta(delta, held, int(config.get("residual-from", 0)),
+                                        int(config.get("residual-to", 0)), residuals)
+    if now_held != held:
+        records["base-delta"] = ArrayRecord(delta)
+        records["base-delta-rounds"] = ConfigRecord({"rounds": now_held})
+    return delta or None
+
+
+def full_adapter_state(received: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],
+                       seeded: dict[str, torch.Tensor], expected_keys) -> dict[str, torch.Tensor]:
+    """Every adapter/head tensor the model needs: sent, else kept, else from the init seed."""
+    state = {**seeded, **kept, **received}
+    missing = set(expected_keys) - set(state)
+    if missing:  # a shared cached model must never train on another client's leftovers
+        raise RuntimeError(f"the node has no value for {sorted(missing)[:3]} (and more): the "
+                           "server sent none, and it neither kept nor seeds it")
+    return state
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     setup = ClientSetup(message, context)
     cfg, bundle = setup.config, setup.bundle
     received = message.content["arrays"].to_torch_state_dict()
-    keep = _parts(cfg, "keep-parts")
-    kept = {k: v for k, v in received.items() if part_of(k, bundle.head_keys) in keep}
-    if kept:  # first delivery of tensors this node keeps (Fed-SB's B and A)
+    residuals = {k: received.pop(k) for k in list(received) if split_residual_key(k)}
+    bundle.set_base_delta(node_base_delta(context, cfg, residuals))
+    keep, seeded = _parts(cfg, "keep-parts"), _parts(cfg, "seeded-parts")
+    kept = context.state["kept"].to_torch_state_dict() if "kept" in context.state.array_records else {}
+    delivered = {k: v for k, v in received.items() if part_of(k, bundle.head_keys) in keep}
+    if delivered:  # the latest value of tensors this node keeps (Fed-SB's B and A, FedSVD's A)
+        kept = {**kept, **delivered}
         context.state["kept"] = ArrayRecord(kept)
-    elif keep:
-        if "kept" not in context.state.array_records:
-            raise RuntimeError(f"node holds no {sorted(keep)} yet and the server sent none")
-        received = {**context.state["kept"].to_torch_state_dict(), **received}
-    missing = set(bundle.shapes()) - set(received)
-    if missing:  # a shared cached model must never train on another client's leftovers
-        raise RuntimeError(f"the server sent no value for {sorted(missing)[:3]} (and more)")
-    bundle.load(received)
+    initial = {k: v for k, v in bundle.initial_state.items() if part_of(k, bundle.head_keys) in seeded}
+    bundle.load(full_adapter_state(received, kept, initial, bundle.shapes()))
     trained = _parts(cfg, "trained-parts")
     trainable = bundle.set_trainable(trained)
     steps = setup.batches.sample_steps(setup.indices, int(cfg["batch-size"]),
@@ -113,6 +171,7 @@ def train(message: Message, context: Context) -> Message:
 def fedsb_init(message: Message, context: Context) -> Message:
     setup = ClientSetup(message, context)
     bundle = setup.bundle
+    bundle.set_base_delta(None)  # the pretrained W0, whatever a previous client left
     bundle.load(message.content["arrays"].to_torch_state_dict())  # the global head
     layers = dict(bundle.model.named_modules())
     with torch.no_grad():

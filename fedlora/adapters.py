@@ -13,6 +13,8 @@ modules per architecture is reused, so any Hugging Face model gets sensible targ
 
 A state dict key names its part by its suffix: ``...lora_A.weight`` (A), ``...lora_B.weight``
 (B), ``...lora_R.weight`` (R); the task head's keys are passed in from the model loader.
+FedEx-LoRA's residuals for a layer's base weight travel as ``<layer>.base.residual`` (dense) or
+``<layer>.base.residual_B`` / ``_A`` (factored): never adapter keys, so they cannot collide.
 """
 
 from __future__ import annotations
@@ -90,6 +92,33 @@ def part_of(key: str, head_keys: frozenset[str]) -> str | None:
         return "R"
     if key in head_keys:
         return "head"
+    return None
+
+
+def factor_key(layer: str, part: str) -> str:
+    """The state-dict key of a layer's factor ``part`` ('A', 'B' or 'R')."""
+    return f"{layer}.lora_{part}.weight"
+
+
+def layer_names(keys) -> list[str]:
+    """The adapted layers named in state-dict keys (those with a B factor), in key order."""
+    suffix = ".lora_B.weight"
+    return [key[: -len(suffix)] for key in keys if key.endswith(suffix)]
+
+
+RESIDUAL_FACTORS = ("", "_B", "_A")  # dense m x n, or the stacked factors B (m x q), A (q x n)
+
+
+def residual_key(layer: str, factor: str = "") -> str:
+    """The message key of FedEx-LoRA's residual for ``layer``'s base weight."""
+    return f"{layer}.base.residual{factor}"
+
+
+def split_residual_key(key: str) -> tuple[str, str] | None:
+    """``(layer, factor)`` of a residual key ('' dense, '_B' or '_A' factored), else None."""
+    layer, marker, factor = key.rpartition(".base.residual")
+    if marker and factor in RESIDUAL_FACTORS:
+        return layer, factor
     return None
 
 

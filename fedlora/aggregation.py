@@ -38,6 +38,32 @@ def sample_weights(num_examples: Sequence[int]) -> list[float]:
     return [n / total for n in num_examples]
 
 
+def server_step_weights(coefficients: Sequence[float], server_lr: float, normalised: bool
+                        ) -> tuple[list[float], float]:
+    """The server step on client deltas, ``x <- x + eta * sum_k c_k (x_k - x)``, as a weighted
+    sum of values: ``sum_k (eta c_k) x_k + (1 - eta sum_k c_k) x``.
+
+    Written this way every aggregation rule that takes values and weights (a mean of R or B,
+    FedEx's and LoRA-FAIR's products ``E_w[B_k A_k]``) applies the delta rule unchanged, with the
+    previous global ``x`` as one more "client" (ALGORITHMS.md, "Weighting"; note B sec. 3.3: the
+    product methods' ``dW* = B_t A_t + eta sum_k c_k (B_k A_k - B_t A_t)``). Its weight may be
+    negative (``eta > 1``). With sample or uniform coefficients and ``eta = 1`` it is exactly 0
+    and the result is the plain weighted mean ``sum_k c_k x_k``.
+
+    Args:
+        coefficients: ``c_k``: ``n_k / sum n`` (samples), ``1/K`` (uniform) or ``omega_k / N``
+            (FedAU, never renormalised).
+        server_lr: ``eta``.
+        normalised: the ``c_k`` sum to 1 by construction (samples, uniform): the previous
+            value's weight is then ``1 - eta`` exactly, free of the rounding in ``sum c_k``.
+
+    Returns:
+        ``([eta c_k], 1 - eta sum_k c_k)``: the clients' weights and the previous value's.
+    """
+    previous = 1.0 - server_lr if normalised else 1.0 - server_lr * math.fsum(coefficients)
+    return [server_lr * c for c in coefficients], previous
+
+
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``sum_k w_k X_k``, accumulated in the tensors' own dtype (float64 in exactness tests)."""
     if len(tensors) != len(weights) or not tensors:

@@ -17,6 +17,17 @@ from collections import defaultdict
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedlora.adapters import part_of, split_residual_key
+
+
+def message_part(key: str, head_keys) -> str:
+    """The part a message key counts under: an adapter part ('A', 'B', 'R', 'head'),
+    'residual' (FedEx-LoRA's base-weight residuals) or 'grad' (Fed-SB's init gradients)."""
+    part = part_of(key, head_keys)
+    if part is not None:
+        return part
+    return "residual" if split_residual_key(key) else "grad"
+
 
 def array_bytes(array) -> int:
     return int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
@@ -31,7 +42,7 @@ def message_arrays(message: Message) -> list[ArrayRecord]:
 
 
 class CommLedger:
-    """Bytes per round and direction, split by adapter part ('A', 'B', 'R', 'head', 'grad').
+    """Bytes per round and direction, split by part (``message_part``).
 
     Round 0 holds one-time exchanges before training (Fed-SB's gradient upload). A strategy
     marks parts of later messages as one-time too (Fed-SB's first B/A download to a client).

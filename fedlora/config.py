@@ -13,7 +13,9 @@ from fedlora.data import DataSpec
 from fedlora.errors import ConfigError
 from fedlora.models import EMBEDDED_MODEL, ModelSpec
 
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+PARTICIPATIONS = ("uniform", "bernoulli", "markov", "cyclic")
+WEIGHTINGS = ("samples", "uniform", "fedau")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda")
 
@@ -32,6 +34,77 @@ class FedSBConfig:
 
     init_samples: int = 256
     init_lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class FedSVDConfig:
+    """FedSVD (arXiv 2505.12805): B trained with A frozen, then ``B A`` re-factorised by SVD.
+
+    period: re-factorise every this many rounds (the paper's scripts: 1); 0 never does, which
+        is FFA-LoRA exactly.
+    """
+
+    period: int = 1
+
+
+@dataclass(frozen=True)
+class LoRAFAIRConfig:
+    """LoRA-FAIR (arXiv 2411.14961): the server corrects FedIT's B so that ``(B + dB) A``
+    approaches the clients' mean product.
+
+    objective: ``cos`` minimises ``1 - cos + lam ||dB||_F`` by Adam on the server (the paper's);
+        ``ls`` the closed-form ridge ``||.||_F^2 + lam ||dB||_F^2``.
+    lam: the regularisation weight lambda (paper: 0.01).
+    steps: Adam steps of the ``cos`` objective (not given by the paper).
+    """
+
+    objective: str = "cos"
+    lam: float = 0.01
+    steps: int = 200
+
+
+@dataclass(frozen=True)
+class FedExConfig:
+    """FedEx-LoRA (arXiv 2410.09432): FedIT plus the residual ``E_w[B_k A_k] - B A`` folded
+    into every client's base weight.
+
+    residual: ``dense`` ships the m x n residual (the official code), ``factored`` the stacked
+        factors, (K + 1) r (m + n) elements per matrix and missed round.
+    """
+
+    residual: str = "dense"
+
+
+@dataclass(frozen=True)
+class FedAUConfig:
+    """FedAU (arXiv 2306.03401), used with ``weighting=fedau``.
+
+    cutoff: an absence of this many rounds is recorded as one interval K; None: no cutoff.
+    """
+
+    cutoff: int | None = None
+
+
+@dataclass(frozen=True)
+class ParticipationConfig:
+    """Who takes part in each round (FedAU's participation models, arXiv 2306.03401, sec. 5;
+    ``fedlora.participation``).
+
+    name: ``uniform`` samples exactly ``clients_per_round`` clients; ``bernoulli``, ``markov``
+        and ``cyclic`` draw each client's presence from its probability
+        ``p_k = max(p_min, C mean_p <pi_k, v>)`` with ``v ~ Dirichlet(alpha_part)`` over the C
+        labels and ``pi_k`` the client's label mix.
+    mean_p, p_min, alpha_part: the probabilities' mean, floor and Dirichlet concentration.
+    a: the Markov chain's activation probability.
+    length: the cyclic model's cycle length L.
+    """
+
+    name: str = "uniform"
+    mean_p: float = 0.1
+    p_min: float = 0.02
+    alpha_part: float = 0.1
+    a: float = 0.05
+    length: int = 100
 
 
 @dataclass(frozen=True)
@@ -56,8 +129,16 @@ class RunConfig:
     client_gpus: float = 0.0
     partition: str = "iid"
     partition_alpha: float = 0.5
+    partition_labels_per_client: int = 2
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    weighting: str = "samples"
+    server_lr: float = 1.0
+    fedau: FedAUConfig = field(default_factory=FedAUConfig)
     data: DataSpec = field(default_factory=DataSpec)
     fedsb: FedSBConfig = field(default_factory=FedSBConfig)
+    fedsvd: FedSVDConfig = field(default_factory=FedSVDConfig)
+    lorafair: LoRAFAIRConfig = field(default_factory=LoRAFAIRConfig)
+    fedex: FedExConfig = field(default_factory=FedExConfig)
     verbose: bool = False
 
     def model_spec(self, num_labels: int) -> ModelSpec:
@@ -78,7 +159,9 @@ class RunConfig:
         from fedlora.strategies import STRATEGIES, get_strategy
 
         raw = dict(raw)
-        known = {f.name for f in fields(cls)} | {"out", "partition"}
+        # partition_* fields are set from the partition section only.
+        known = ({f.name for f in fields(cls)} - {"partition_alpha", "partition_labels_per_client"}
+                 | {"out"})
         for key in raw:
             if key not in known:
                 raise ConfigError(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml "
@@ -98,12 +181,27 @@ class RunConfig:
         partition = raw.get("partition") or {}
         if isinstance(partition, str):
             partition = {"name": partition}
-        _known_keys(partition, ("name", "alpha"), "partition")
-        partition_name = partition.get("name", "iid")
-        if partition_name not in PARTITIONS:
-            raise ConfigError(f"partition '{partition_name}' is unknown; choose one of: "
-                              f"{', '.join(PARTITIONS)}")
+        _known_keys(partition, ("name", "alpha", "labels_per_client"), "partition")
+        partition_name = _choice(partition, "name", "iid", PARTITIONS, "partition")
         partition_alpha = _positive_float(partition, "alpha", 0.5, key_name="partition.alpha")
+        labels_per_client = _positive_int(partition, "labels_per_client", 2,
+                                          key_name="partition.labels_per_client")
+        participation = _participation(raw.get("participation"))
+        weighting = _choice(raw, "weighting", "samples", WEIGHTINGS, "weighting")
+        fedau_raw = _section(raw, "fedau", FedAUConfig)
+        cutoff = fedau_raw.get("cutoff")
+        fedau = FedAUConfig(cutoff=None if cutoff is None else
+                            _positive_int(fedau_raw, "cutoff", 0, key_name="fedau.cutoff"))
+        fedsvd_raw = _section(raw, "fedsvd", FedSVDConfig)
+        fedsvd = FedSVDConfig(period=_nonneg_int(fedsvd_raw, "period", 1, key_name="fedsvd.period"))
+        lorafair_raw = _section(raw, "lorafair", LoRAFAIRConfig)
+        lorafair = LoRAFAIRConfig(
+            objective=_choice(lorafair_raw, "objective", "cos", ("cos", "ls"), "lorafair.objective"),
+            lam=_nonneg_float(lorafair_raw, "lam", 0.01, key_name="lorafair.lam"),
+            steps=_nonneg_int(lorafair_raw, "steps", 200, key_name="lorafair.steps"))
+        fedex_raw = _section(raw, "fedex", FedExConfig)
+        fedex = FedExConfig(residual=_choice(fedex_raw, "residual", "dense", ("dense", "factored"),
+                                             "fedex.residual"))
         device = raw.get("device", "cpu")
         if device not in DEVICES:
             raise ConfigError(f"device '{device}' is unknown; choose one of: {', '.join(DEVICES)}")
@@ -124,8 +222,7 @@ class RunConfig:
         test_fraction = float(data.get("test_fraction", 0.2))
         if not 0 < test_fraction < 1:
             raise ConfigError(f"data.test_fraction={test_fraction} must be in (0, 1)")
-        fedsb_raw = raw.get("fedsb") or {}
-        _known_keys(fedsb_raw, tuple(f.name for f in fields(FedSBConfig)), "fedsb")
+        fedsb_raw = _section(raw, "fedsb", FedSBConfig)
         fedsb = FedSBConfig(init_samples=_positive_int(fedsb_raw, "init_samples", 256,
                                                        key_name="fedsb.init_samples"),
                             init_lr=_positive_float(fedsb_raw, "init_lr", 1e-3,
@@ -150,10 +247,44 @@ class RunConfig:
             eval_every=_positive_int(raw, "eval_every", 1),
             device=device, client_cpus=_positive_float(raw, "client_cpus", 1.0),
             client_gpus=client_gpus, partition=partition_name, partition_alpha=partition_alpha,
+            partition_labels_per_client=labels_per_client, participation=participation,
+            weighting=weighting, server_lr=_positive_float(raw, "server_lr", 1.0), fedau=fedau,
             data=DataSpec(path=data.get("path"), name=data.get("name"),
                           text_field=data.get("text_field", "text"),
                           label_field=data.get("label_field", "label"), test_fraction=test_fraction),
-            fedsb=fedsb, verbose=bool(raw.get("verbose", False)))
+            fedsb=fedsb, fedsvd=fedsvd, lorafair=lorafair, fedex=fedex,
+            verbose=bool(raw.get("verbose", False)))
+
+
+def _participation(raw) -> ParticipationConfig:
+    section = {"name": raw} if isinstance(raw, str) else dict(raw or {})
+    _known_keys(section, tuple(f.name for f in fields(ParticipationConfig)), "participation")
+    a = _positive_float(section, "a", 0.05, key_name="participation.a")
+    mean_p = _positive_float(section, "mean_p", 0.1, key_name="participation.mean_p")
+    p_min = _nonneg_float(section, "p_min", 0.02, key_name="participation.p_min")
+    for key, value in (("a", a), ("mean_p", mean_p), ("p_min", p_min)):
+        if value > 1:
+            raise ConfigError(f"participation.{key}={value} is a probability; set it <= 1")
+    return ParticipationConfig(
+        name=_choice(section, "name", "uniform", PARTICIPATIONS, "participation"),
+        mean_p=mean_p, p_min=p_min, a=a,
+        alpha_part=_positive_float(section, "alpha_part", 0.1, key_name="participation.alpha_part"),
+        length=_positive_int(section, "length", 100, key_name="participation.length"))
+
+
+def _section(raw: dict, name: str, config_class) -> dict:
+    """The nested section ``name`` of the raw config, its keys checked against the dataclass."""
+    section = raw.get(name) or {}
+    _known_keys(section, tuple(f.name for f in fields(config_class)), name)
+    return section
+
+
+def _choice(raw: dict, key: str, default: str, choices: tuple[str, ...], key_name: str) -> str:
+    value = raw.get(key)
+    value = default if value is None else value
+    if value not in choices:
+        raise ConfigError(f"{key_name} '{value}' is unknown; choose one of: {', '.join(choices)}")
+    return value
 
 
 def _known_keys(section: dict, valid: tuple[str, ...], name: str) -> None:
@@ -185,26 +316,30 @@ def _int(raw, key, default, key_name=None) -> int:
     return _number(raw, key, default, int, key_name)
 
 
-def _positive_int(raw, key, default, key_name=None) -> int:
-    value = _number(raw, key, default, int, key_name)
-    if value <= 0:
-        raise ConfigError(f"{key_name or key}={value} must be a positive integer; set "
-                          f"{key_name or key} >= 1")
+def _checked(raw, key, default, kind, key_name, valid, requirement: str):
+    """A number of ``kind`` that must satisfy ``valid``; ``requirement`` ends the error line
+    (``{name}`` stands for the key)."""
+    value = _number(raw, key, default, kind, key_name)
+    if not valid(value):
+        raise ConfigError(f"{key_name or key}={value} " + requirement.format(name=key_name or key))
     return value
+
+
+def _positive_int(raw, key, default, key_name=None) -> int:
+    return _checked(raw, key, default, int, key_name, lambda v: v > 0,
+                    "must be a positive integer; set {name} >= 1")
+
+
+def _nonneg_int(raw, key, default, key_name=None) -> int:
+    return _checked(raw, key, default, int, key_name, lambda v: v >= 0, "must be an integer >= 0")
 
 
 def _positive_float(raw, key, default, key_name=None) -> float:
-    value = _number(raw, key, default, float, key_name)
-    if value <= 0:
-        raise ConfigError(f"{key_name or key}={value} must be > 0")
-    return value
+    return _checked(raw, key, default, float, key_name, lambda v: v > 0, "must be > 0")
 
 
 def _nonneg_float(raw, key, default, key_name=None) -> float:
-    value = _number(raw, key, default, float, key_name)
-    if value < 0:
-        raise ConfigError(f"{key_name or key}={value} must be >= 0")
-    return value
+    return _checked(raw, key, default, float, key_name, lambda v: v >= 0, "must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +354,8 @@ def client_config(cfg: RunConfig, num_labels: int) -> dict:
             "init-seed": cfg.seed, "data-path": cfg.data.path or "", "data-name": cfg.data.name or "",
             "text-field": cfg.data.text_field, "label-field": cfg.data.label_field,
             "test-fraction": cfg.data.test_fraction, "partition": cfg.partition,
-            "partition-alpha": cfg.partition_alpha, "seed": cfg.seed,
+            "partition-alpha": cfg.partition_alpha,
+            "partition-labels-per-client": cfg.partition_labels_per_client, "seed": cfg.seed,
             "max-length": cfg.max_length, "device": cfg.device, "client-cpus": cfg.client_cpus,
             "local-steps": cfg.local_steps, "batch-size": cfg.batch_size, "lr": cfg.lr}
 

@@ -13,7 +13,7 @@ Three sources, one shape (a list of texts and integer labels per split):
 * ``data.name``: a Hugging Face dataset id loaded with ``datasets`` (needs network access).
 
 Labels are read from the data (any number of classes). Partitions over clients come from
-flwr-datasets partitioners (IID and Dirichlet over labels).
+flwr-datasets partitioners (IID, Dirichlet over labels, and pathological: k labels per client).
 """
 
 from __future__ import annotations
@@ -209,14 +209,19 @@ def load_dataset(spec: DataSpec) -> TextDataset:
 
 
 def partition_indices(labels: tuple[int, ...], num_partitions: int, scheme: str, alpha: float,
-                      seed: int) -> list[list[int]]:
+                      seed: int, labels_per_client: int = 2) -> list[list[int]]:
     """Indices of the training examples held by each client, from flwr-datasets partitioners.
 
     ``iid``: equal-size random shards. ``dirichlet``: per-label Dirichlet(alpha) proportions
     over clients (smaller alpha = more skew), every client keeping at least one example.
+    ``pathological``: each client holds exactly ``labels_per_client`` labels (McMahan et al.'s
+    shards; ``PathologicalPartitioner`` in its paper's ``first-deterministic`` mode: client i's
+    first label is i mod C, the others random), a label's examples split evenly over the
+    clients holding it.
     """
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
+                                           PathologicalPartitioner)
 
     if num_partitions > len(labels):
         raise ConfigError(f"clients={num_partitions} exceeds the {len(labels)} training examples; "
@@ -229,18 +234,40 @@ def partition_indices(labels: tuple[int, ...], num_partitions: int, scheme: str,
         partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
                                            alpha=alpha, min_partition_size=1, self_balancing=False,
                                            shuffle=True, seed=seed)
+    elif scheme == "pathological":
+        num_labels = len(set(labels))
+        if not 1 <= labels_per_client <= num_labels:
+            raise ConfigError(f"partition.labels_per_client={labels_per_client} must be in "
+                              f"1..{num_labels} (the number of labels)")
+        partitioner = PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
+                                              num_classes_per_partition=labels_per_client,
+                                              class_assignment_mode="first-deterministic",
+                                              shuffle=True, seed=seed)
     else:
-        raise ConfigError(f"partition '{scheme}' is unknown; choose one of: iid, dirichlet")
+        raise ConfigError(f"partition '{scheme}' is unknown; choose one of: iid, dirichlet, "
+                          "pathological")
     partitioner.dataset = table
-    return [sorted(partitioner.load_partition(i)["idx"]) for i in range(num_partitions)]
+    try:
+        partitions = [sorted(partitioner.load_partition(i)["idx"]) for i in range(num_partitions)]
+    except ValueError as error:  # e.g. a label held by more clients than it has examples
+        raise ConfigError(f"partition={scheme} with clients={num_partitions} cannot be built "
+                          f"({str(error).split('. ')[0]}); use fewer clients or change "
+                          "partition.labels_per_client") from error
+    empty = [i for i, p in enumerate(partitions) if not p]
+    if empty:
+        raise ConfigError(f"partition={scheme} leaves {len(empty)} of {num_partitions} clients "
+                          f"without examples (e.g. client {empty[0]}); use fewer clients or raise "
+                          "partition.labels_per_client")
+    return partitions
 
 
 @lru_cache(maxsize=8)
 def client_partitions(spec: DataSpec, num_partitions: int, scheme: str, alpha: float,
-                      seed: int) -> tuple[tuple[int, ...], ...]:
+                      seed: int, labels_per_client: int = 2) -> tuple[tuple[int, ...], ...]:
     """Cached per process: every virtual client on a Ray worker reuses one computation."""
     labels = load_dataset(spec).train.labels
-    return tuple(tuple(p) for p in partition_indices(labels, num_partitions, scheme, alpha, seed))
+    return tuple(tuple(p) for p in partition_indices(labels, num_partitions, scheme, alpha, seed,
+                                                      labels_per_client))
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ trained and shared with the adapters (for BERT: ``classifier.weight`` and ``clas
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -59,12 +59,33 @@ def default_targets(config) -> tuple[str, ...]:
 
 @dataclass
 class AdaptedModel:
-    """A sequence classifier with LoRA layers, its tokenizer and which keys are what."""
+    """A sequence classifier with LoRA layers, its tokenizer and which keys are what.
+
+    ``initial_state`` is the adapter and head state right after the build: the shared-seed
+    init, identical wherever the model is built (clients take FFA-LoRA's frozen A from it).
+    ``pretrained_base`` holds each adapted layer's pretrained base weight, so a model shared by
+    several clients can be given each client's own base (FedEx-LoRA, ``set_base_delta``).
+    """
 
     model: torch.nn.Module
     tokenizer: object
     adapted: list[str]  # module paths of the LoRA layers
     head_keys: frozenset[str]
+    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    pretrained_base: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_is_pretrained: bool = True
+
+    @classmethod
+    def from_adapted(cls, model: torch.nn.Module, tokenizer, adapted: list[str],
+                     head_keys: frozenset[str]) -> "AdaptedModel":
+        """Wrap a model whose layers ``adapted`` were just given adapters (``inject_lora``),
+        recording its initial adapter state and pretrained base weights."""
+        bundle = cls(model, tokenizer, adapted, head_keys)
+        bundle.initial_state = bundle.state(("A", "B", "R", "head"))
+        bundle.pretrained_base = {name: model.get_submodule(name).base.weight.detach().clone()
+                                  for name in adapted}
+        bundle.set_trainable(("A", "B", "R", "head"))
+        return bundle
 
     def state(self, parts) -> dict[str, torch.Tensor]:
         """Detached CPU copies of the tensors of the given parts ('A', 'B', 'R', 'head')."""
@@ -88,6 +109,23 @@ class AdaptedModel:
             if param.requires_grad:
                 trainable.append(param)
         return trainable
+
+    def set_base_delta(self, delta: dict[str, torch.Tensor] | None) -> None:
+        """Set each adapted layer's base weight to its pretrained value plus ``delta[layer]``
+        (in the weight's own layout; layers not in ``delta``, or all for None, get W0 back)."""
+        delta = delta or {}
+        unknown = set(delta) - set(self.adapted)
+        if unknown:
+            raise KeyError(f"base deltas for layers that are not adapted: {sorted(unknown)[:3]}")
+        if not delta and self.base_is_pretrained:
+            return
+        with torch.no_grad():
+            for name in self.adapted:
+                weight = self.model.get_submodule(name).base.weight
+                weight.copy_(self.pretrained_base[name])
+                if name in delta:
+                    weight.add_(delta[name].to(device=weight.device, dtype=weight.dtype))
+        self.base_is_pretrained = not delta
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.model.state_dict().items()
@@ -125,17 +163,19 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
     except ValueError as error:
         raise ConfigError(f"targets={list(targets)}: {error} in model '{spec.name}'; set targets "
                           "to names of its Linear layers") from error
-    head_keys = frozenset(info["missing_keys"])
-    bundle = AdaptedModel(model, tokenizer, adapted, head_keys)
-    bundle.set_trainable(("A", "B", "R", "head"))
+    bundle = AdaptedModel.from_adapted(model, tokenizer, adapted, frozenset(info["missing_keys"]))
     BUILD_COUNT += 1
     return bundle
 
 
-@lru_cache(maxsize=2)
 def cached_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
     """The model of this process, built on first use and kept (shared by all virtual clients of
     a Ray worker: callers load the full adapter state they need before every use)."""
+    return _cached_model(spec, device)  # one cache key whether or not the device is given
+
+
+@lru_cache(maxsize=2)
+def _cached_model(spec: ModelSpec, device: str) -> AdaptedModel:
     return build_model(spec, device)
 
 

@@ -6,7 +6,9 @@ A run directory holds plain files, readable with ``json`` alone (no fedlora impo
   and flushed as each round ends, so nothing computed is lost if the run dies;
 * ``summary.json``: final and best metrics, byte totals (one-time costs separately), the
   resolved config, package versions, seed and wall time;
-* ``config.yaml``: the resolved config; ``partitions.json``: each client's examples and labels.
+* ``config.yaml``: the resolved config; ``partitions.json``: each client's examples and labels;
+* ``participation.csv``: which clients were sampled in each training round (``round,c0,c1,...``,
+  1 or 0; its row i is training round i + 1).
 """
 
 from __future__ import annotations

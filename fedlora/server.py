@@ -5,9 +5,13 @@ The loop, in this order (the same in simulation and deployment):
      seconds), ask each for its partition id and label histogram (``query.describe``);
   1. the strategy's one-time initialisation (Fed-SB: round-0 gradient upload, counted);
   2. evaluate the initial global model on the held-out test split (round 0);
-  3. for each round: ``configure_train`` -> clients train -> ``aggregate_train``;
-     the bytes of every message are measured; every ``eval_every`` rounds (and the last) the
-     global model is evaluated on the server and a row is appended to ``results.jsonl``.
+  3. for each round: ``configure_train`` (sampling: possibly nobody, under a participation
+     model) -> clients train -> ``aggregate_train`` (called in every round, so FedAU's
+     counters advance in a round without participants too); the bytes of every message are
+     measured; every ``eval_every`` rounds (and the last) the global model (with the
+     strategy's base-weight delta: FedEx-LoRA) is evaluated on the server and a row is
+     appended to ``results.jsonl``;
+  4. the participation matrix (rounds x clients) goes to ``participation.csv``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.adapters import PARTS, part_of
-from fedlora.comm import CommLedger, expected_params
+from fedlora.adapters import PARTS
+from fedlora.comm import CommLedger, expected_params, message_part
 from fedlora.config import RunConfig, client_config
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.errors import ConfigError
 from fedlora.models import AdaptedModel, build_model, evaluate
+from fedlora.participation import write_participation_csv
 from fedlora.results import ResultsWriter, elapsed, package_versions
 from fedlora.strategies import get_strategy
 
@@ -81,12 +86,13 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
     started = time.time()
     strategy = get_strategy(cfg.strategy)(cfg, bundle.head_keys)
     config = client_config(cfg, data.num_labels)
-    ledger = CommLedger(lambda key: part_of(key, bundle.head_keys) or "grad")
+    ledger = CommLedger(lambda key: message_part(key, bundle.head_keys))
     exchange = Exchange(grid, ledger, config, strategy.one_time_parts_down)
     writer = ResultsWriter(out, {**cfg.to_dict(), "out": str(out)}, cfg.rounds)
 
     nodes = describe_nodes(grid, wait_for_nodes(grid, cfg.clients), config)
-    strategy.register_nodes({node: info["partition_id"] for node, info in nodes.items()})
+    strategy.register_nodes({node: info["partition_id"] for node, info in nodes.items()},
+                            {info["partition_id"]: info["label_histogram"] for info in nodes.values()})
     writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
 
     test = Batches(bundle.tokenizer, data.test.texts, data.test.labels, cfg.max_length)
@@ -96,6 +102,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
 
     def evaluate_global(arrays: ArrayRecord) -> dict:
         begin = time.time()
+        bundle.set_base_delta(strategy.global_base_delta())
         bundle.load(arrays.to_torch_state_dict())
         metrics = evaluate(bundle, test, device=cfg.device)
         eval_seconds.append(time.time() - begin)
@@ -123,7 +130,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
         add_row(0, evaluate_global(arrays))
         for server_round in range(1, cfg.rounds + 1):
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(config), grid))
-            replies = exchange(server_round, messages)
+            replies = exchange(server_round, messages) if messages else []
             new_arrays, metrics = strategy.aggregate_train(server_round, replies)
             for report in strategy.client_reports:
                 pid = int(report["pid"])
@@ -139,6 +146,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
                 add_row(server_round, evaluate_global(arrays))
     finally:  # rows written so far stay on disk whatever happens
         writer.close()
+        write_participation_csv(out / "participation.csv", strategy.participation_matrix())
 
     layers = [tuple(bundle.model.get_submodule(name).base.weight.shape) for name in bundle.adapted]
     head_params = sum(int(v.numel()) for k, v in bundle.state(("head",)).items())
@@ -171,7 +179,8 @@ def prepare(cfg: RunConfig):
     if data.num_labels < 2:
         raise ConfigError(f"the data has {data.num_labels} label value(s); a classification task "
                           "needs at least 2 (check data.label_field)")
-    client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.partition_alpha, cfg.seed)
+    client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.partition_alpha, cfg.seed,
+                      cfg.partition_labels_per_client)
     bundle = build_model(cfg.model_spec(data.num_labels), cfg.device)
     smallest = min(min(bundle.model.get_submodule(n).base.weight.shape) for n in bundle.adapted)
     if cfg.rank > smallest:

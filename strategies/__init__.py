@@ -5,7 +5,11 @@ Adding a method: one file with a ``FederatedLoRA`` subclass, one ``register_stra
 
 from fedlora.strategies.base import FederatedLoRA
 from fedlora.strategies.fedavg import FedIT
+from fedlora.strategies.fedex import FedEx
+from fedlora.strategies.ffa import FFA
 from fedlora.strategies.fedsb import FedSB
+from fedlora.strategies.fedsvd import FedSVD
+from fedlora.strategies.lorafair import LoRAFAIR
 
 STRATEGIES: dict[str, type[FederatedLoRA]] = {}
 
@@ -26,6 +30,11 @@ def get_strategy(name: str) -> type[FederatedLoRA]:
 
 
 register_strategy(FedIT)
+register_strategy(FFA)
 register_strategy(FedSB)
+register_strategy(FedSVD)
+register_strategy(LoRAFAIR)
+register_strategy(FedEx)
 
-__all__ = ["FederatedLoRA", "FedIT", "FedSB", "STRATEGIES", "get_strategy", "register_strategy"]
+__all__ = ["FederatedLoRA", "FedIT", "FFA", "FedSB", "FedSVD", "LoRAFAIR", "FedEx", "STRATEGIES",
+           "get_strategy", "register_strategy"]

@@ -2,16 +2,23 @@
 
 A strategy holds the global adapter state as the ``ArrayRecord`` Flower passes between
 ``configure_train`` and ``aggregate_train``; a subclass says which parts its clients train
-(``trained_parts``), what it sends down (``payload_down``), how it aggregates (``aggregate``,
-calling ``fedlora.aggregation``), and its per-matrix communication formula.
+(``trained_parts``), what it sends down (``payload_down``, ``config_down``), how it aggregates
+(``aggregate``, calling ``fedlora.aggregation``), and its per-matrix communication formula.
+Client weighting (samples, uniform, FedAU) and participation patterns live here, once, so
+they compose with every method.
 
 One training round, in this order:
-  1. sample ``clients_per_round`` clients with the run's seeded RNG (all nodes known first);
+  1. sample this round's clients: exactly ``clients_per_round`` with the run's seeded RNG
+     (``participation=uniform``), or those a participation model marks active (bernoulli,
+     markov, cyclic; ``fedlora.participation``);
   2. send each the tensors it needs and the client config (``configure_train``);
   3. clients train only ``trained_parts`` and reply with them (``fedlora.clients``);
   4. reject replies that failed, miss keys, have wrong shapes/dtypes or non-finite values
      (logged with the reason; the global state never sees them);
-  5. aggregate the valid replies with sample-size weights ``n_k / sum n_j`` (``aggregate``).
+  5. weight the valid replies: ``c_k = n_k / sum n`` (samples), ``1/K`` (uniform) or
+     ``omega_k / N`` (FedAU, whose estimator steps every round, also a round without replies);
+  6. aggregate on deltas, ``x <- x + eta * sum_k c_k (x_k - x)`` (``aggregate``, with the
+     previous global value as one more weighted "client" where that rule needs it).
 """
 
 from __future__ import annotations
@@ -20,13 +27,17 @@ import logging
 import random
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.adapters import part_of
-from fedlora.aggregation import sample_weights, single_threaded, weighted_mean_states
+from fedlora.aggregation import (sample_weights, server_step_weights, single_threaded,
+                                 weighted_mean_states)
 from fedlora.config import round_lr
+from fedlora.participation import (Bernoulli, Cyclic, FedAUWeights, Markov,
+                                   participation_probabilities)
 
 log = logging.getLogger("fedlora")
 
@@ -34,8 +45,11 @@ log = logging.getLogger("fedlora")
 class FederatedLoRA(FedAvg):
     name: str = ""
     latent: bool = False  # LoRA-SB's R between A and B
+    exact: bool = False  # the paper's promise: the global update is E_w of the clients' updates
     trained_parts: tuple[str, ...] = ("A", "B", "head")
-    one_time_parts_down: frozenset[str] = frozenset()  # parts a client downloads only once
+    one_time_parts_down: frozenset[str] = frozenset()  # bytes of these parts count as one-time
+    kept_parts: frozenset[str] = frozenset()  # parts a client keeps between rounds (Context.state)
+    seeded_parts: frozenset[str] = frozenset()  # parts a client rebuilds from the shared init seed
     # Defaults for keys left null in the config: rank, LoRA scale alpha/rank, client lr.
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-3}
 
@@ -57,54 +71,136 @@ class FederatedLoRA(FedAvg):
         self.head_keys = head_keys
         self.rng = random.Random(cfg.seed)
         self.partition_of: dict[int, int] = {}  # node id -> partition id
+        self.participation = None  # a fedlora.participation model; None: uniform sampling
+        self.participants: list[list[int]] = []  # partition ids sampled in rounds 1, 2, ...
+        self.fedau = FedAUWeights(cfg.clients, cfg.fedau.cutoff) if cfg.weighting == "fedau" else None
+        self.server_round = 0
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
+        self.pending: dict[int, object] = {}  # node id -> what it was sent (see ``accepted``)
         self.client_reports: list[dict] = []  # per-client metrics of the last round
 
     # -- hooks a method overrides -----------------------------------------------------------
 
     def payload_down(self, node_id: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What a client receives: by default the parts it trains (the rest it already has)."""
+        """What a client receives: by default the parts it trains (the rest it already has).
+        A method that sends a node something once records it in ``self.pending[node_id]``."""
         return {k: v for k, v in state.items() if self.part(k) in self.trained_parts}
+
+    def config_down(self, node_id: int) -> dict:
+        """Extra ConfigRecord values for one node (by default none)."""
+        return {}
+
+    def accepted(self, node_id: int, sent) -> None:
+        """The node replied with a valid update, so it holds what it was sent this round
+        (``sent = self.pending.get(node_id)``). Committing only now means a lost message is
+        simply sent again."""
+
+    def not_accepted(self, node_id: int, sent) -> None:
+        """The node was sent ``sent`` (``self.pending``) but gave no valid reply: it may or may
+        not hold it now."""
 
     def aggregate(self, state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
                   weights: list[float]) -> dict[str, torch.Tensor]:
-        """The new global state from the clients' trained tensors: by default ``E_w`` of each."""
+        """The new global state: ``sum_j weights[j] * updates[j]`` for each trained tensor.
+
+        ``updates`` are the clients' trained tensors, followed by the previous global values
+        when the delta rule needs them (``fedlora.aggregation.server_step_weights``)."""
         return {**state, **weighted_mean_states(updates, weights)}
+
+    def global_base_delta(self) -> dict[str, torch.Tensor] | None:
+        """What the server's model adds to each adapted layer's pretrained base weight
+        (``{layer: m x n}``); None: the base weights never change (all methods but FedEx)."""
+        return None
 
     def initialize(self, grid, arrays: ArrayRecord, exchange) -> ArrayRecord:
         """One-time setup before round 1 (e.g. Fed-SB's gradient initialisation)."""
         return arrays
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "partition_of": dict(self.partition_of)}
+        """Everything a restart needs, as plain Python values (JSON-able) in the base class;
+        subclasses may add tensors (then save with ``torch.save``)."""
+        version, internal, gauss = self.rng.getstate()
+        state = {"rng": [version, list(internal), gauss],
+                 "partition_of": sorted(self.partition_of.items()),
+                 "participants": [list(p) for p in self.participants]}
+        if self.participation is not None:
+            state["participation"] = self.participation.state_dict()
+        if self.fedau is not None:
+            state["fedau"] = self.fedau.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.setstate(state["rng"])
-        self.partition_of = dict(state["partition_of"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.partition_of = {int(node): int(pid) for node, pid in state["partition_of"]}
+        self.participants = [list(p) for p in state["participants"]]
+        if self.participation is not None:
+            self.participation.load_state_dict(state["participation"])
+        if self.fedau is not None:
+            self.fedau.load_state_dict(state["fedau"])
 
     # -- shared machinery --------------------------------------------------------------------
 
     def part(self, key: str) -> str | None:
         return part_of(key, self.head_keys)
 
-    def register_nodes(self, partition_of: dict[int, int]) -> None:
+    def register_nodes(self, partition_of: dict[int, int],
+                       label_histograms: dict[int, list[int]] | None = None) -> None:
+        """The connected nodes (node id -> partition id) and, for the participation models,
+        each partition's label histogram (partition id -> counts per label)."""
         self.partition_of = dict(partition_of)
+        settings = self.cfg.participation
+        if settings.name == "uniform":
+            return
+        if label_histograms is None or set(label_histograms) != set(range(self.cfg.clients)):
+            raise ValueError(f"participation={settings.name} needs the label histogram of each of "
+                             f"the {self.cfg.clients} partitions")
+        probabilities = participation_probabilities(
+            [label_histograms[p] for p in range(self.cfg.clients)], self.cfg.seed,
+            alpha_part=settings.alpha_part, mean_p=settings.mean_p, p_min=settings.p_min)
+        seed = self.cfg.seed + 1  # not the probabilities' seed: an independent stream
+        self.participation = {
+            "bernoulli": lambda: Bernoulli(probabilities, seed),
+            "markov": lambda: Markov(probabilities, seed, a=settings.a),
+            "cyclic": lambda: Cyclic(probabilities, seed, cycle_length=settings.length),
+        }[settings.name]()
 
     def sample(self, server_round: int) -> list[int]:
-        """``clients_per_round`` distinct nodes, reproducible from the seed (by partition id)."""
+        """This round's nodes, reproducible from the seed (by partition id): ``clients_per_round``
+        distinct ones (uniform, and always for the set-up round 0), or those the participation
+        model marks active in training round ``server_round`` (possibly none)."""
         nodes = sorted(self.partition_of, key=self.partition_of.get)
-        return sorted(self.rng.sample(nodes, self.cfg.clients_per_round), key=self.partition_of.get)
+        if self.participation is None or server_round == 0:
+            chosen = self.rng.sample(nodes, self.cfg.clients_per_round)
+        else:
+            active = set(self.participation.active(server_round - 1))
+            chosen = [node for node in nodes if self.partition_of[node] in active]
+        chosen = sorted(chosen, key=self.partition_of.get)
+        if server_round > 0:
+            self.participants.append([self.partition_of[node] for node in chosen])
+        return chosen
+
+    def participation_matrix(self) -> np.ndarray:
+        """Boolean [rounds, clients]: which partitions were sampled in rounds 1, 2, ..."""
+        matrix = np.zeros((len(self.participants), self.cfg.clients), dtype=bool)
+        for row, partitions in enumerate(self.participants):
+            matrix[row, partitions] = True
+        return matrix
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid) -> Iterable[Message]:
+        self.server_round = server_round
         self.current = arrays.to_torch_state_dict()
+        self.pending = {}
         messages = []
         for node_id in self.sample(server_round):
             payload = self.payload_down(node_id, self.current)
             node_config = ConfigRecord({**config, "server-round": server_round,
                                         "lr": round_lr(self.cfg, server_round),
                                         "trained-parts": ",".join(self.trained_parts),
-                                        "keep-parts": ",".join(sorted(self.one_time_parts_down))})
+                                        "keep-parts": ",".join(sorted(self.kept_parts)),
+                                        "seeded-parts": ",".join(sorted(self.seeded_parts)),
+                                        **self.config_down(node_id)})
             content = RecordDict({"arrays": ArrayRecord(payload), "config": node_config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
@@ -116,6 +212,8 @@ class FederatedLoRA(FedAvg):
             return f"client error: {message.error.reason}"
         if "arrays" not in message.content.array_records or "metrics" not in message.content.metric_records:
             return "reply lacks 'arrays' or 'metrics'"
+        if message.metadata.src_node_id not in self.partition_of:
+            return f"reply from unknown node {message.metadata.src_node_id}"
         update = message.content["arrays"].to_torch_state_dict()
         expected = {k for k in self.current if self.part(k) in self.trained_parts}
         if set(update) != expected:
@@ -132,8 +230,22 @@ class FederatedLoRA(FedAvg):
             return "reply reports no training examples"
         return None
 
+    def client_coefficients(self, partition_ids: list[int], num_examples: list[int]) -> list[float]:
+        """``c_k`` of this round's valid replies (FedAU: advances the estimator by one round)."""
+        if self.fedau is not None:
+            omega = self.fedau.step(partition_ids)
+            return [omega[p] / self.cfg.clients for p in partition_ids]
+        if not partition_ids:
+            return []
+        if self.cfg.weighting == "uniform":
+            return [1.0 / len(partition_ids)] * len(partition_ids)
+        return sample_weights(num_examples)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, weight and aggregate one round's replies; ``(None, None)`` if none is valid
+        (the global state stays as it was). Call it every round, with no replies too."""
+        self.server_round = server_round
         valid = []
         for reply in replies:
             reason = self.check_reply(reply)
@@ -143,15 +255,28 @@ class FederatedLoRA(FedAvg):
                 log.warning("round %d: rejected the update of node %s: %s", server_round,
                             reply.metadata.src_node_id, reason)
         self.client_reports = [dict(r.content["metrics"]) for r in valid]
+        num_examples = [int(r.content["metrics"]["num-examples"]) for r in valid]
+        nodes = [r.metadata.src_node_id for r in valid]
+        coefficients = self.client_coefficients([self.partition_of[n] for n in nodes], num_examples)
+        for node_id in nodes:
+            self.accepted(node_id, self.pending.get(node_id))
+        for node_id in set(self.pending) - set(nodes):
+            self.not_accepted(node_id, self.pending[node_id])
         if not valid:
             return None, None
         updates = [r.content["arrays"].to_torch_state_dict() for r in valid]
-        weights = sample_weights([int(r.content["metrics"]["num-examples"]) for r in valid])
+        weights, previous_weight = server_step_weights(coefficients, self.cfg.server_lr,
+                                                       normalised=self.fedau is None)
+        if previous_weight != 0.0:
+            updates.append({key: self.current[key] for key in updates[0]})
+            weights.append(previous_weight)
         with single_threaded():
             new_state = self.aggregate(self.current, updates, weights)
-        train_loss = sum(w * r.content["metrics"]["train_loss"] for w, r in zip(weights, valid))
+        losses = sample_weights(num_examples)  # the reported loss is always the sample mean
+        train_loss = sum(w * r.content["metrics"]["train_loss"] for w, r in zip(losses, valid))
         return ArrayRecord(new_state), MetricRecord({"train_loss": train_loss,
-                                                     "clients_trained": len(valid)})
+                                                     "clients_trained": len(valid),
+                                                     "client_weight_sum": sum(coefficients)})
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # fedlora evaluates the global model on the server (fedlora.server)

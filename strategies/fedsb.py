@@ -27,8 +27,10 @@ log = logging.getLogger("fedlora")
 class FedSB(FederatedLoRA):
     name = "fedsb"
     latent = True
+    exact = True
     trained_parts = ("R", "head")
     one_time_parts_down = frozenset({"A", "B"})
+    kept_parts = frozenset({"A", "B"})
     defaults = {"rank": 32, "alpha_per_rank": 1.0, "lr": 3e-2}
 
     @staticmethod
@@ -47,8 +49,19 @@ class FedSB(FederatedLoRA):
         parts = set(self.trained_parts)
         if node_id not in self.has_factors:  # B and A travel once per client
             parts |= self.one_time_parts_down
-            self.has_factors.add(node_id)
+            self.pending[node_id] = True
         return {k: v for k, v in state.items() if self.part(k) in parts}
+
+    def accepted(self, node_id, sent):
+        if sent:
+            self.has_factors.add(node_id)
+
+    def state_dict(self):
+        return {**super().state_dict(), "has_factors": sorted(self.has_factors)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.has_factors = set(state["has_factors"])
 
     def initialize(self, grid, arrays, exchange):
         """Round 0: the federated LoRA-SB initialisation from the clients' summed gradients."""

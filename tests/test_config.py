@@ -7,22 +7,44 @@ import pytest
 from fedlora.comm import expected_params
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.strategies import FedIT, FedSB
+from fedlora.strategies import FFA, FedEx, FedIT, FedSB, FedSVD, LoRAFAIR
 
 HEAD_PARAMS = 21 * 384 + 21  # classifier.weight + classifier.bias for 21 labels
 
 
 @pytest.mark.parametrize("raw,message", [
-    ({"strategy": "fedsbb"}, "strategy 'fedsbb' is unknown; choose one of: fedavg, fedsb"),
+    ({"strategy": "fedsbb"},
+     "strategy 'fedsbb' is unknown; choose one of: fedavg, ffa, fedsb, fedsvd, lorafair, fedex"),
     ({"rank": 0}, "rank=0 must be a positive integer; set rank >= 1"),
     ({"rank": -1}, "rank=-1 must be a positive integer; set rank >= 1"),
     ({"rank": 2.5}, "rank=2.5 is not a number of type int; set rank to one"),
     ({"clients": 5, "clients_per_round": 6},
      "clients_per_round=6 exceeds clients=5; set clients_per_round <= 5 or raise clients"),
     ({"clients_per_round": 0}, "clients_per_round=0 must be a positive integer; set clients_per_round >= 1"),
-    ({"partition": {"name": "pathological"}},
-     "partition 'pathological' is unknown; choose one of: iid, dirichlet"),
-    ({"partition": "pathological"}, "partition 'pathological' is unknown; choose one of: iid, dirichlet"),
+    ({"partition": {"name": "shards"}},
+     "partition 'shards' is unknown; choose one of: iid, dirichlet, pathological"),
+    ({"partition": "shards"}, "partition 'shards' is unknown; choose one of: iid, dirichlet, pathological"),
+    ({"partition": {"name": "pathological", "labels_per_client": 0}},
+     "partition.labels_per_client=0 must be a positive integer; set partition.labels_per_client >= 1"),
+    ({"participation": "poisson"},
+     "participation 'poisson' is unknown; choose one of: uniform, bernoulli, markov, cyclic"),
+    ({"participation": {"name": "markov", "a": 1.5}},
+     "participation.a=1.5 is a probability; set it <= 1"),
+    ({"participation": {"name": "cyclic", "length": 0}},
+     "participation.length=0 must be a positive integer; set participation.length >= 1"),
+    ({"participation": {"window": 3}},
+     "'participation.window' is not a fedlora setting; valid keys under participation: name, "
+     "mean_p, p_min, alpha_part, a, length"),
+    ({"weighting": "inverse"}, "weighting 'inverse' is unknown; choose one of: samples, uniform, fedau"),
+    ({"server_lr": 0}, "server_lr=0.0 must be > 0"),
+    ({"fedau": {"cutoff": 0}}, "fedau.cutoff=0 must be a positive integer; set fedau.cutoff >= 1"),
+    ({"fedsvd": {"period": -1}}, "fedsvd.period=-1 must be an integer >= 0"),
+    ({"lorafair": {"objective": "l2"}}, "lorafair.objective 'l2' is unknown; choose one of: cos, ls"),
+    ({"lorafair": {"lam": -0.1}}, "lorafair.lam=-0.1 must be >= 0"),
+    ({"fedex": {"residual": "sparse"}},
+     "fedex.residual 'sparse' is unknown; choose one of: dense, factored"),
+    ({"partition_alpha": 0.1}, "'partition_alpha' is not a fedlora setting; see fedlora/conf/config.yaml "
+     "for the valid keys"),
     ({"rounds": "abc"}, "rounds='abc' is not a number of type int; set rounds to one"),
     ({"rounds": True}, "rounds=True is not a number of type int; set rounds to one"),
     ({"foo": 1}, "'foo' is not a fedlora setting; see fedlora/conf/config.yaml for the valid keys"),
@@ -55,7 +77,7 @@ def test_fedsb_defaults_give_rank_32_and_scale_one():
     assert cfg.rank == 32
     assert cfg.alpha == 32.0
     assert cfg.alpha / cfg.rank == 1.0
-    assert cfg.lr == 3e-3
+    assert cfg.lr == FedSB.defaults["lr"]
     assert cfg.model_spec(21).latent is True
 
 
@@ -66,7 +88,7 @@ def test_fedavg_defaults_give_rank_8_alpha_16():
     # Assert
     assert cfg.rank == 8
     assert cfg.alpha == 16.0
-    assert cfg.lr == 3e-3
+    assert cfg.lr == FedIT.defaults["lr"]
     assert cfg.model_spec(21).latent is False
 
 
@@ -98,6 +120,45 @@ def test_clients_per_round_defaults_to_min_10_clients(clients, per_round):
     # Assert
     assert cfg.clients == clients
     assert cfg.clients_per_round == per_round
+
+
+def test_new_settings_default_to_the_papers_and_are_read():
+    # Execute
+    default = RunConfig.from_dict({})
+    cfg = RunConfig.from_dict({"weighting": "fedau", "server_lr": 2, "fedau": {"cutoff": 50},
+                               "participation": {"name": "cyclic", "length": 20, "mean_p": 0.3},
+                               "partition": {"name": "pathological", "labels_per_client": 3},
+                               "fedsvd": {"period": 0}, "lorafair": {"objective": "ls", "lam": 0},
+                               "fedex": {"residual": "factored"}})
+
+    # Assert
+    assert (default.weighting, default.server_lr, default.fedau.cutoff) == ("samples", 1.0, None)
+    assert default.participation.name == "uniform" and default.partition_labels_per_client == 2
+    assert (default.fedsvd.period, default.fedex.residual) == (1, "dense")
+    assert (default.lorafair.objective, default.lorafair.lam, default.lorafair.steps) == ("cos", 0.01, 200)
+    assert (cfg.weighting, cfg.server_lr, cfg.fedau.cutoff) == ("fedau", 2.0, 50)
+    assert (cfg.participation.name, cfg.participation.length, cfg.participation.mean_p) == ("cyclic", 20, 0.3)
+    assert (cfg.partition, cfg.partition_labels_per_client) == ("pathological", 3)
+    assert (cfg.fedsvd.period, cfg.lorafair.objective, cfg.lorafair.lam) == (0, "ls", 0.0)
+    assert cfg.fedex.residual == "factored"
+
+
+def test_every_option_of_a_config_group_carries_the_same_keys():
+    # Prepare: `partition.alpha=0.1 partition=dirichlet` must work whatever the group's default
+    import yaml
+    from pathlib import Path
+
+    conf = Path(__file__).parents[1] / "fedlora" / "conf"
+
+    # Execute / Assert
+    for group in ("partition", "participation"):
+        keys = {option.stem: set(yaml.safe_load(option.read_text()))
+                for option in (conf / group).glob("*.yaml")}
+        assert len(keys) >= 3 and len({frozenset(k) for k in keys.values()}) == 1, keys
+        for option, option_keys in keys.items():
+            raw = yaml.safe_load((conf / group / f"{option}.yaml").read_text())
+            assert raw["name"] == option
+            RunConfig.from_dict({group: raw})  # every option validates
 
 
 def test_partition_and_data_are_read():
@@ -144,3 +205,28 @@ def test_expected_params_on_non_square_layers():
     # Assert
     assert fedit["up"] == 2 * 12 + 2 * 5
     assert fedsb["up"] == 4 + 4
+
+
+@pytest.mark.parametrize("cls,up,down", [
+    (FFA, 8 * 384, 8 * 384),
+    (FedSVD, 8 * 384, 8 * (384 + 384)),
+    (LoRAFAIR, 8 * (384 + 384), 8 * (384 + 384)),
+    (FedEx, 8 * (384 + 384), 8 * (384 + 384) + 384 * 384),
+])
+def test_expected_params_of_the_product_methods_follow_algorithms_md(cls, up, down):
+    # Execute
+    expected = expected_params(cls, [(384, 384)] * 12, 8, HEAD_PARAMS)
+
+    # Assert
+    assert expected == {"up": up * 12 + HEAD_PARAMS, "down": down * 12 + HEAD_PARAMS}
+
+
+def test_worked_totals_of_note_b_section_5():
+    # MiniLM q,v (12 matrices of 384 x 384) at r = 8, no head: the note's worked integers
+    layers = [(384, 384)] * 12
+
+    # Execute / Assert
+    assert expected_params(FedIT, layers, 8, 0)["up"] == 73_728
+    assert expected_params(FFA, layers, 8, 0)["up"] == 36_864
+    assert expected_params(FedSVD, layers, 8, 0) == {"up": 36_864, "down": 73_728}
+    assert expected_params(FedEx, layers, 8, 0)["down"] == 1_843_200

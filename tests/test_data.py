@@ -215,8 +215,37 @@ def test_partitions_are_reproducible_from_the_seed(embedded, scheme, alpha):
 
 def test_unknown_partition_scheme_lists_the_valid_ones():
     # Execute / Assert
-    with pytest.raises(ConfigError, match="partition 'pathological' is unknown; choose one of: iid, dirichlet"):
-        partition_indices((0, 1, 0, 1), 2, "pathological", 0.5, seed=0)
+    with pytest.raises(ConfigError, match="partition 'shards' is unknown; choose one of: iid, "
+                                          "dirichlet, pathological"):
+        partition_indices((0, 1, 0, 1), 2, "shards", 0.5, seed=0)
+
+
+@pytest.mark.parametrize("labels_per_client", [1, 2, 3])
+def test_pathological_partitions_hold_exactly_k_labels(embedded, labels_per_client):
+    # Prepare
+    labels = embedded.train.labels
+
+    # Execute
+    partitions = partition_indices(labels, 20, "pathological", 0.5, seed=0,
+                                   labels_per_client=labels_per_client)
+    again = partition_indices(labels, 20, "pathological", 0.5, seed=0,
+                              labels_per_client=labels_per_client)
+
+    # Assert
+    assert partitions == again
+    flat = [i for p in partitions for i in p]
+    assert len(flat) == len(set(flat))
+    assert all(distinct_labels(labels, p) == labels_per_client for p in partitions)
+    # first-deterministic: client i holds label i mod C
+    assert all(i % 21 in {labels[j] for j in p} for i, p in enumerate(partitions))
+
+
+def test_pathological_partitions_that_cannot_be_built_are_config_errors(embedded):
+    # Execute / Assert: too many labels, and labels spread over more clients than examples
+    with pytest.raises(ConfigError, match="partition.labels_per_client=22 must be in 1..21"):
+        partition_indices(embedded.train.labels, 10, "pathological", 0.5, seed=0, labels_per_client=22)
+    with pytest.raises(ConfigError, match="partition=pathological with clients=100 cannot be built"):
+        partition_indices(embedded.train.labels, 100, "pathological", 0.5, seed=0, labels_per_client=3)
 
 
 def test_more_clients_than_examples_is_a_config_error():

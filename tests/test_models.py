@@ -194,3 +194,33 @@ def test_base_gradient_sum_adds_over_halves_without_dropout(bundle, batches, mon
     worst = max((half_1[k] + half_2[k] - pooled[k]).abs().max().item() for k in weights)
     assert worst <= 1e-5
     assert max(pooled[k].abs().max().item() for k in weights) > 1e-3
+
+
+def test_initial_state_is_the_adapter_state_right_after_the_build(built):
+    # Prepare
+    bundle, initial = built
+
+    # Assert: FFA-LoRA's clients take their frozen A from it
+    assert bundle.initial_state.keys() == initial.keys()
+    assert all(torch.equal(bundle.initial_state[k], initial[k]) for k in initial)
+
+
+def test_base_delta_is_set_per_layer_and_undone_bit_for_bit(bundle):
+    # Prepare
+    first, second = bundle.adapted[:2]
+    layers = lora_layers(bundle.model)
+    pretrained = {name: layers[name].base.weight.detach().clone() for name in (first, second)}
+    delta = torch.full_like(pretrained[first], 0.5)
+
+    # Execute
+    bundle.set_base_delta({first: delta})
+    shifted = layers[first].base.weight.detach().clone()
+    untouched = layers[second].base.weight.detach().clone()
+    bundle.set_base_delta(None)
+
+    # Assert
+    assert torch.equal(shifted, pretrained[first] + delta)
+    assert torch.equal(untouched, pretrained[second])
+    assert torch.equal(layers[first].base.weight, pretrained[first])
+    with pytest.raises(KeyError, match="not adapted"):
+        bundle.set_base_delta({"classifier": delta})

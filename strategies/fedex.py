@@ -1,0 +1,110 @@
+"""FedEx-LoRA (Singhal et al., ACL 2025, arXiv 2410.09432): FedIT plus the residual in W0.
+
+    clients:  start from (W0_t, A_t, B_t), train A and B (and the head)
+    server:   A_bar <- E_w[A_k],  B_bar <- E_w[B_k],  head <- E_w[head_k]
+              residual = E_w[B_k A_k] - B_bar A_bar   (rank <= (K+1) r)
+              W0_{t+1} = W0_t + s * residual   (s = alpha / r; in W0's own m x n layout)
+    exact:    W0_{t+1} + s B_bar A_bar = W0_t + s E_w[B_k A_k].
+
+Every client must hold the same W0_t: a client's base weight is the pretrained W0 plus the
+sum of all residuals so far. The server keeps each round's residual factors and sends a
+sampled client every residual it missed since it last took part (`fedex.residual=dense`: their
+sum, m x n per layer, the official behaviour; `factored`: the stacked factors of each missed
+round, (K+1) r (m + n) per layer and round; K+2 pairs when FedAU or a server learning rate
+adds the previous global pair as a term). The client adds them to the base delta it keeps in
+its Context.state (``fedlora.clients.app``); a client whose reply was lost gets every residual
+again and starts its delta afresh. The server's own model adds the global sum before
+evaluation (``global_base_delta``).
+"""
+
+import torch
+
+from fedlora.adapters import factor_key, layer_names, residual_key
+from fedlora.aggregation import fedex_residual_factors
+from fedlora.strategies.fedavg import FedIT
+
+
+class FedEx(FedIT):
+    """FedIT's clients and uplink; the residual rides on the downlink."""
+
+    name = "fedex"
+    exact = True
+
+    @staticmethod
+    def params_down(m: int, n: int, rank: int) -> int:
+        return rank * (m + n) + m * n  # dense residual; factored: (K+1) r (m+n) per missed round
+
+    def __init__(self, cfg, head_keys):
+        super().__init__(cfg, head_keys)
+        self.residuals: list[dict[str, list[torch.Tensor]]] = []  # per round: layer -> [s B, A]
+        self.base_delta: dict[str, torch.Tensor] = {}  # layer -> s * sum of all residuals
+        self.residuals_held: dict[int, int] = {}  # node id -> rounds of residuals it added
+        self._catch_up: dict[int, dict[str, torch.Tensor]] = {}  # residuals held -> message
+
+    def payload_down(self, node_id, state):
+        payload = super().payload_down(node_id, state)
+        held = self.residuals_held.get(node_id, 0)
+        if held not in self._catch_up:
+            self._catch_up[held] = self.missed_residuals(self.residuals[held:])
+        payload.update(self._catch_up[held])
+        self.pending[node_id] = len(self.residuals)
+        return payload
+
+    def config_down(self, node_id):
+        return {"residual-from": self.residuals_held.get(node_id, 0),
+                "residual-to": len(self.residuals)}
+
+    def accepted(self, node_id, sent):
+        self.residuals_held[node_id] = sent
+
+    def not_accepted(self, node_id, sent):
+        # It may have added the residuals before its reply was lost: resend all from round 1
+        # next time, which the client adds to a fresh delta (``residual-from`` = 0).
+        if sent != self.residuals_held.get(node_id, 0):
+            self.residuals_held[node_id] = 0
+
+    def missed_residuals(self, missed: list[dict]) -> dict[str, torch.Tensor]:
+        """The message tensors for residual rounds a client missed (scale s included)."""
+        if not missed:
+            return {}
+        message = {}
+        for layer in missed[0]:
+            B_stack = torch.cat([r[layer][0] for r in missed], dim=1)  # sum of products =
+            A_stack = torch.cat([r[layer][1] for r in missed], dim=0)  # product of stacks
+            if self.cfg.fedex.residual == "dense":
+                dense = B_stack.to(torch.float64) @ A_stack.to(torch.float64)
+                message[residual_key(layer)] = dense.to(B_stack.dtype)
+            else:
+                message[residual_key(layer, "_B")] = B_stack
+                message[residual_key(layer, "_A")] = A_stack
+        return message
+
+    def aggregate(self, state, updates, weights):
+        new_state = super().aggregate(state, updates, weights)  # A_bar, B_bar and the head
+        scale = self.cfg.alpha / self.cfg.rank
+        residual = {}
+        for layer in layer_names(state):
+            B_key, A_key = factor_key(layer, "B"), factor_key(layer, "A")
+            B_stack, A_stack = fedex_residual_factors([u[B_key] for u in updates],
+                                                      [u[A_key] for u in updates], weights)
+            residual[layer] = [scale * B_stack, A_stack]
+            increment = residual[layer][0].to(torch.float64) @ A_stack.to(torch.float64)
+            self.base_delta[layer] = self.base_delta.get(layer, 0) + increment
+        self.residuals.append(residual)
+        self._catch_up = {}
+        return new_state
+
+    def global_base_delta(self):
+        return dict(self.base_delta) or None
+
+    def state_dict(self):
+        return {**super().state_dict(), "residuals": self.residuals,
+                "base_delta": self.base_delta,
+                "residuals_held": sorted(self.residuals_held.items())}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.residuals = [{layer: list(f) for layer, f in r.items()} for r in state["residuals"]]
+        self.base_delta = dict(state["base_delta"])
+        self.residuals_held = {int(node): int(n) for node, n in state["residuals_held"]}
+        self._catch_up = {}

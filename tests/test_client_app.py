@@ -1,0 +1,150 @@
+"""The ClientApp's state handling: what a client loads before training, and FedEx's base.
+
+The pure helpers run on tiny tensors; the ``train`` handler runs once per strategy on the real
+embedded model (built once for the module, as a Ray worker builds it once), one local step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from fedlora import models
+from fedlora.adapters import part_of
+from fedlora.clients.app import (full_adapter_state, residual_increments, train,
+                                 update_base_delta)
+from fedlora.config import RunConfig, client_config
+from fedlora.strategies import get_strategy
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_full_state_prefers_sent_over_kept_over_seeded():
+    # Prepare
+    seeded = {"a": torch.zeros(2), "b": torch.zeros(2), "c": torch.zeros(2)}
+    kept = {"b": torch.ones(2), "c": torch.ones(2)}
+    received = {"c": torch.full((2,), 2.0)}
+
+    # Execute
+    state = full_adapter_state(received, kept, seeded, ["a", "b", "c"])
+
+    # Assert
+    assert [state[k][0].item() for k in "abc"] == [0.0, 1.0, 2.0]
+
+
+def test_full_state_refuses_to_train_on_leftovers():
+    # Execute / Assert
+    with pytest.raises(RuntimeError, match=r"the node has no value for \['x'\]"):
+        full_adapter_state({"a": torch.zeros(1)}, {}, {}, ["a", "x"])
+
+
+def test_residual_increments_dense_and_factored():
+    # Prepare
+    B, A = torch.randn(6, 4, dtype=F64), torch.randn(4, 5, dtype=F64)
+
+    # Execute
+    increments = residual_increments({"q.base.residual": B @ A, "v.base.residual_B": B,
+                                      "v.base.residual_A": A})
+
+    # Assert
+    assert torch.equal(increments["q"], B @ A) and torch.equal(increments["v"], B @ A)
+
+
+def test_base_delta_adds_new_rounds_skips_known_ones_and_restarts_from_round_zero():
+    # Prepare
+    one, two = {"q.base.residual": torch.ones(2, 2)}, {"q.base.residual": torch.full((2, 2), 2.0)}
+
+    # Execute
+    delta, held = update_base_delta({}, 0, 0, 1, one)
+    added, added_held = update_base_delta(delta, held, 1, 3, two)
+    same, same_held = update_base_delta(added, added_held, 1, 3, two)  # a resent message
+    fresh, fresh_held = update_base_delta(added, added_held, 0, 4, one)  # a full resend
+
+    # Assert
+    assert (held, added_held, same_held, fresh_held) == (1, 3, 3, 4)
+    assert added["q"][0, 0] == 3.0 and same["q"][0, 0] == 3.0 and fresh["q"][0, 0] == 1.0
+    with pytest.raises(RuntimeError, match="holds the residuals of 3 rounds but the server sent rounds 2..4"):
+        update_base_delta(added, added_held, 2, 4, one)
+
+
+# --------------------------------------------------------------------------------------------
+# The train handler on the real model
+
+
+@pytest.fixture(scope="module")
+def client_model():
+    cfg = RunConfig.from_dict({"strategy": "fedex", "clients": 4, "rank": 2, "seed": 0})
+    return models.cached_model(cfg.model_spec(21))  # the very model the clients will use
+
+
+def federation(strategy: str, bundle, **overrides):
+    cfg = RunConfig.from_dict({"strategy": strategy, "clients": 4, "clients_per_round": 2,
+                               "rank": 2, "seed": 0, "local_steps": 1, "batch_size": 4,
+                               "max_length": 16, **overrides})
+    server = get_strategy(strategy)(cfg, bundle.head_keys)
+    server.register_nodes({10 + p: p for p in range(4)})
+    contexts = {10 + p: Context(run_id=1, node_id=10 + p, state=RecordDict(), run_config={},
+                                node_config={"partition-id": p, "num-partitions": 4})
+                for p in range(4)}
+    return cfg, server, contexts
+
+
+def run_round(server, contexts, cfg, arrays, server_round):
+    messages = server.configure_train(server_round, arrays, ConfigRecord(client_config(cfg, 21)), None)
+    replies = [train(m, contexts[m.metadata.dst_node_id]) for m in messages]
+    new_arrays, _ = server.aggregate_train(server_round, replies)
+    return messages, replies, new_arrays
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_ffa_client_trains_B_from_the_seeded_A(client_model):
+    # Prepare
+    bundle = client_model
+    cfg, server, contexts = federation("ffa", bundle)
+    arrays = ArrayRecord(bundle.initial_state)
+    bundle.load({k: torch.zeros_like(v) for k, v in bundle.state(("A",)).items()})  # leftovers
+
+    # Execute
+    messages, replies, _ = run_round(server, contexts, cfg, arrays, 1)
+
+    # Assert: A never travels, the client trained from the seeded A and returned B and the head
+    for message, answer in zip(messages, replies):
+        assert not answer.has_error(), answer.error
+        assert "A" not in {part_of(k, bundle.head_keys) for k in message.content["arrays"]}
+        assert {part_of(k, bundle.head_keys) for k in answer.content["arrays"]} == {"B", "head"}
+    for key, value in bundle.state(("A",)).items():
+        assert torch.equal(value, bundle.initial_state[key])
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_fedex_client_trains_on_its_own_base_on_a_shared_model(client_model):
+    # Prepare
+    bundle = client_model
+    cfg, server, contexts = federation("fedex", bundle)
+    arrays = ArrayRecord(bundle.initial_state)
+    layer = bundle.adapted[0]
+    weight = bundle.model.get_submodule(layer).base.weight
+
+    # Execute: two rounds; round 2's clients receive round 1's residual
+    _, _, arrays = run_round(server, contexts, cfg, arrays, 1)
+    messages, replies, arrays = run_round(server, contexts, cfg, arrays, 2)
+    last = messages[-1].metadata.dst_node_id
+    trained_base = weight.detach().clone()
+    ffa_cfg, ffa, ffa_contexts = federation("ffa", bundle)
+    run_round(ffa, ffa_contexts, ffa_cfg, ArrayRecord(bundle.initial_state), 1)
+
+    # Assert: the last FedEx client trained on W0 + its delta (which its Context keeps);
+    # the next method's client on the same model got W0 back, bit for bit
+    assert all(not r.has_error() for r in replies)
+    delta = contexts[last].state["base-delta"].to_torch_state_dict()
+    assert set(delta) == set(bundle.adapted)
+    round_one = server.residuals[0][layer]
+    expected = round_one[0].double() @ round_one[1].double()
+    assert (delta[layer].double() - expected).abs().max() <= 1e-6
+    assert torch.equal(trained_base, bundle.pretrained_base[layer] + delta[layer])
+    assert torch.equal(weight, bundle.pretrained_base[layer])
