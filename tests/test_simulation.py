@@ -127,10 +127,10 @@ def test_other_jsonl_dataset_runs_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["strategy=fedsbb"], "strategy 'fedsbb' is unknown; choose one of: fedavg, fedsb"),
+    (["strategy=fedsbb"], "strategy 'fedsbb' is unknown; choose one of: fedavg, ffa, fedsb, fedsvd, lorafair, fedex"),
     (["rank=0"], "rank=0 must be a positive integer"),
     (["clients=10", "clients_per_round=20"], "clients_per_round=20 exceeds clients=10"),
-    (["partition=zipf"], "partition 'zipf' is unknown; choose one of: dirichlet, iid"),
+    (["partition=zipf"], "partition 'zipf' is unknown; choose one of: dirichlet, iid, pathological"),
     (["data.path=/no/such/dir"], "data.path='/no/such/dir' does not exist"),
     (["data.label_field=topic", "data.path=@JSONL"], "data.label_field='topic' is not a column"),
     (["learning_rate=0.1"], "'learning_rate' is not a fedlora setting"),
