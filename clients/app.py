@@ -10,6 +10,10 @@ Fed-SB's B and A, FedSVD's latest A, in ``Context.state``), else the shared-seed
 delta the node keeps in ``Context.state``, and every adapted base weight is set to the
 pretrained W0 plus this node's delta before training (W0 for the other methods).
 
+A message may also carry a ``restore`` record: what a node lost when the server restarted
+(its kept parts, every FedEx residual); its tensors take the place of the ``arrays`` ones.
+``crash-prob`` > 0 makes a training round fail on purpose (``faults.crash_prob``).
+
 Handlers (message types):
   query.describe     partition id, number of examples and label histogram of this node
   train              local steps on the parts named in ``trained-parts``; reply with them
@@ -28,6 +32,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora import models
 from fedlora.adapters import part_of, split_residual_key
+from fedlora.comm import RESTORE
 from fedlora.config import specs_from_client_config
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.clients.train import base_gradient_sum, client_update
@@ -144,11 +149,27 @@ def full_adapter_state(received: dict[str, torch.Tensor], kept: dict[str, torch.
     return state
 
 
+class SimulatedCrash(RuntimeError):
+    """The failure ``faults.crash_prob`` injects; Flower turns it into an error reply."""
+
+
+def simulated_crash(seed: int, server_round: int, partition_id: int, crash_prob: float) -> bool:
+    """Whether this client fails this round: a draw of its own (seed, round, partition) stream,
+    so the same clients fail in every run with the same seed, whichever worker runs them."""
+    return crash_prob > 0 and random.Random(f"crash/{seed}/{server_round}/{partition_id}").random() < crash_prob
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     setup = ClientSetup(message, context)
     cfg, bundle = setup.config, setup.bundle
+    crash_prob = float(cfg.get("crash-prob", 0.0))
+    if simulated_crash(int(cfg["seed"]), int(cfg["server-round"]), setup.partition_id, crash_prob):
+        raise SimulatedCrash(f"simulated crash of partition {setup.partition_id} in round "
+                             f"{cfg['server-round']} (faults.crash_prob={crash_prob})")
     received = message.content["arrays"].to_torch_state_dict()
+    if RESTORE in message.content.array_records:
+        received.update(message.content[RESTORE].to_torch_state_dict())
     residuals = {k: received.pop(k) for k in list(received) if split_residual_key(k)}
     bundle.set_base_delta(node_base_delta(context, cfg, residuals))
     keep, seeded = _parts(cfg, "keep-parts"), _parts(cfg, "seeded-parts")

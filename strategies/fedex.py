@@ -63,6 +63,13 @@ class FedEx(FedIT):
         if sent != self.residuals_held.get(node_id, 0):
             self.residuals_held[node_id] = 0
 
+    def restore_down(self, node_id, state, payload):
+        # A node that lost its base delta gets every residual so far and starts afresh.
+        return self.missed_residuals(self.residuals), {"residual-from": 0}
+
+    def rename_nodes(self, renamed):
+        self.residuals_held = {renamed[node]: n for node, n in self.residuals_held.items()}
+
     def missed_residuals(self, missed: list[dict]) -> dict[str, torch.Tensor]:
         """The message tensors for residual rounds a client missed (scale s included)."""
         if not missed:
