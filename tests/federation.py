@@ -80,6 +80,8 @@ class FakeClient:
     def train(self, message: Message, seed: int, step: float = 0.1) -> Message:
         config = message.content["config"]
         received = message.content["arrays"].to_torch_state_dict()
+        if "restore" in message.content.array_records:  # what it lost in a server restart
+            received.update(message.content["restore"].to_torch_state_dict())
         residuals = {k: received.pop(k) for k in list(received) if split_residual_key(k)}
         self.base_delta, self.residuals_held = update_base_delta(
             self.base_delta, self.residuals_held, int(config.get("residual-from", 0)),
