@@ -12,7 +12,8 @@ pretrained W0 plus this node's delta before training (W0 for the other methods).
 
 A message may also carry a ``restore`` record: what a node lost when the server restarted
 (its kept parts, every FedEx residual); its tensors take the place of the ``arrays`` ones.
-``crash-prob`` > 0 makes a training round fail on purpose (``faults.crash_prob``).
+``crash-prob`` > 0 makes a training round fail on purpose (``faults.crash_prob``): the
+client answers with an error reply instead of training.
 
 Handlers (message types):
   query.describe     partition id, number of examples and label histogram of this node
@@ -27,8 +28,9 @@ import random
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedlora import models
 from fedlora.adapters import part_of, split_residual_key
@@ -149,10 +151,6 @@ def full_adapter_state(received: dict[str, torch.Tensor], kept: dict[str, torch.
     return state
 
 
-class SimulatedCrash(RuntimeError):
-    """The failure ``faults.crash_prob`` injects; Flower turns it into an error reply."""
-
-
 def simulated_crash(seed: int, server_round: int, partition_id: int, crash_prob: float) -> bool:
     """Whether this client fails this round: a draw of its own (seed, round, partition) stream,
     so the same clients fail in every run with the same seed, whichever worker runs them."""
@@ -165,8 +163,11 @@ def train(message: Message, context: Context) -> Message:
     cfg, bundle = setup.config, setup.bundle
     crash_prob = float(cfg.get("crash-prob", 0.0))
     if simulated_crash(int(cfg["seed"]), int(cfg["server-round"]), setup.partition_id, crash_prob):
-        raise SimulatedCrash(f"simulated crash of partition {setup.partition_id} in round "
-                             f"{cfg['server-round']} (faults.crash_prob={crash_prob})")
+        # The error reply a crashed ClientApp gives, without Ray's traceback on the console.
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason=f"simulated crash of partition {setup.partition_id} in round "
+                                    f"{cfg['server-round']} (faults.crash_prob={crash_prob})"),
+                       reply_to=message)
     received = message.content["arrays"].to_torch_state_dict()
     if RESTORE in message.content.array_records:
         received.update(message.content[RESTORE].to_torch_state_dict())

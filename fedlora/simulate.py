@@ -177,8 +177,12 @@ def hydra_task(conf) -> None:
 
 def main() -> None:
     import hydra
+    from omegaconf import OmegaConf
 
     check_command_line(sys.argv[1:])
+    # The run directory: resume's, else out, else a dated one (oc.select takes a null for set).
+    OmegaConf.register_new_resolver(
+        "first_set", lambda *values: next(v for v in values if v is not None), replace=True)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(hydra_task)()
 
 
