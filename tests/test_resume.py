@@ -215,3 +215,37 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="wrote no checkpoint"):
         run_server(SeededGrid(fresh_clients(tiny_bundle, 100)), cfg, tmp_path, tiny_bundle, data,
                    resume=True)
+
+
+def test_resumed_writer_appends_only_rows_that_differ_from_those_on_file(tmp_path):
+    # Prepare: a killed run wrote rounds 0-2, its checkpoint holds rounds 0-1
+    from fedlora.results import ROW_FIELDS, ResultsWriter
+
+    def row(r, accuracy, wall_s):
+        return {**dict.fromkeys(ROW_FIELDS, 0), "round": r, "accuracy": accuracy, "loss": 1.0,
+                "clients_failed": 0, "bytes_up_cum": 0, "bytes_down_cum": 0, "wall_s": wall_s}
+
+    first = ResultsWriter(tmp_path, {"seed": 0}, 4)
+    for r in range(3):
+        first.row(row(r, 0.5 + r / 10, r))
+    first.close()
+    before = (tmp_path / "results.jsonl").read_text()
+
+    # Execute: the resumed run redoes round 2 identically (but for wall_s), then round 3 ...
+    resumed = ResultsWriter(tmp_path, {"seed": 1}, 4, resumed_rows=first.rows[:2])
+    resumed.row(row(2, 0.7, 99.0))
+    resumed.row(row(3, 0.8, 100.0))
+    resumed.close()
+    # ... and a second resume from the same checkpoint redoes round 2 differently.
+    again = ResultsWriter(tmp_path, {"seed": 1}, 4, resumed_rows=first.rows[:2])
+    again.row(row(2, 0.75, 101.0))
+    again.close()
+
+    # Assert: appended only; round 2 once, then its redone, different row marked
+    text = (tmp_path / "results.jsonl").read_text()
+    assert text.startswith(before)
+    rows = rows_of(tmp_path)
+    assert [(r["round"], r.get("redone", False)) for r in rows] == [(0, False), (1, False), (2, False),
+                                                                   (3, False), (2, True)]
+    assert rows[-1]["accuracy"] == 0.75
+    assert "seed: 0" in (tmp_path / "config.yaml").read_text()  # the original config stays
