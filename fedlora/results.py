@@ -74,6 +74,9 @@ class ResultsWriter:
         self.on_file_after_checkpoint: list[dict] = []
         if resumed_rows is not None:
             self.on_file_after_checkpoint = read_results(self.out)[len(resumed_rows):]
+            with (self.out / "results.jsonl").open("rb+") as f:  # a line cut by the kill
+                if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                    f.write(b"\n")
         self.console = Console(stderr=False, highlight=False)
         # A live bar on terminals; elsewhere (CI, pipes) rich shows only the printed lines.
         self.progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(),
@@ -118,9 +121,16 @@ class ResultsWriter:
 
 
 def read_results(run_dir) -> list[dict]:
-    """The rows of a run's ``results.jsonl`` (a convenience: plain ``json`` does the same)."""
+    """The rows of a run's ``results.jsonl`` (a convenience: plain ``json`` does the same),
+    without a line a kill cut short."""
+    rows = []
     with (Path(run_dir) / "results.jsonl").open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def elapsed(since: float) -> float:

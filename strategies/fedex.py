@@ -65,7 +65,9 @@ class FedEx(FedIT):
 
     def restore_down(self, node_id, state, payload):
         # A node that lost its base delta gets every residual so far and starts afresh.
-        return self.missed_residuals(self.residuals), {"residual-from": 0}
+        if 0 not in self._catch_up:
+            self._catch_up[0] = self.missed_residuals(self.residuals)
+        return self._catch_up[0], {"residual-from": 0}
 
     def rename_nodes(self, renamed):
         self.residuals_held = {renamed[node]: n for node, n in self.residuals_held.items()}

@@ -18,6 +18,7 @@ from flwr.app import Error, Message
 
 from fedlora.checkpoint import CHECKPOINT, FINAL_ADAPTER, load_checkpoint
 from fedlora.config import RunConfig
+from fedlora.results import read_results
 from fedlora.data import TextDataset, TextSplit
 from fedlora.server import run_server
 from fedlora.strategies import STRATEGIES
@@ -34,8 +35,9 @@ class Killed(Exception):
 
 
 class SeededGrid(FakeGrid):
-    """Clients train from a (round, partition) seed; partition 1 crashes in rounds 2 and 7 and
-    partition 2 sends NaN in round 3; the grid dies when round ``kill_in`` is sent."""
+    """Clients train from a (round, partition) seed; partition 1 crashes in rounds 2 and 7,
+    partition 2 sends NaN in round 3, partition 3's reply is lost (a timeout) in round 4; the
+    grid dies when round ``kill_in`` is sent."""
 
     def __init__(self, clients, kill_in: int | None = None):
         super().__init__(clients)
@@ -52,6 +54,8 @@ class SeededGrid(FakeGrid):
             server_round = int(message.content["config"]["server-round"])
             if server_round == self.kill_in:
                 raise Killed(f"server killed in round {server_round}")
+            if (server_round, client.partition_id) == (4, 3):
+                continue
             if (server_round, client.partition_id) in ((2, 1), (7, 1)):
                 replies.append(Message(Error(code=0, reason="ClientApp raised: simulated crash"),
                                        reply_to=message))
@@ -155,10 +159,10 @@ def test_failed_clients_are_counted_and_left_out(tmp_path):
     # Execute
     run_server(SeededGrid(fresh_clients(tiny_bundle, 100)), cfg, tmp_path, tiny_bundle, data)
 
-    # Assert: round 2 a crash, round 3 a NaN update; both leave 3 of 4 trained
+    # Assert: round 2 a crash, round 3 a NaN update, round 4 no reply: 3 of 4 trained
     rows = rows_of(tmp_path)
-    assert [r["clients_failed"] for r in rows] == [0, 0, 1, 1, 0]
-    assert [r["clients_trained"] for r in rows] == [0, 4, 3, 3, 4]
+    assert [r["clients_failed"] for r in rows] == [0, 0, 1, 1, 1]
+    assert [r["clients_trained"] for r in rows] == [0, 4, 3, 3, 3]
 
 
 def test_round_with_fewer_than_min_clients_valid_replies_is_not_aggregated(tmp_path):
@@ -249,3 +253,24 @@ def test_resumed_writer_appends_only_rows_that_differ_from_those_on_file(tmp_pat
                                                                    (3, False), (2, True)]
     assert rows[-1]["accuracy"] == 0.75
     assert "seed: 0" in (tmp_path / "config.yaml").read_text()  # the original config stays
+
+
+def test_resume_after_a_row_cut_short_by_the_kill(tmp_path):
+    # Prepare: a run killed while writing its round-3 row (checkpoint: round 2)
+    tiny_bundle = make_tiny_bundle()
+    cfg, data = make_run("fedavg", rounds=4, checkpoint_every=2)
+    reference = tmp_path / "reference"
+    run_server(SeededGrid(fresh_clients(tiny_bundle, 100)), cfg, reference, make_tiny_bundle(), data)
+    with pytest.raises(Killed):
+        run_server(SeededGrid(fresh_clients(tiny_bundle, 100), kill_in=4), cfg, tmp_path,
+                   make_tiny_bundle(), data)
+    text = (tmp_path / "results.jsonl").read_text()
+    (tmp_path / "results.jsonl").write_text(text[:-20])
+
+    # Execute
+    run_server(SeededGrid(fresh_clients(tiny_bundle, 300)), cfg, tmp_path, make_tiny_bundle(), data,
+               resume=True)
+
+    # Assert: the cut line stays (nothing is truncated), the rows are read without it
+    assert (tmp_path / "results.jsonl").read_text().startswith(text[:-20] + "\n")
+    assert without_timing(read_results(tmp_path)) == without_timing(rows_of(reference))
