@@ -1,8 +1,9 @@
 """End to end on Ray: determinism, simulated client crashes, and SIGKILL + ``resume=DIR``.
 
 Real ``python -m fedlora.simulate`` runs on the embedded model, tiny (4 clients, 2 a round, 2
-local steps of 16-token batches). Fed-SB is used because its clients keep state between rounds
-(B and A in Context.state), which a restart loses and the server must restore.
+local steps of 16-token batches). Fed-SB and FedEx-LoRA are used because their clients keep
+state between rounds (B and A; the base delta) in Context.state, which a restart loses and the
+server must restore.
 """
 
 from __future__ import annotations
@@ -104,13 +105,15 @@ def session_processes(session_id: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkill_after_round_5_then_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("strategy", ["fedsb", "fedex"])  # client state: B and A; base delta
+def test_sigkill_after_round_5_then_resume_equals_uninterrupted_run(strategy, tmp_path):
     # Prepare: the uninterrupted 10-round reference
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    simulate(*TINY, "rounds=10", f"out={reference}")
+    tiny = (f"strategy={strategy}", *TINY[1:])
+    simulate(*tiny, "rounds=10", f"out={reference}")
 
     # Execute: the same run, SIGKILLed (server, Ray and all) once its round-5 row is written
-    process = subprocess.Popen(command(*TINY, "rounds=10", f"out={run_dir}"), env=ENV,
+    process = subprocess.Popen(command(*tiny, "rounds=10", f"out={run_dir}"), env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     try:
