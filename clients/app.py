@@ -10,6 +10,12 @@ Fed-SB's B and A, FedSVD's latest A, in ``Context.state``), else the shared-seed
 delta the node keeps in ``Context.state``, and every adapted base weight is set to the
 pretrained W0 plus this node's delta before training (W0 for the other methods).
 
+A message may also carry a ``restore`` record: what a node lost when the server restarted (its
+kept parts, which take the place of the ``arrays`` ones; FedEx-LoRA's base delta as it held
+it, with ``restore-base-held`` rounds, to which the message's residuals are then added).
+``crash-prob`` > 0 makes a training round fail on purpose (``faults.crash_prob``): the
+client answers with an error reply instead of training.
+
 Handlers (message types):
   query.describe     partition id, number of examples and label histogram of this node
   train              local steps on the parts named in ``trained-parts``; reply with them
@@ -23,11 +29,13 @@ import random
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedlora import models
 from fedlora.adapters import part_of, split_residual_key
+from fedlora.comm import RESTORE
 from fedlora.config import specs_from_client_config
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.clients.train import base_gradient_sum, client_update
@@ -119,6 +127,16 @@ def update_base_delta(delta: dict[str, torch.Tensor], held: int, start: int, end
     return delta, end
 
 
+def restored_base_delta(config: ConfigRecord, restore: dict[str, torch.Tensor]
+                        ) -> tuple[dict[str, torch.Tensor], int] | None:
+    """FedEx-LoRA: the base delta this node held before a server restart and the residual
+    rounds it covers, taken out of a ``restore`` record; None if the record carries none."""
+    if "restore-base-held" not in config:
+        return None
+    residuals = {k: restore.pop(k) for k in list(restore) if split_residual_key(k)}
+    return residual_increments(residuals), int(config["restore-base-held"])
+
+
 def node_base_delta(context: Context, config: ConfigRecord,
                     residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """This node's accumulated base delta (FedEx-LoRA), updated in ``Context.state``."""
@@ -144,11 +162,31 @@ def full_adapter_state(received: dict[str, torch.Tensor], kept: dict[str, torch.
     return state
 
 
+def simulated_crash(seed: int, server_round: int, partition_id: int, crash_prob: float) -> bool:
+    """Whether this client fails this round: a draw of its own (seed, round, partition) stream,
+    so the same clients fail in every run with the same seed, whichever worker runs them."""
+    return crash_prob > 0 and random.Random(f"crash/{seed}/{server_round}/{partition_id}").random() < crash_prob
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     setup = ClientSetup(message, context)
     cfg, bundle = setup.config, setup.bundle
+    crash_prob = float(cfg.get("crash-prob", 0.0))
+    if simulated_crash(int(cfg["seed"]), int(cfg["server-round"]), setup.partition_id, crash_prob):
+        # The error reply a crashed ClientApp gives, without Ray's traceback on the console.
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason=f"simulated crash of partition {setup.partition_id} in round "
+                                    f"{cfg['server-round']} (faults.crash_prob={crash_prob})"),
+                       reply_to=message)
     received = message.content["arrays"].to_torch_state_dict()
+    restore = (message.content[RESTORE].to_torch_state_dict()
+               if RESTORE in message.content.array_records else {})
+    lost_base = restored_base_delta(cfg, restore)
+    if lost_base:
+        context.state["base-delta"] = ArrayRecord(lost_base[0])
+        context.state["base-delta-rounds"] = ConfigRecord({"rounds": lost_base[1]})
+    received.update(restore)
     residuals = {k: received.pop(k) for k in list(received) if split_residual_key(k)}
     bundle.set_base_delta(node_base_delta(context, cfg, residuals))
     keep, seeded = _parts(cfg, "keep-parts"), _parts(cfg, "seeded-parts")

@@ -37,8 +37,12 @@ def tensor_bytes(record: ArrayRecord) -> int:
     return sum(array_bytes(a) for a in record.values())
 
 
+RESTORE = "restore"  # the ArrayRecord that makes a node whole again after a server restart
+
+
 def message_arrays(message: Message) -> list[ArrayRecord]:
-    return list(message.content.array_records.values())
+    """The records the method itself sends (all but ``RESTORE``, counted apart)."""
+    return [r for name, r in message.content.array_records.items() if name != RESTORE]
 
 
 class CommLedger:
@@ -46,6 +50,8 @@ class CommLedger:
 
     Round 0 holds one-time exchanges before training (Fed-SB's gradient upload). A strategy
     marks parts of later messages as one-time too (Fed-SB's first B/A download to a client).
+    What a resumed server re-sends to nodes that lost their state (the ``RESTORE`` record) is
+    counted in ``recovery`` only, so a resumed run's rows equal an uninterrupted run's.
     """
 
     def __init__(self, part_of):
@@ -54,11 +60,14 @@ class CommLedger:
         self.one_time = {"up": 0, "down": 0}
         self.wire = {"up": 0, "down": 0}
         self.elements_up = defaultdict(list)  # round -> per-client elements uploaded (regular)
+        self.recovery = {"up": 0, "down": 0}
 
     def record(self, server_round: int, direction: str, messages, one_time_parts=frozenset()):
         for message in messages:
             if message.has_error():
                 continue
+            if RESTORE in message.content.array_records:
+                self.recovery[direction] += tensor_bytes(message.content[RESTORE])
             elements = 0
             for record in message_arrays(message):
                 self.wire[direction] += record.count_bytes()
@@ -86,7 +95,17 @@ class CommLedger:
     def state_dict(self) -> dict:
         return {"rounds": {r: {d: dict(p) for d, p in v.items()} for r, v in self.rounds.items()},
                 "one_time": dict(self.one_time), "wire": dict(self.wire),
-                "elements_up": {r: list(v) for r, v in self.elements_up.items()}}
+                "elements_up": {r: list(v) for r, v in self.elements_up.items()},
+                "recovery": dict(self.recovery)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds.clear()
+        for r, directions in state["rounds"].items():
+            for direction, parts in directions.items():
+                self.rounds[int(r)][direction].update(parts)
+        self.one_time, self.wire = dict(state["one_time"]), dict(state["wire"])
+        self.elements_up = defaultdict(list, {int(r): list(v) for r, v in state["elements_up"].items()})
+        self.recovery = dict(state.get("recovery", {"up": 0, "down": 0}))
 
 
 def expected_params(strategy_cls, layer_shapes, rank: int, head_params: int) -> dict[str, int]:

@@ -108,6 +108,18 @@ class ParticipationConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Simulated client failures, to study a federation that loses clients (``fedlora.clients``).
+
+    crash_prob: the probability that a sampled client fails a training round (it replies with
+        an error instead of an update), drawn from a generator seeded by (seed, round,
+        partition), so the same clients fail in every run with the same seed.
+    """
+
+    crash_prob: float = 0.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     strategy: str = "fedsb"
     model: str = EMBEDDED_MODEL
@@ -139,6 +151,10 @@ class RunConfig:
     fedsvd: FedSVDConfig = field(default_factory=FedSVDConfig)
     lorafair: LoRAFAIRConfig = field(default_factory=LoRAFAIRConfig)
     fedex: FedExConfig = field(default_factory=FedExConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    min_clients: int = 1
+    round_timeout: float = 3600.0
+    checkpoint_every: int = 1
     verbose: bool = False
 
     def model_spec(self, num_labels: int) -> ModelSpec:
@@ -159,9 +175,10 @@ class RunConfig:
         from fedlora.strategies import STRATEGIES, get_strategy
 
         raw = dict(raw)
-        # partition_* fields are set from the partition section only.
+        # partition_* fields are set from the partition section only; out and resume are
+        # where the run writes, not what it computes (``fedlora.simulate``).
         known = ({f.name for f in fields(cls)} - {"partition_alpha", "partition_labels_per_client"}
-                 | {"out"})
+                 | {"out", "resume"})
         for key in raw:
             if key not in known:
                 raise ConfigError(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml "
@@ -232,6 +249,14 @@ class RunConfig:
             raise ConfigError(f"lr_schedule '{lr_schedule}' is unknown; choose one of: "
                               f"{', '.join(LR_SCHEDULES)}")
         alpha = raw.get("alpha")
+        faults_raw = _section(raw, "faults", FaultsConfig)
+        crash_prob = _nonneg_float(faults_raw, "crash_prob", 0.0, key_name="faults.crash_prob")
+        if crash_prob >= 1:
+            raise ConfigError(f"faults.crash_prob={crash_prob} is a probability; set it < 1")
+        min_clients = _positive_int(raw, "min_clients", 1)
+        if min_clients > per_round and participation.name == "uniform":
+            raise ConfigError(f"min_clients={min_clients} exceeds clients_per_round={per_round}; "
+                              f"set min_clients <= {per_round}")
         return cls(
             strategy=strategy, model=str(raw.get("model") or EMBEDDED_MODEL), rank=rank,
             alpha=float(defaults["alpha_per_rank"] * rank) if alpha is None
@@ -253,7 +278,19 @@ class RunConfig:
                           text_field=data.get("text_field", "text"),
                           label_field=data.get("label_field", "label"), test_fraction=test_fraction),
             fedsb=fedsb, fedsvd=fedsvd, lorafair=lorafair, fedex=fedex,
+            faults=FaultsConfig(crash_prob=crash_prob), min_clients=min_clients,
+            round_timeout=_positive_float(raw, "round_timeout", 3600.0),
+            checkpoint_every=_nonneg_int(raw, "checkpoint_every", 1),
             verbose=bool(raw.get("verbose", False)))
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "RunConfig":
+        """The config a run saved in its ``config.yaml`` (``to_dict``'s layout, plus ``out``)."""
+        raw = {k: v for k, v in saved.items()
+               if k not in ("out", "resume", "partition_alpha", "partition_labels_per_client")}
+        raw["partition"] = {"name": saved["partition"], "alpha": saved["partition_alpha"],
+                            "labels_per_client": saved["partition_labels_per_client"]}
+        return cls.from_dict(raw)
 
 
 def _participation(raw) -> ParticipationConfig:
@@ -357,7 +394,8 @@ def client_config(cfg: RunConfig, num_labels: int) -> dict:
             "partition-alpha": cfg.partition_alpha,
             "partition-labels-per-client": cfg.partition_labels_per_client, "seed": cfg.seed,
             "max-length": cfg.max_length, "device": cfg.device, "client-cpus": cfg.client_cpus,
-            "local-steps": cfg.local_steps, "batch-size": cfg.batch_size, "lr": cfg.lr}
+            "local-steps": cfg.local_steps, "batch-size": cfg.batch_size, "lr": cfg.lr,
+            "crash-prob": cfg.faults.crash_prob}
 
 
 def round_lr(cfg: RunConfig, server_round: int) -> float:

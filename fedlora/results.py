@@ -3,7 +3,9 @@
 A run directory holds plain files, readable with ``json`` alone (no fedlora import needed):
 
 * ``results.jsonl``: one JSON object per evaluated round (round 0 = before training), appended
-  and flushed as each round ends, so nothing computed is lost if the run dies;
+  and flushed as each round ends, so nothing computed is lost if the run dies; a resumed run
+  appends too, and never writes a round twice when it redoes it identically (see
+  ``ResultsWriter``);
 * ``summary.json``: final and best metrics, byte totals (one-time costs separately), the
   resolved config, package versions, seed and wall time;
 * ``config.yaml``: the resolved config; ``partitions.json``: each client's examples and labels;
@@ -48,14 +50,33 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} GB"
 
 
-class ResultsWriter:
-    """Appends round rows to ``results.jsonl`` and shows one progress line per round."""
+def same_row(a: dict, b: dict) -> bool:
+    """Rows equal in everything but the timing."""
+    return {k: v for k, v in a.items() if k != "wall_s"} == {k: v for k, v in b.items() if k != "wall_s"}
 
-    def __init__(self, out: Path, config: dict, total_rounds: int):
+
+class ResultsWriter:
+    """Appends round rows to ``results.jsonl`` and shows one progress line per round.
+
+    ``resumed_rows``: the rows a resumed run's checkpoint had written. The file may hold later
+    rows (of rounds run after the checkpoint, before the kill); they stay, and the resumed run
+    redoes those rounds: a redone row equal to the one on file (but for ``wall_s``) is not
+    written again, one that differs (not bit-exact hardware) is appended with ``"redone": true``
+    (the last row of a round is the valid one).
+    """
+
+    def __init__(self, out: Path, config: dict, total_rounds: int,
+                 resumed_rows: list[dict] | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.total_rounds = total_rounds
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(resumed_rows or [])
+        self.on_file_after_checkpoint: list[dict] = []
+        if resumed_rows is not None:
+            self.on_file_after_checkpoint = read_results(self.out)[len(resumed_rows):]
+            with (self.out / "results.jsonl").open("rb+") as f:  # a line cut by the kill
+                if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                    f.write(b"\n")
         self.console = Console(stderr=False, highlight=False)
         # A live bar on terminals; elsewhere (CI, pipes) rich shows only the printed lines.
         self.progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(),
@@ -63,7 +84,8 @@ class ResultsWriter:
                                  console=self.console, transient=True)
         self.task = self.progress.add_task("", total=total_rounds)
         self.progress.start()
-        (self.out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if resumed_rows is None:  # a resumed run keeps the original config.yaml
+            (self.out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         self._file = (self.out / "results.jsonl").open("a", encoding="utf-8")
 
     def write_json(self, name: str, payload) -> None:
@@ -77,8 +99,12 @@ class ResultsWriter:
         if missing:
             raise ValueError(f"results row lacks {missing}")
         self.rows.append(row)
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        on_file = self.on_file_after_checkpoint.pop(0) if self.on_file_after_checkpoint else None
+        if on_file is None or not same_row(on_file, row):
+            if on_file is not None:
+                row = {**row, "redone": True}
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
         failed = f" ({row['clients_failed']} failed)" if row["clients_failed"] else ""
         self.progress.console.print(
             f"[bold]round {row['round']:>3}/{self.total_rounds}[/bold]  acc {row['accuracy']:.4f}  "
@@ -95,9 +121,16 @@ class ResultsWriter:
 
 
 def read_results(run_dir) -> list[dict]:
-    """The rows of a run's ``results.jsonl`` (a convenience: plain ``json`` does the same)."""
+    """The rows of a run's ``results.jsonl`` (a convenience: plain ``json`` does the same),
+    without a line a kill cut short."""
+    rows = []
     with (Path(run_dir) / "results.jsonl").open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def elapsed(since: float) -> float:

@@ -10,8 +10,14 @@ The loop, in this order (the same in simulation and deployment):
      counters advance in a round without participants too); the bytes of every message are
      measured; every ``eval_every`` rounds (and the last) the global model (with the
      strategy's base-weight delta: FedEx-LoRA) is evaluated on the server and a row is
-     appended to ``results.jsonl``;
-  4. the participation matrix (rounds x clients) goes to ``participation.csv``.
+     appended to ``results.jsonl``; every ``checkpoint_every`` rounds (after round 0, and the
+     last) ``checkpoint.pt`` is written (``fedlora.checkpoint``); replies that are missing
+     after ``round_timeout`` or rejected count as ``clients_failed``;
+  4. the participation matrix (rounds x clients) goes to ``participation.csv``, the final
+     global adapter (and FedEx's base delta) to ``final_adapter.pt``.
+
+A resumed run (``resume``) starts at step 3 after the checkpoint's round, with the nodes made
+whole again by the strategy (``FederatedLoRA.nodes_restarted``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.adapters import PARTS
+from fedlora.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
+                                set_rng_states)
 from fedlora.comm import CommLedger, expected_params, message_part
 from fedlora.config import RunConfig, client_config
 from fedlora.data import Batches, client_partitions, load_dataset
@@ -41,15 +49,17 @@ REPLY_TIMEOUT_S = 3600.0
 class Exchange:
     """Sends messages through the grid and measures every tensor byte that crosses it."""
 
-    def __init__(self, grid, ledger: CommLedger, client_config: dict, one_time_parts):
+    def __init__(self, grid, ledger: CommLedger, client_config: dict, one_time_parts,
+                 timeout: float = REPLY_TIMEOUT_S):
         self.grid = grid
+        self.timeout = timeout
         self.ledger = ledger
         self.client_config = client_config
         self.one_time_parts = one_time_parts
 
     def __call__(self, server_round: int, messages: list[Message]) -> list[Message]:
         self.ledger.record(server_round, "down", messages, self.one_time_parts)
-        replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         self.ledger.record(server_round, "up", replies, self.one_time_parts)
         return replies
 
@@ -81,76 +91,113 @@ def describe_nodes(grid, nodes: list[int], config: dict) -> dict[int, dict]:
     return info
 
 
-def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> dict:
-    """Run all rounds of ``cfg`` on ``grid``; write the run directory; return the summary."""
-    started = time.time()
+def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
+               resume: bool = False) -> dict:
+    """Run all rounds of ``cfg`` on ``grid``; write the run directory; return the summary.
+
+    ``resume``: continue the run in ``out`` from ``out/checkpoint.pt`` (``fedlora.checkpoint``).
+    """
+    checkpoint = load_checkpoint(out) if resume else None
+    started = time.time() - (checkpoint["wall_s"] if checkpoint else 0.0)
     strategy = get_strategy(cfg.strategy)(cfg, bundle.head_keys)
     config = client_config(cfg, data.num_labels)
     ledger = CommLedger(lambda key: message_part(key, bundle.head_keys))
-    exchange = Exchange(grid, ledger, config, strategy.one_time_parts_down)
-    writer = ResultsWriter(out, {**cfg.to_dict(), "out": str(out)}, cfg.rounds)
+    exchange = Exchange(grid, ledger, config, strategy.one_time_parts_down, cfg.round_timeout)
+    writer = ResultsWriter(out, {**cfg.to_dict(), "out": str(out)}, cfg.rounds,
+                           resumed_rows=checkpoint["rows"] if checkpoint else None)
 
     nodes = describe_nodes(grid, wait_for_nodes(grid, cfg.clients), config)
-    strategy.register_nodes({node: info["partition_id"] for node, info in nodes.items()},
+    partition_of = {node: info["partition_id"] for node, info in nodes.items()}
+    strategy.register_nodes(partition_of,
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()})
     writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
 
     test = Batches(bundle.tokenizer, data.test.texts, data.test.labels, cfg.max_length)
-    arrays = strategy.initialize(grid, ArrayRecord(bundle.state(PARTS)), exchange)
-
-    eval_seconds: list[float] = []
+    progress = {"last_row_round": -1, "trained": 0, "failed": 0, "train_losses": [],
+                "client_processes": {},  # pid -> model builds seen in that process
+                "eval_seconds": [], "failed_total": 0, "rounds_not_aggregated": 0, "resumed_at": []}
+    if checkpoint:
+        strategy.load_state_dict(checkpoint["strategy"])
+        strategy.nodes_restarted(partition_of)  # new node ids, empty Context.state
+        ledger.load_state_dict(checkpoint["ledger"])
+        progress = checkpoint["progress"]
+        progress["resumed_at"].append(checkpoint["round"])
+        arrays, first_round = ArrayRecord(checkpoint["arrays"]), checkpoint["round"] + 1
+        set_rng_states(checkpoint["rng"])
+        log.warning("resuming %s after round %d", out, checkpoint["round"])
+    else:
+        arrays, first_round = strategy.initialize(grid, ArrayRecord(bundle.state(PARTS)), exchange), 1
 
     def evaluate_global(arrays: ArrayRecord) -> dict:
         begin = time.time()
         bundle.set_base_delta(strategy.global_base_delta())
         bundle.load(arrays.to_torch_state_dict())
         metrics = evaluate(bundle, test, device=cfg.device)
-        eval_seconds.append(time.time() - begin)
+        progress["eval_seconds"].append(time.time() - begin)
         return metrics
 
-    client_processes: dict[int, int] = {}  # pid -> model builds seen in that process
-    last_row_round, trained, failed, train_losses = -1, 0, 0, []
-
     def add_row(server_round: int, metrics: dict) -> None:
-        nonlocal last_row_round, trained, failed, train_losses
-        rounds = range(last_row_round + 1, server_round + 1)
+        rounds = range(progress["last_row_round"] + 1, server_round + 1)
+        losses = progress["train_losses"]
         writer.row({
             "round": server_round, "strategy": cfg.strategy, **metrics,
-            "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
-            "clients_trained": trained, "clients_failed": failed,
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "clients_trained": progress["trained"], "clients_failed": progress["failed"],
             "bytes_up": sum(ledger.round_bytes(r, "up") for r in rounds),
             "bytes_down": sum(ledger.round_bytes(r, "down") for r in rounds),
             "bytes_up_cum": ledger.total("up", server_round),
             "bytes_down_cum": ledger.total("down", server_round),
             "params_up_per_client": ledger.params_up_per_client(server_round),
             "epsilon": None, "wall_s": elapsed(started)})
-        last_row_round, trained, failed, train_losses = server_round, 0, 0, []
+        progress.update(last_row_round=server_round, trained=0, failed=0, train_losses=[])
+
+    def save_checkpoint(server_round: int) -> None:
+        if cfg.checkpoint_every and (server_round % cfg.checkpoint_every == 0
+                                     or server_round == cfg.rounds):
+            save_atomic({"round": server_round, "arrays": arrays.to_torch_state_dict(),
+                         "strategy": strategy.state_dict(), "ledger": ledger.state_dict(),
+                         "rows": writer.rows, "progress": progress, "rng": rng_states(),
+                         "wall_s": elapsed(started), "config": cfg.to_dict()}, out / CHECKPOINT)
 
     try:
-        add_row(0, evaluate_global(arrays))
-        for server_round in range(1, cfg.rounds + 1):
+        if not checkpoint:
+            add_row(0, evaluate_global(arrays))
+            save_checkpoint(0)
+        for server_round in range(first_round, cfg.rounds + 1):
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(config), grid))
             replies = exchange(server_round, messages) if messages else []
             new_arrays, metrics = strategy.aggregate_train(server_round, replies)
             for report in strategy.client_reports:
                 pid = int(report["pid"])
-                client_processes[pid] = max(client_processes.get(pid, 0), int(report["model-builds"]))
-            accepted = int(metrics["clients_trained"]) if metrics else 0
-            trained += accepted
-            failed += len(messages) - accepted
+                builds = progress["client_processes"]
+                builds[pid] = max(builds.get(pid, 0), int(report["model-builds"]))
+            if len(replies) < len(messages):
+                log.warning("round %d: %d of %d clients sent no reply within round_timeout=%g s",
+                            server_round, len(messages) - len(replies), len(messages),
+                            cfg.round_timeout)
+            failed = len(messages) - len(replies) + len(strategy.rejected)
+            progress["trained"] += int(metrics["clients_trained"]) if metrics else 0
+            progress["failed"] += failed
+            progress["failed_total"] += failed
             if metrics:
-                train_losses.append(float(metrics["train_loss"]))
+                progress["train_losses"].append(float(metrics["train_loss"]))
             if new_arrays is not None:
                 arrays = new_arrays
+            elif messages:
+                progress["rounds_not_aggregated"] += 1
             if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
                 add_row(server_round, evaluate_global(arrays))
+            save_checkpoint(server_round)
     finally:  # rows written so far stay on disk whatever happens
         writer.close()
         write_participation_csv(out / "participation.csv", strategy.participation_matrix())
 
+    save_atomic({"adapter": arrays.to_torch_state_dict(),
+                 "base_delta": strategy.global_base_delta()}, out / FINAL_ADAPTER)
     layers = [tuple(bundle.model.get_submodule(name).base.weight.shape) for name in bundle.adapted]
     head_params = sum(int(v.numel()) for k, v in bundle.state(("head",)).items())
     rows = writer.rows
+    eval_seconds = progress["eval_seconds"]
     summary = {
         "strategy": cfg.strategy, "rounds": cfg.rounds, "seed": cfg.seed,
         "final_accuracy": rows[-1]["accuracy"], "final_loss": rows[-1]["loss"],
@@ -158,11 +205,16 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
         "bytes_up_total": ledger.total("up"), "bytes_down_total": ledger.total("down"),
         "one_time_bytes_up": ledger.one_time["up"], "one_time_bytes_down": ledger.one_time["down"],
         "wire_bytes_up_total": ledger.wire["up"], "wire_bytes_down_total": ledger.wire["down"],
+        "recovery_bytes_down": ledger.recovery["down"],
         "params_up_per_client": rows[-1]["params_up_per_client"],
         "params_per_client_formula": expected_params(type(strategy), layers, cfg.rank,
                                                      head_params),
         "adapted_layers": len(layers), "head_params": head_params,
-        "client_processes": {str(pid): builds for pid, builds in sorted(client_processes.items())},
+        "clients_failed_total": progress["failed_total"],
+        "rounds_not_aggregated": progress["rounds_not_aggregated"],
+        "resumed_after_rounds": progress["resumed_at"],
+        "client_processes": {str(pid): builds for pid, builds in
+                             sorted(progress["client_processes"].items())},
         "eval_s_total": round(sum(eval_seconds), 3), "evaluations": len(eval_seconds),
         "wall_s": elapsed(started), "config": cfg.to_dict(), "versions": package_versions(),
     }

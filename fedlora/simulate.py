@@ -9,6 +9,7 @@ are checked before Ray starts; a bad value is one line on stderr and exit code 2
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -28,8 +29,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
 
 
-def run(cfg: RunConfig, out) -> dict:
-    """Run one federated simulation; write ``out``; return the summary dict."""
+def run(cfg: RunConfig, out, resume: bool = False) -> dict:
+    """Run one federated simulation; write ``out``; return the summary dict.
+    ``resume``: continue the killed run in ``out`` from its checkpoint."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.app import Context
     from flwr.simulation import run_simulation
@@ -47,7 +49,7 @@ def run(cfg: RunConfig, out) -> dict:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        result["summary"] = run_server(grid, cfg, out, bundle, data)
+        result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume)
 
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
                "init_args": {"include_dashboard": False, "log_to_driver": not quiet,
@@ -119,15 +121,53 @@ def check_command_line(argv: list[str]) -> None:
             fail(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml for the valid keys")
 
 
+RESUME_MAY_CHANGE = ("resume", "out", "verbose")
+
+
+def _saved_value(saved: dict, key: str):
+    """The value of a command-line key in a saved ``config.yaml`` (``RunConfig.to_dict``)."""
+    flat = {"partition.alpha": "partition_alpha",
+            "partition.labels_per_client": "partition_labels_per_client"}
+    node = saved
+    for part in (flat[key] if key in flat else key + ".name" if key == "participation" else key).split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> RunConfig:
+    """The config of the run in ``run_dir``; a key given on the command line (``given``) may
+    differ from it only if it is one of ``RESUME_MAY_CHANGE``."""
+    import yaml
+
+    saved_file = run_dir / "config.yaml"
+    if not (run_dir / "checkpoint.pt").is_file() or not saved_file.is_file():
+        raise ConfigError(f"resume={run_dir} has no checkpoint.pt and config.yaml; give the "
+                          "directory of a run that wrote a checkpoint")
+    saved = yaml.safe_load(saved_file.read_text())
+    new = command_line.to_dict()
+    for key in given:
+        if key.split(".")[0] in RESUME_MAY_CHANGE + ("hydra",):
+            continue
+        was, now = _saved_value(saved, key), _saved_value(new, key)
+        if was != now:
+            raise ConfigError(f"resume: {key}={now} differs from the run's {key}={was}; a resumed "
+                              f"run keeps its config (drop {key}= or set it to {was})")
+    return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose)
+
+
 def hydra_task(conf) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     raw = OmegaConf.to_container(conf, resolve=True)
-    out = Path(HydraConfig.get().runtime.output_dir)
+    hydra_config = HydraConfig.get()
+    out = Path(hydra_config.runtime.output_dir)
     try:
         cfg = RunConfig.from_dict(raw)
-        summary = run(cfg, out)
+        if raw.get("resume"):
+            given = [o.split("=", 1)[0] for o in hydra_config.overrides.task if "=" in o]
+            cfg, out = resumed_config(Path(raw["resume"]), cfg, given), Path(raw["resume"])
+        summary = run(cfg, out, resume=bool(raw.get("resume")))
     except ConfigError as error:
         fail(str(error))
     print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
@@ -137,8 +177,12 @@ def hydra_task(conf) -> None:
 
 def main() -> None:
     import hydra
+    from omegaconf import OmegaConf
 
     check_command_line(sys.argv[1:])
+    # The run directory: resume's, else out, else a dated one (oc.select takes a null for set).
+    OmegaConf.register_new_resolver(
+        "first_set", lambda *values: next(v for v in values if v is not None), replace=True)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(hydra_task)()
 
 

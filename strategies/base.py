@@ -14,7 +14,8 @@ One training round, in this order:
   2. send each the tensors it needs and the client config (``configure_train``);
   3. clients train only ``trained_parts`` and reply with them (``fedlora.clients``);
   4. reject replies that failed, miss keys, have wrong shapes/dtypes or non-finite values
-     (logged with the reason; the global state never sees them);
+     (logged with the reason; the global state never sees them); a round with fewer than
+     ``min_clients`` valid replies is not aggregated at all (never partially);
   5. weight the valid replies: ``c_k = n_k / sum n`` (samples), ``1/K`` (uniform) or
      ``omega_k / N`` (FedAU, whose estimator steps every round, also a round without replies);
   6. aggregate on deltas, ``x <- x + eta * sum_k c_k (x_k - x)`` (``aggregate``, with the
@@ -35,6 +36,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedlora.adapters import part_of
 from fedlora.aggregation import (sample_weights, server_step_weights, single_threaded,
                                  weighted_mean_states)
+from fedlora.comm import RESTORE
 from fedlora.config import round_lr
 from fedlora.participation import (Bernoulli, Cyclic, FedAUWeights, Markov,
                                    participation_probabilities)
@@ -78,6 +80,8 @@ class FederatedLoRA(FedAvg):
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
         self.pending: dict[int, object] = {}  # node id -> what it was sent (see ``accepted``)
         self.client_reports: list[dict] = []  # per-client metrics of the last round
+        self.rejected: list[tuple[int, str]] = []  # (node id, reason) of the last round
+        self.restoring: set[int] = set()  # nodes that lost their Context.state (a resume)
 
     # -- hooks a method overrides -----------------------------------------------------------
 
@@ -98,6 +102,17 @@ class FederatedLoRA(FedAvg):
     def not_accepted(self, node_id: int, sent) -> None:
         """The node was sent ``sent`` (``self.pending``) but gave no valid reply: it may or may
         not hold it now."""
+
+    def restore_down(self, node_id: int, state: dict[str, torch.Tensor],
+                     payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a node that lost its Context.state needs on top of ``payload`` to train exactly
+        as if it had kept it, and the config values that go with it: by default the current
+        value of the parts it keeps (Fed-SB's B and A, FedSVD's A)."""
+        return {k: v for k, v in state.items()
+                if self.part(k) in self.kept_parts and k not in payload}, {}
+
+    def rename_nodes(self, renamed: dict[int, int]) -> None:
+        """Re-key per-node bookkeeping from the old node ids to ``renamed[old]``."""
 
     def aggregate(self, state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
                   weights: list[float]) -> dict[str, torch.Tensor]:
@@ -138,6 +153,18 @@ class FederatedLoRA(FedAvg):
             self.participation.load_state_dict(state["participation"])
         if self.fedau is not None:
             self.fedau.load_state_dict(state["fedau"])
+
+    def nodes_restarted(self, partition_of: dict[int, int]) -> None:
+        """After a server restart (``load_state_dict``): the nodes are back under new ids
+        (``partition_of``, node id -> partition id) with an empty Context.state. The
+        bookkeeping of who holds what is kept, re-keyed by partition, so messages and byte counts
+        stay those of an uninterrupted run; each node's first message also carries a
+        ``RESTORE`` record with what it lost (counted apart, ``fedlora.comm.CommLedger``)."""
+        node_of = {pid: node for node, pid in partition_of.items()}
+        renamed = {old: node_of[pid] for old, pid in self.partition_of.items()}
+        self.partition_of = dict(partition_of)
+        self.rename_nodes(renamed)
+        self.restoring = set(partition_of)
 
     # -- shared machinery --------------------------------------------------------------------
 
@@ -195,13 +222,17 @@ class FederatedLoRA(FedAvg):
         messages = []
         for node_id in self.sample(server_round):
             payload = self.payload_down(node_id, self.current)
+            restore, restore_config = ({}, {}) if node_id not in self.restoring else \
+                self.restore_down(node_id, self.current, payload)
             node_config = ConfigRecord({**config, "server-round": server_round,
                                         "lr": round_lr(self.cfg, server_round),
                                         "trained-parts": ",".join(self.trained_parts),
                                         "keep-parts": ",".join(sorted(self.kept_parts)),
                                         "seeded-parts": ",".join(sorted(self.seeded_parts)),
-                                        **self.config_down(node_id)})
+                                        **self.config_down(node_id), **restore_config})
             content = RecordDict({"arrays": ArrayRecord(payload), "config": node_config})
+            if restore:
+                content[RESTORE] = ArrayRecord(restore)
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
         return messages
@@ -246,14 +277,24 @@ class FederatedLoRA(FedAvg):
         """Validate, weight and aggregate one round's replies; ``(None, None)`` if none is valid
         (the global state stays as it was). Call it every round, with no replies too."""
         self.server_round = server_round
-        valid = []
+        valid, self.rejected = [], []
         for reply in replies:
             reason = self.check_reply(reply)
             if reason is None:
                 valid.append(reply)
             else:
+                self.rejected.append((reply.metadata.src_node_id, reason))
                 log.warning("round %d: rejected the update of node %s: %s", server_round,
                             reply.metadata.src_node_id, reason)
+        # Replies arrive in any order; aggregating in partition order makes the sums exact
+        # from run to run.
+        valid.sort(key=lambda r: self.partition_of[r.metadata.src_node_id])
+        if 0 < len(valid) < self.cfg.min_clients:
+            log.warning("round %d: only %d valid replies, fewer than min_clients=%d: the round "
+                        "is not aggregated (the global state stays as it was)", server_round,
+                        len(valid), self.cfg.min_clients)
+            valid = []
+        self.restoring -= {r.metadata.src_node_id for r in valid}
         self.client_reports = [dict(r.content["metrics"]) for r in valid]
         num_examples = [int(r.content["metrics"]["num-examples"]) for r in valid]
         nodes = [r.metadata.src_node_id for r in valid]

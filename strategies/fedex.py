@@ -14,13 +14,16 @@ round, (K+1) r (m + n) per layer and round; K+2 pairs when FedAU or a server lea
 adds the previous global pair as a term). The client adds them to the base delta it keeps in
 its Context.state (``fedlora.clients.app``); a client whose reply was lost gets every residual
 again and starts its delta afresh. The server's own model adds the global sum before
-evaluation (``global_base_delta``).
+evaluation (``global_base_delta``). After a server restart the nodes' deltas are lost; the server
+rebuilds each one from the residual messages it accepted, exactly as the node summed them, and
+sends it back once (``restore_down``).
 """
 
 import torch
 
 from fedlora.adapters import factor_key, layer_names, residual_key
-from fedlora.aggregation import fedex_residual_factors
+from fedlora.aggregation import fedex_residual_factors, single_threaded
+from fedlora.clients.app import update_base_delta
 from fedlora.strategies.fedavg import FedIT
 
 
@@ -39,6 +42,7 @@ class FedEx(FedIT):
         self.residuals: list[dict[str, list[torch.Tensor]]] = []  # per round: layer -> [s B, A]
         self.base_delta: dict[str, torch.Tensor] = {}  # layer -> s * sum of all residuals
         self.residuals_held: dict[int, int] = {}  # node id -> rounds of residuals it added
+        self.delivered: dict[int, list[tuple[int, int]]] = {}  # node id -> accepted (from, to)
         self._catch_up: dict[int, dict[str, torch.Tensor]] = {}  # residuals held -> message
 
     def payload_down(self, node_id, state):
@@ -55,6 +59,7 @@ class FedEx(FedIT):
                 "residual-to": len(self.residuals)}
 
     def accepted(self, node_id, sent):
+        self.delivered.setdefault(node_id, []).append((self.residuals_held.get(node_id, 0), sent))
         self.residuals_held[node_id] = sent
 
     def not_accepted(self, node_id, sent):
@@ -63,10 +68,29 @@ class FedEx(FedIT):
         if sent != self.residuals_held.get(node_id, 0):
             self.residuals_held[node_id] = 0
 
+    def restore_down(self, node_id, state, payload):
+        """The base delta the node held, rebuilt bit for bit as the node built it: the residual
+        messages it accepted, replayed through the client's own ``update_base_delta``."""
+        delta, held = {}, 0
+        for start, end in self.delivered.get(node_id, []):
+            delta, held = update_base_delta(delta, held, start, end,
+                                            self.missed_residuals(self.residuals[start:end]))
+        if not held:
+            return {}, {}
+        return {residual_key(layer): d for layer, d in delta.items()}, {"restore-base-held": held}
+
+    def rename_nodes(self, renamed):
+        self.residuals_held = {renamed[node]: n for node, n in self.residuals_held.items()}
+        self.delivered = {renamed[node]: m for node, m in self.delivered.items()}
+
     def missed_residuals(self, missed: list[dict]) -> dict[str, torch.Tensor]:
         """The message tensors for residual rounds a client missed (scale s included)."""
         if not missed:
             return {}
+        with single_threaded():  # the same sums whenever they are computed (restore_down)
+            return self._stacked_residuals(missed)
+
+    def _stacked_residuals(self, missed: list[dict]) -> dict[str, torch.Tensor]:
         message = {}
         for layer in missed[0]:
             B_stack = torch.cat([r[layer][0] for r in missed], dim=1)  # sum of products =
@@ -100,11 +124,13 @@ class FedEx(FedIT):
     def state_dict(self):
         return {**super().state_dict(), "residuals": self.residuals,
                 "base_delta": self.base_delta,
-                "residuals_held": sorted(self.residuals_held.items())}
+                "residuals_held": sorted(self.residuals_held.items()),
+                "delivered": sorted((node, list(m)) for node, m in self.delivered.items())}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.residuals = [{layer: list(f) for layer, f in r.items()} for r in state["residuals"]]
         self.base_delta = dict(state["base_delta"])
         self.residuals_held = {int(node): int(n) for node, n in state["residuals_held"]}
+        self.delivered = {int(node): [tuple(m) for m in messages] for node, messages in state["delivered"]}
         self._catch_up = {}

@@ -56,6 +56,9 @@ class FedSB(FederatedLoRA):
         if sent:
             self.has_factors.add(node_id)
 
+    def rename_nodes(self, renamed):
+        self.has_factors = {renamed[node] for node in self.has_factors}
+
     def state_dict(self):
         return {**super().state_dict(), "has_factors": sorted(self.has_factors)}
 

@@ -59,6 +59,9 @@ class FedSVD(FFA):
         self.a_version += int(changed)
         return new_state
 
+    def rename_nodes(self, renamed):
+        self.a_version_held = {renamed[node]: v for node, v in self.a_version_held.items()}
+
     def state_dict(self):
         return {**super().state_dict(), "a_version": self.a_version,
                 "a_version_held": sorted(self.a_version_held.items())}

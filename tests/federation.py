@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.adapters import factor_key, part_of, split_residual_key
-from fedlora.clients.app import full_adapter_state, update_base_delta
+from fedlora.clients.app import full_adapter_state, restored_base_delta, update_base_delta
 from fedlora.config import RunConfig
 from fedlora.participation import FedAUWeights
 from fedlora.strategies import get_strategy
@@ -80,6 +80,12 @@ class FakeClient:
     def train(self, message: Message, seed: int, step: float = 0.1) -> Message:
         config = message.content["config"]
         received = message.content["arrays"].to_torch_state_dict()
+        if "restore" in message.content.array_records:  # what it lost in a server restart
+            restore = message.content["restore"].to_torch_state_dict()
+            lost_base = restored_base_delta(config, restore)
+            if lost_base:
+                self.base_delta, self.residuals_held = lost_base
+            received.update(restore)
         residuals = {k: received.pop(k) for k in list(received) if split_residual_key(k)}
         self.base_delta, self.residuals_held = update_base_delta(
             self.base_delta, self.residuals_held, int(config.get("residual-from", 0)),

@@ -148,3 +148,54 @@ def test_fedex_client_trains_on_its_own_base_on_a_shared_model(client_model):
     assert (delta[layer].double() - expected).abs().max() <= 1e-6
     assert torch.equal(trained_base, bundle.pretrained_base[layer] + delta[layer])
     assert torch.equal(weight, bundle.pretrained_base[layer])
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_fedex_nodes_restarted_with_empty_state_train_exactly_as_before(client_model):
+    # Prepare: two rounds, then a server restart: its state saved and loaded into a new
+    # strategy, the nodes back under new ids with an empty Context.state
+    bundle = client_model
+    cfg, server, contexts = federation("fedex", bundle, clients_per_round=4)
+    arrays = ArrayRecord(bundle.initial_state)
+    for server_round in (1, 2):
+        _, _, arrays = run_round(server, contexts, cfg, arrays, server_round)
+    _, restarted, fresh_contexts = federation("fedex", bundle, clients_per_round=4)
+    restarted.load_state_dict(server.state_dict())
+    renamed = {50 + p: p for p in range(4)}
+    restarted.nodes_restarted(renamed)
+    fresh_contexts = {50 + p: c for p, c in enumerate(fresh_contexts.values())}
+
+    # Execute: round 3 on the nodes that kept their state, and on the restarted ones
+    messages, replies, kept_arrays = run_round(server, contexts, cfg, arrays, 3)
+    restored_messages, restored_replies, restored_arrays = run_round(
+        restarted, fresh_contexts, cfg, arrays, 3)
+
+    # Assert: the same updates and global state, bit for bit; only the restore record differs
+    for reply, restored in zip(replies, restored_replies):
+        assert not restored.has_error(), restored.error
+        sent, got = reply.content["arrays"].to_torch_state_dict(), restored.content["arrays"].to_torch_state_dict()
+        assert all(torch.equal(sent[k], got[k]) for k in sent)
+    kept, restored_state = kept_arrays.to_torch_state_dict(), restored_arrays.to_torch_state_dict()
+    assert all(torch.equal(kept[k], restored_state[k]) for k in kept)
+    assert all("restore" in m.content.array_records for m in restored_messages)
+    assert not any("restore" in m.content.array_records for m in messages)
+    for p in range(4):
+        before = contexts[10 + p].state["base-delta"].to_torch_state_dict()
+        after = fresh_contexts[50 + p].state["base-delta"].to_torch_state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not restarted.restoring  # every node is whole again
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_seeded_crash_is_an_error_reply(client_model):
+    # Prepare: crash_prob close to 1, so every client fails
+    bundle = client_model
+    cfg, server, contexts = federation("fedavg", bundle, faults={"crash_prob": 0.999})
+
+    # Execute
+    messages, replies, new_arrays = run_round(server, contexts, cfg, ArrayRecord(bundle.initial_state), 1)
+
+    # Assert
+    assert len(replies) == 2 and all(r.has_error() for r in replies)
+    assert "simulated crash of partition" in replies[0].error.reason
+    assert new_arrays is None and len(server.rejected) == 2

@@ -51,6 +51,15 @@ HEAD_PARAMS = 21 * 384 + 21  # classifier.weight + classifier.bias for 21 labels
     ({"fedsb": {"init_samples": 0}},
      "fedsb.init_samples=0 must be a positive integer; set fedsb.init_samples >= 1"),
     ({"data": {"test_fraction": 1.0}}, "data.test_fraction=1.0 must be in (0, 1)"),
+    ({"faults": {"crash_prob": 1.0}}, "faults.crash_prob=1.0 is a probability; set it < 1"),
+    ({"faults": {"crash_prob": -0.1}}, "faults.crash_prob=-0.1 must be >= 0"),
+    ({"faults": {"drop_prob": 0.1}},
+     "'faults.drop_prob' is not a fedlora setting; valid keys under faults: crash_prob"),
+    ({"clients": 20, "clients_per_round": 5, "min_clients": 6},
+     "min_clients=6 exceeds clients_per_round=5; set min_clients <= 5"),
+    ({"min_clients": 0}, "min_clients=0 must be a positive integer; set min_clients >= 1"),
+    ({"round_timeout": 0}, "round_timeout=0.0 must be > 0"),
+    ({"checkpoint_every": -1}, "checkpoint_every=-1 must be an integer >= 0"),
 ])
 def test_from_dict_rejects_bad_values_with_one_line_message(raw, message):
     # Execute
@@ -230,3 +239,19 @@ def test_worked_totals_of_note_b_section_5():
     assert expected_params(FFA, layers, 8, 0)["up"] == 36_864
     assert expected_params(FedSVD, layers, 8, 0) == {"up": 36_864, "down": 73_728}
     assert expected_params(FedEx, layers, 8, 0)["down"] == 1_843_200
+
+
+@pytest.mark.parametrize("raw", [
+    {},
+    {"strategy": "fedavg", "clients": 7, "clients_per_round": 3, "rank": 4, "targets": "query,key",
+     "partition": {"name": "dirichlet", "alpha": 0.1}, "participation": {"name": "markov", "a": 0.2},
+     "weighting": "fedau", "fedau": {"cutoff": 5}, "faults": {"crash_prob": 0.3}, "min_clients": 2,
+     "round_timeout": 60, "checkpoint_every": 3, "data": {"path": "x.jsonl"}, "verbose": True},
+])
+def test_saved_config_reads_back_equal(raw):
+    # A resumed run rebuilds its config from the config.yaml the run wrote (to_dict + out).
+    import yaml
+
+    cfg = RunConfig.from_dict(raw)
+    saved = yaml.safe_load(yaml.safe_dump({**cfg.to_dict(), "out": "DIR"}))
+    assert RunConfig.from_saved(saved) == cfg

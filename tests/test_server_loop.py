@@ -83,9 +83,14 @@ class FakeGrid:
 
 @pytest.fixture
 def tiny_bundle():
+    return make_tiny_bundle()
+
+
+def make_tiny_bundle(latent: bool = False) -> AdaptedModel:
+    """A fresh model, as a new server process builds it (``latent``: LoRA-SB's B R A)."""
     torch.manual_seed(0)
     model = TinyClassifier()
-    adapted = inject_lora(model, ("query", "value"), RANK, ALPHA, latent=False)
+    adapted = inject_lora(model, ("query", "value"), RANK, ALPHA, latent=latent)
     return AdaptedModel.from_adapted(model, WordTokenizer(), adapted, frozenset({"head.weight", "head.bias"}))
 
 
