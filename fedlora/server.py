@@ -209,6 +209,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedlora.simulate import setup_logging
+
     cfg, out = config_from_run_config(dict(context.run_config))
+    setup_logging(out, quiet=not cfg.verbose)  # DIR/run.log, as in a simulation
     data, bundle = prepare(cfg)
     run_server(grid, cfg, out, bundle, data)
