@@ -160,20 +160,23 @@ class Processes:
         self.started[name] = process
         return process
 
-    def stop(self, name: str, grace_s: float = 10.0) -> None:
-        process = self.started[name]
-        if process.poll() is None:
-            _signal_group(process.pid, signal.SIGTERM)
+    def stop(self, names: list[str], grace_s: float = 10.0) -> None:
+        """SIGTERM to each named process group, SIGKILL to what is left after ``grace_s``."""
+        chosen = [self.started[name] for name in names]
+        for process in chosen:
+            if process.poll() is None:
+                _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.time() + grace_s
+        for process in chosen:
             try:
-                process.wait(grace_s)
+                process.wait(max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-        _signal_group(process.pid, signal.SIGKILL)  # children that outlived their leader
-        process.wait()
+            _signal_group(process.pid, signal.SIGKILL)  # children that outlived their leader
+            process.wait()
 
     def stop_all(self) -> None:
-        for name in reversed(list(self.started)):  # the run first, the SuperLink last
-            self.stop(name)
+        self.stop(list(self.started))
 
 
 def _signal_group(pid: int, signum: int) -> None:
@@ -181,13 +184,6 @@ def _signal_group(pid: int, signum: int) -> None:
         os.killpg(pid, signum)  # the group id of a session leader is its pid
     except ProcessLookupError:
         pass
-
-
-def run_cli(argv: list[str], env: dict, what: str) -> str:
-    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise RuntimeError(f"{what} failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
-    return done.stdout
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -261,83 +257,126 @@ def resolve_config(overrides: list[str], nodes: int) -> tuple[RunConfig, dict]:
     return RunConfig.from_dict(raw), raw
 
 
-def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
-    """Start the federation, run the job, stop everything; return ``flwr run``'s exit code."""
-    nodes, isolation = options["nodes"], options["isolation"]
-    out = Path(raw.get("out") or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.strategy}-deploy")
-    out = out.resolve()  # the ServerApp process has another working directory
-    work = out / "deploy"
-    work.mkdir(parents=True, exist_ok=True)
-    certs = write_certificates(work / "certs", nodes)
-    fleet_port, api_port = free_port(), free_port()
-    flwr_home = work / "flwr-home"
-    flwr_home.mkdir(exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-        f'address = "127.0.0.1:{api_port}"\nroot-certificates = "{certs["ca"]}"\n')
-    run_config = work / "run_config.toml"
-    run_config.write_text(toml_lines(flat_run_config({**raw, "clients": nodes, "out": str(out)})))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    processes = Processes(work, env)
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        superlink = processes.start("superlink", [
+class LocalFederation:
+    """A SuperLink with TLS and SuperNode authentication, and SuperNodes, on this machine.
+
+    ``work`` receives the certificates (``certs/``), the Flower CLI home (``flwr-home/``, whose
+    connection ``fedlora`` points at this SuperLink's Control API) and one log per process."""
+
+    def __init__(self, work: Path, nodes: int):
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.nodes = nodes
+        self.certs = write_certificates(work / "certs", nodes)
+        self.fleet_port, self.api_port = free_port(), free_port()
+        flwr_home = work / "flwr-home"
+        flwr_home.mkdir(exist_ok=True)
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+            f'address = "127.0.0.1:{self.api_port}"\nroot-certificates = "{self.certs["ca"]}"\n')
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                    # The ServerApp and N ClientApps share this machine's cores: one OpenMP
+                    # thread each (more made the server's evaluation 3x slower on 2 cores).
+                    "OMP_NUM_THREADS": "1"}
+        self.processes = Processes(work, self.env)
+
+    def start_superlink(self) -> None:
+        certs = self.certs
+        superlink = self.processes.start("superlink", [
             str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs["ca"]),
             "--ssl-certfile", str(certs["server_cert"]), "--ssl-keyfile", str(certs["server_key"]),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--fleet-api-address", f"127.0.0.1:{fleet_port}", "--host", "127.0.0.1",
-            "--port", str(api_port)])
-        wait_for_port(fleet_port, superlink, work / "superlink.log")
-        wait_for_port(api_port, superlink, work / "superlink.log")
-        for key in certs["nodes"]:
-            run_cli([str(BIN / "flwr"), "supernode", "register", f"{key}.pub", FEDERATION], env,
-                    f"registering {key.name}.pub")
-        for index, key in enumerate(certs["nodes"]):
-            start_node(processes, index, nodes, key, certs["ca"], fleet_port, isolation)
+            "--fleet-api-address", f"127.0.0.1:{self.fleet_port}", "--host", "127.0.0.1",
+            "--port", str(self.api_port)])
+        wait_for_port(self.fleet_port, superlink, self.work / "superlink.log")
+        wait_for_port(self.api_port, superlink, self.work / "superlink.log")
+
+    def register(self, *keys: Path) -> None:
+        """Admit the SuperNodes holding ``keys`` (their public keys ``<key>.pub``)."""
+        registrations = [subprocess.Popen([str(BIN / "flwr"), "supernode", "register", f"{key}.pub",
+                                           FEDERATION], env=self.env, cwd=REPO, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                         for key in keys]
+        for key, registration in zip(keys, registrations):
+            output, _ = registration.communicate(timeout=120)
+            if registration.returncode != 0:
+                raise RuntimeError(f"registering {key.name}.pub failed: {output[-2000:]}")
+
+    def start_node(self, index: int, isolation: str = "warm", key: Path | None = None,
+                   tls: bool = True, max_retries: int = 10) -> subprocess.Popen:
+        """SuperNode ``index`` (partition ``index`` of ``nodes``), authenticated with ``key``
+        (default: ``certs/node_<index>``) and, with ``warm`` isolation, the ClientApp host
+        (``fedlora.clienthost``) that serves its messages."""
+        runtime_port = free_port()
+        key = key or self.certs["nodes"][index]
+        argv = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.fleet_port}",
+                *(["--root-certificates", str(self.certs["ca"])] if tls else ["--insecure"]),
+                "--auth-supernode-private-key", str(key),
+                "--node-config", f"partition-id={index} num-partitions={self.nodes}",
+                "--port", str(runtime_port), "--max-retries", str(max_retries)]
+        if isolation == "warm":
+            argv += ["--isolation", "process"]
+        node = self.processes.start(f"supernode_{index}", argv)
+        if isolation == "warm":
+            wait_for_port(runtime_port, node, self.work / f"supernode_{index}.log")
+            self.processes.start(f"clienthost_{index}", [
+                sys.executable, "-m", "fedlora.clienthost",
+                "--runtime-api-address", f"127.0.0.1:{runtime_port}"])
+        return node
+
+    def start(self, isolation: str) -> None:
+        """The SuperLink, every node's key registered, and all SuperNodes."""
+        self.start_superlink()
+        self.register(*self.certs["nodes"])
+        for index in range(self.nodes):
+            self.start_node(index, isolation)
+
+    def flwr_run(self, run_config: Path) -> subprocess.Popen:
+        """Submit the app in this repository to the SuperLink and stream its logs."""
+        job = subprocess.Popen([str(BIN / "flwr"), "run", str(REPO), FEDERATION, "--stream",
+                                "--run-config", str(run_config)], env=self.env, cwd=REPO,
+                               start_new_session=True)
+        self.processes.started["flwr-run"] = job
+        return job
+
+
+def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
+    """Start the federation, run the job, stop everything; return the exit code."""
+    nodes, isolation = options["nodes"], options["isolation"]
+    out = Path(raw.get("out") or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.strategy}-deploy")
+    out = out.resolve()  # the ServerApp process has another working directory
+    federation = LocalFederation(out / "deploy", nodes)
+    run_config = federation.work / "run_config.toml"
+    run_config.write_text(toml_lines(flat_run_config({**raw, "clients": nodes, "out": str(out)})))
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        federation.start(isolation)
         if options["kill"] is not None:
             threading.Thread(target=kill_node_at_round, daemon=True,
-                             args=(processes, *options["kill"], out / "results.jsonl")).start()
-        print(f"SuperLink (TLS, node authentication) on 127.0.0.1:{fleet_port}, {nodes} SuperNodes "
-              f"({isolation}); logs in {work}", flush=True)
-        job = subprocess.Popen([str(BIN / "flwr"), "run", str(REPO), FEDERATION, "--stream",
-                                "--run-config", str(run_config)], env=env, cwd=REPO,
-                               start_new_session=True)
-        processes.started["flwr-run"] = job
-        code = job.wait()
-        if not (out / "summary.json").is_file():
+                             args=(federation.processes, *options["kill"], out / "results.jsonl")).start()
+        print(f"SuperLink (TLS, node authentication) on 127.0.0.1:{federation.fleet_port}, {nodes} "
+              f"SuperNodes ({isolation}); logs in {federation.work}", flush=True)
+        started = time.time()
+        code = federation.flwr_run(run_config).wait()
+        summary_path = out / "summary.json"
+        if not summary_path.is_file() or summary_path.stat().st_mtime < started:
             print(f"error: the run ended without a summary (flwr run exit code {code}); see "
-                  f"{work}/superlink.log and {out}/run.log", file=sys.stderr)
+                  f"{federation.work}/superlink.log and {out}/run.log", file=sys.stderr)
             return code or 1
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads(summary_path.read_text())
         print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
               f"bytes up {summary['bytes_up_total']:,} down {summary['bytes_down_total']:,}; "
               f"{summary['wall_s']:.0f} s; results in {out}", flush=True)
         return 0
     finally:
-        processes.stop_all()
+        for sig in previous:  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        federation.processes.stop_all()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def start_node(processes: Processes, index: int, nodes: int, key: Path, ca: Path, fleet_port: int,
-               isolation: str) -> None:
-    """SuperNode ``index`` (partition ``index`` of ``nodes``) and, with ``warm`` isolation, the
-    ClientApp host that serves its messages."""
-    runtime_port = free_port()
-    argv = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fleet_port}",
-            "--root-certificates", str(ca), "--auth-supernode-private-key", str(key),
-            "--node-config", f"partition-id={index} num-partitions={nodes}",
-            "--port", str(runtime_port), "--max-retries", "10"]
-    if isolation == "warm":
-        argv += ["--isolation", "process"]
-    node = processes.start(f"supernode_{index}", argv)
-    if isolation == "warm":
-        wait_for_port(runtime_port, node, processes.log_dir / f"supernode_{index}.log")
-        processes.start(f"clienthost_{index}", [sys.executable, "-m", "fedlora.clienthost",
-                                                "--runtime-api-address", f"127.0.0.1:{runtime_port}"])
 
 
 def kill_node_at_round(processes: Processes, index: int, server_round: int, results: Path) -> None:
@@ -348,9 +387,8 @@ def kill_node_at_round(processes: Processes, index: int, server_round: int, resu
         if any(json.loads(row)["round"] >= server_round - 1 for row in rows):
             break
         time.sleep(0.2)
-    for name in (f"clienthost_{index}", f"supernode_{index}"):
-        if name in processes.started:
-            processes.stop(name)
+    processes.stop([name for name in (f"clienthost_{index}", f"supernode_{index}")
+                    if name in processes.started])
     print(f"kill_node: stopped SuperNode {index} at the start of round {server_round}", flush=True)
 
 
