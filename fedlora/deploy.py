@@ -161,17 +161,40 @@ class Processes:
         return process
 
     def stop(self, names: list[str], grace_s: float = 10.0) -> None:
-        """SIGTERM to each named process group, SIGKILL to what is left after ``grace_s``."""
+        """SIGTERM to each named process group and to its leader's descendants that left the
+        group (the SuperLink starts the ServerApp in a session of its own), SIGKILL to what is
+        left after ``grace_s``. psutil (a peft dependency) checks that a pid is still the same
+        process before signalling it."""
+        import psutil
+
         chosen = [self.started[name] for name in names]
+        strays = []
+        for process in chosen:
+            try:
+                strays += psutil.Process(process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         for process in chosen:
             if process.poll() is None:
                 _signal_group(process.pid, signal.SIGTERM)
+        for stray in strays:
+            try:
+                stray.terminate()
+            except psutil.NoSuchProcess:
+                pass
         deadline = time.time() + grace_s
         for process in chosen:
             try:
                 process.wait(max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
+        _, alive = psutil.wait_procs(strays, timeout=max(0.0, deadline - time.time()))
+        for stray in alive:
+            try:
+                stray.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for process in chosen:
             _signal_group(process.pid, signal.SIGKILL)  # children that outlived their leader
             process.wait()
 

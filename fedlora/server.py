@@ -91,6 +91,11 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
     writer = ResultsWriter(out, {**cfg.to_dict(), "out": str(out)}, cfg.rounds)
 
     nodes = describe_nodes(grid, wait_for_nodes(grid, cfg.clients), config)
+    held = sorted(info["partition_id"] for info in nodes.values())
+    if held != list(range(cfg.clients)):  # deployment: each SuperNode's --node-config says which
+        raise RuntimeError(f"the {len(held)} nodes hold partitions {held[:12]}; clients={cfg.clients} "
+                           f"needs each of 0..{cfg.clients - 1} once: start node i with --node-config "
+                           f"'partition-id=i num-partitions={cfg.clients}'")
     strategy.register_nodes({node: info["partition_id"] for node, info in nodes.items()},
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()})
     writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))

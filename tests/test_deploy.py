@@ -179,11 +179,12 @@ def _alive(marker: str) -> list[str]:
 
 def test_loopback_deployment_with_tls_and_authentication(tmp_path):
     """``python -m fedlora.deploy local``: 2 authenticated SuperNodes over TLS train fedavg for
-    2 rounds; the run directory holds a simulation's files; every process is gone after."""
+    1 round; the run directory holds a simulation's files; every process is gone after.
+    About 2.5 min on 2 cores under a load average of 25 (mostly start-up and model builds)."""
     # Execute
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run([sys.executable, "-m", "fedlora.deploy", "local", "nodes=2", "strategy=fedavg",
-                           "rounds=2", "clients_per_round=2", "local_steps=4", "max_length=16",
+                           "rounds=1", "clients_per_round=2", "local_steps=2", "max_length=16",
                            f"out={tmp_path}"], capture_output=True, text=True, timeout=600, env=env)
     # Assert
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -192,14 +193,14 @@ def test_loopback_deployment_with_tls_and_authentication(tmp_path):
                  "participation.csv", "run.log"):
         assert (tmp_path / name).is_file(), name
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    assert [r["clients_trained"] for r in rows] == [0, 2, 2]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert [r["clients_trained"] for r in rows] == [0, 2]
     assert all(r["clients_failed"] == 0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert rows[1]["bytes_up"] == 2 * (12 * 8 * (384 + 384) + 384 * 21 + 21) * 4  # FedIT, r = 8
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["clients"] == 2 and summary["versions"]["flwr"] == "1.39.0"
-    # Each node's warm ClientApp host built the model once and served all its messages
+    # Each node's warm ClientApp host built the model once and served both its messages
     assert len(summary["client_processes"]) == 2 and set(summary["client_processes"].values()) == {1}
     partitions = json.loads((tmp_path / "partitions.json").read_text())
     assert [p["partition_id"] for p in partitions] == [0, 1]
