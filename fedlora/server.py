@@ -196,9 +196,12 @@ def prepare(cfg: RunConfig):
 
 def config_from_run_config(run_config: dict) -> tuple[RunConfig, Path]:
     """The RunConfig from Flower's run config (``[tool.flwr.app.config]``, ``--run-config``),
-    whose keys are the same as ``python -m fedlora.simulate``'s, nested ones dotted."""
+    whose keys are the same as ``python -m fedlora.simulate``'s, nested ones dotted (or nested
+    tables, as pyproject.toml holds them)."""
+    from flwr.common.config import flatten_dict
+
     nested: dict = {}
-    for key, value in run_config.items():
+    for key, value in flatten_dict(run_config).items():
         node = nested
         *parents, leaf = key.split(".")
         for parent in parents:
