@@ -50,6 +50,12 @@ class Exchange:
     def __call__(self, server_round: int, messages: list[Message]) -> list[Message]:
         self.ledger.record(server_round, "down", messages, self.one_time_parts)
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        for reply in replies:
+            if reply.has_error() and reply.metadata.src_node_id not in sent_to.values():
+                # The SuperLink answers for a node that stopped (src_node_id 1): name the node.
+                log.warning("round %d: node %s did not answer: %s", server_round,
+                            sent_to.get(reply.metadata.reply_to_message_id), reply.error.reason)
         self.ledger.record(server_round, "up", replies, self.one_time_parts)
         return replies
 
