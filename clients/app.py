@@ -24,6 +24,7 @@ Handlers (message types):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from functools import lru_cache
@@ -52,6 +53,9 @@ class ClientSetup:
         torch.set_num_threads(max(1, int(cfg["client-cpus"])))
         self.device = str(cfg["device"])
         self.model_spec, self.data_spec = specs_from_client_config(cfg)
+        local_path = context.node_config.get("data.path")
+        if local_path:  # a SuperNode's own copy of the data: --node-config 'data.path="..."'
+            self.data_spec = dataclasses.replace(self.data_spec, path=str(local_path), name=None)
         self.bundle = models.cached_model(self.model_spec, self.device)
         self.batches = _tokenised_train(self.model_spec, self.data_spec, int(cfg["max-length"]),
                                         self.device)

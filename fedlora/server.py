@@ -60,6 +60,12 @@ class Exchange:
     def __call__(self, server_round: int, messages: list[Message]) -> list[Message]:
         self.ledger.record(server_round, "down", messages, self.one_time_parts)
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        for reply in replies:
+            if reply.has_error() and reply.metadata.src_node_id not in sent_to.values():
+                # The SuperLink answers for a node that stopped (src_node_id 1): name the node.
+                log.warning("round %d: node %s did not answer: %s", server_round,
+                            sent_to.get(reply.metadata.reply_to_message_id), reply.error.reason)
         self.ledger.record(server_round, "up", replies, self.one_time_parts)
         return replies
 
@@ -107,6 +113,11 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                            resumed_rows=checkpoint["rows"] if checkpoint else None)
 
     nodes = describe_nodes(grid, wait_for_nodes(grid, cfg.clients), config)
+    held = sorted(info["partition_id"] for info in nodes.values())
+    if held != list(range(cfg.clients)):  # deployment: each SuperNode's --node-config says which
+        raise RuntimeError(f"the {len(held)} nodes hold partitions {held[:12]}; clients={cfg.clients} "
+                           f"needs each of 0..{cfg.clients - 1} once: start node i with --node-config "
+                           f"'partition-id=i num-partitions={cfg.clients}'")
     partition_of = {node: info["partition_id"] for node, info in nodes.items()}
     strategy.register_nodes(partition_of,
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()})
@@ -243,9 +254,12 @@ def prepare(cfg: RunConfig):
 
 def config_from_run_config(run_config: dict) -> tuple[RunConfig, Path]:
     """The RunConfig from Flower's run config (``[tool.flwr.app.config]``, ``--run-config``),
-    whose keys are the same as ``python -m fedlora.simulate``'s, nested ones dotted."""
+    whose keys are the same as ``python -m fedlora.simulate``'s, nested ones dotted (or nested
+    tables, as pyproject.toml holds them)."""
+    from flwr.common.config import flatten_dict
+
     nested: dict = {}
-    for key, value in run_config.items():
+    for key, value in flatten_dict(run_config).items():
         node = nested
         *parents, leaf = key.split(".")
         for parent in parents:
@@ -261,6 +275,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedlora.simulate import setup_logging
+
     cfg, out = config_from_run_config(dict(context.run_config))
+    setup_logging(out, quiet=not cfg.verbose)  # DIR/run.log, as in a simulation
     data, bundle = prepare(cfg)
     run_server(grid, cfg, out, bundle, data)

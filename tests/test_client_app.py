@@ -6,15 +6,18 @@ embedded model (built once for the module, as a Ray worker builds it once), one 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedlora import models
 from fedlora.adapters import part_of
-from fedlora.clients.app import (full_adapter_state, residual_increments, train,
+from fedlora.clients.app import (describe, full_adapter_state, residual_increments, train,
                                  update_base_delta)
 from fedlora.config import RunConfig, client_config
+from fedlora.data import DataSpec, client_partitions
 from fedlora.strategies import get_strategy
 
 F64 = torch.float64
@@ -199,3 +202,27 @@ def test_seeded_crash_is_an_error_reply(client_model):
     assert len(replies) == 2 and all(r.has_error() for r in replies)
     assert "simulated crash of partition" in replies[0].error.reason
     assert new_arrays is None and len(server.rejected) == 2
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_supernode_reads_its_own_copy_of_the_data_from_node_config(client_model, tmp_path):
+    """Deployment: ``--node-config 'data.path="..." partition-id=1 num-partitions=2'`` makes
+    the node take partition 1 of its local file, whatever path the server's config names."""
+    # Prepare: a node-local file with 2 of the 21 labels; the server's config names the corpus
+    path = tmp_path / "local.jsonl"
+    path.write_text("".join(json.dumps({"text": f"local sentence {i}", "label": "xy"[i % 2]}) + "\n"
+                            for i in range(60)))
+    cfg = RunConfig.from_dict({"strategy": "fedex", "clients": 2, "rank": 2, "seed": 0})
+    message = Message(content=RecordDict({"config": ConfigRecord(client_config(cfg, 21))}),
+                      dst_node_id=10, message_type="query.describe")
+    context = Context(run_id=1, node_id=10, state=RecordDict(), run_config={},
+                      node_config={"partition-id": 1, "num-partitions": 2, "data.path": str(path)})
+    # Execute
+    metrics = describe(message, context).content["metrics"]
+    # Assert
+    local = DataSpec(path=str(path))
+    expected = client_partitions(local, 2, "iid", 0.5, 0)[1]
+    assert metrics["num-examples"] == len(expected) > 0
+    histogram = list(metrics["label-histogram"])
+    assert len(histogram) == 21 and sum(histogram) == len(expected)
+    assert sum(histogram[:2]) == len(expected)  # only the local file's 2 labels

@@ -138,3 +138,18 @@ def test_fedex_with_fedau_and_bernoulli_participation_runs_through_empty_rounds(
         expected = tiny_bundle.pretrained_base[layer] + delta[layer].to(weight.dtype)
         assert torch.equal(weight, expected)
         assert not torch.equal(weight, tiny_bundle.pretrained_base[layer])
+
+
+def test_nodes_must_hold_each_partition_once(tiny_bundle, tmp_path):
+    # Prepare: two SuperNodes started with the same partition-id, none with 2
+    cfg = RunConfig.from_dict({"strategy": "fedavg", "clients": 4, "rounds": 1, "rank": RANK,
+                               "alpha": ALPHA, "max_length": 8})
+    data = TextDataset(TextSplit(TEXTS, LABELS), TextSplit(TEXTS, LABELS), ("x", "y", "z"))
+    clients = {100 + i: FakeClient(p, SIZES[p], tiny_bundle.initial_state)
+               for i, p in enumerate((0, 1, 1, 3))}
+    # Execute / Assert: stopped before any training, naming the fix
+    with pytest.raises(RuntimeError, match=r"the 4 nodes hold partitions \[0, 1, 1, 3\]; clients=4 "
+                                           r"needs each of 0..3 once: start node i with --node-config "
+                                           r"'partition-id=i num-partitions=4'"):
+        run_server(FakeGrid(clients), cfg, tmp_path, tiny_bundle, data)
+    assert not (tmp_path / "results.jsonl").read_text()

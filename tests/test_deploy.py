@@ -1,0 +1,226 @@
+"""Deployment (``fedlora.deploy``): certificates, the run config ``flwr run`` gets, refusal of
+nodes that are not registered or not on TLS, and a loopback federation end to end.
+
+The federation tests start real Flower processes (``flower-superlink``, ``flower-supernode``)
+on free loopback ports; every process they start is stopped by the test.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+
+from fedlora.deploy import (LocalFederation, flat_run_config, main, parse_deploy_args,
+                            resolve_config, toml_lines, write_certificates)
+from fedlora.errors import ConfigError
+from fedlora.server import config_from_run_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_certificates_chain_to_the_ca_and_name_the_loopback(tmp_path):
+    # Execute
+    files = write_certificates(tmp_path, nodes=3, hosts=("10.1.2.3", "link.example"))
+    # Assert: the server certificate is signed by the CA and valid for every address given
+    ca = x509.load_pem_x509_certificate(files["ca"].read_bytes())
+    server = x509.load_pem_x509_certificate(files["server_cert"].read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.1.2.3"}
+    assert set(names.get_values_for_type(x509.DNSName)) == {"localhost", "link.example"}
+    key = load_pem_private_key(files["server_key"].read_bytes(), password=None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+    # Node keys: ECDSA P-384 in OpenSSH format, as ssh-keygen -t ecdsa -b 384 writes them
+    assert [p.name for p in files["nodes"]] == ["node_0", "node_1", "node_2"]
+    publics = set()
+    for path in files["nodes"]:
+        private = load_ssh_private_key(path.read_bytes(), password=None)
+        assert isinstance(private.curve, ec.SECP384R1)
+        public = path.with_name(path.name + ".pub").read_text()
+        assert public.startswith("ecdsa-sha2-nistp384 ") and public.rstrip().endswith(path.name)
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        publics.add(public)
+    assert len(publics) == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["strategy=fedavg"], "nodes is required"),
+    (["nodes=0"], "nodes=0 must be a positive integer"),
+    (["nodes=3", "clients=5"], "clients=5 differs from nodes=3"),
+    (["nodes=3", "kill_node=3@2"], "kill_node=3@2 must be NODE@ROUND with 0 <= NODE < 3"),
+    (["nodes=2", "node_isolation=thread"], "node_isolation 'thread' is unknown; choose one of: warm, subprocess"),
+])
+def test_bad_deploy_arguments_are_one_line_errors(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        parse_deploy_args(argv)
+
+
+def test_bad_key_stops_before_any_process_starts(tmp_path, capsys):
+    # Execute
+    code = main(["local", "nodes=2", "strategy=fedsbb", f"out={tmp_path}"])
+    # Assert: exit 2, one line on stderr, nothing written or started
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == ("error: strategy 'fedsbb' is unknown; choose one of: fedavg, ffa, fedsb, fedsvd, "
+                   "lorafair, fedex\n")
+    assert not (tmp_path / "deploy").exists()
+
+
+def test_parsed_arguments():
+    options, overrides = parse_deploy_args(["nodes=4", "strategy=fedsb", "kill_node=1@2", "rounds=3"])
+    assert options == {"nodes": 4, "isolation": "warm", "kill": (1, 2)}
+    assert overrides == ["strategy=fedsb", "rounds=3"]
+
+
+def test_pyproject_run_config_lists_every_simulate_key():
+    """``flwr run --run-config`` can only set keys the app declares: all of simulate's."""
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    _, raw = resolve_config([], nodes=100)
+    assert set(flat_run_config(declared)) == set(flat_run_config({k: v if v is not None else ""
+                                                                  for k, v in _flatten_none(raw).items()}))
+    # Its defaults are simulate's defaults ("" is null)
+    cfg, _ = config_from_run_config(flat_run_config(declared))
+    expected, _ = resolve_config([], nodes=100)
+    assert cfg == expected
+
+
+def _flatten_none(raw: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_none(value, prefix + key + "."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def test_run_config_file_reaches_the_server_as_the_same_config(tmp_path):
+    # Prepare: what the launcher writes for `flwr run --run-config FILE`
+    cfg, raw = resolve_config(["strategy=fedavg", "partition=dirichlet", "partition.alpha=0.3",
+                               "targets=[query,value]", "rounds=3", "data.text_field=sentence"], 4)
+    path = tmp_path / "run.toml"
+    path.write_text(toml_lines(flat_run_config({**raw, "out": "/abs/out"})))
+    # Execute: Flower parses the TOML and hands the app flattened dotted keys
+    from flwr.common.config import flatten_dict
+
+    received, out = config_from_run_config(flatten_dict(tomllib.loads(path.read_text())))
+    # Assert
+    assert received == cfg and out == Path("/abs/out")
+    assert received.partition == "dirichlet" and received.partition_alpha == 0.3
+    assert received.targets == ("query", "value") and received.clients == 4
+
+
+# -- real processes ----------------------------------------------------------------------------
+
+
+def _wait_exit(process: subprocess.Popen, timeout_s: float) -> int | None:
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _wait_for_line(log: Path, text: str, timeout_s: float) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if log.is_file() and text in log.read_text(errors="replace"):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_unregistered_or_plaintext_supernodes_are_refused(tmp_path):
+    """Only registered keys over TLS get in: an unregistered key and a node without TLS exit
+    non-zero; the registered node on TLS is activated (the control)."""
+    federation = LocalFederation(tmp_path, nodes=3)
+    try:
+        federation.start_superlink()
+        federation.register(federation.certs["nodes"][0])  # node 1's key is never registered
+        # Execute
+        unregistered = federation.start_node(1, isolation="subprocess", max_retries=1)
+        plaintext = federation.start_node(2, isolation="subprocess", tls=False, max_retries=1,
+                                          key=federation.certs["nodes"][0])
+        admitted = federation.start_node(0, isolation="subprocess")
+        # Assert
+        assert _wait_exit(unregistered, 90) not in (None, 0)
+        assert "Failed to activate SuperNode" in (tmp_path / "supernode_1.log").read_text()
+        assert _wait_for_line(tmp_path / "superlink.log", "No SuperNode found with the given public key", 10)
+        assert _wait_exit(plaintext, 90) not in (None, 0)
+        assert _wait_for_line(tmp_path / "superlink.log", "[Fleet.ActivateNode] Activated node_id=", 30)
+        activated = (tmp_path / "superlink.log").read_text().count("[Fleet.ActivateNode] Activated")
+        assert activated == 1 and admitted.poll() is None
+    finally:
+        federation.processes.stop_all()
+    assert all(p.poll() is not None for p in federation.processes.started.values())
+
+
+def _alive(marker: str) -> list[str]:
+    """Command lines of running processes that mention ``marker`` (zombies excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or (proc / "stat").read_text().split(") ")[1][0] == "Z":
+                continue
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_loopback_deployment_with_tls_and_authentication(tmp_path):
+    """``python -m fedlora.deploy local``: 2 authenticated SuperNodes over TLS train fedavg for
+    1 round; the run directory holds a simulation's files; every process is gone after.
+    About 2.5 min on 2 cores under a load average of 25 (mostly start-up and model builds)."""
+    # Execute
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "fedlora.deploy", "local", "nodes=2", "strategy=fedavg",
+                           "rounds=1", "clients_per_round=2", "local_steps=2", "max_length=16",
+                           f"out={tmp_path}"], capture_output=True, text=True, timeout=600, env=env)
+    # Assert
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SuperLink (TLS, node authentication)" in done.stdout and "final accuracy" in done.stdout
+    for name in ("results.jsonl", "summary.json", "config.yaml", "partitions.json",
+                 "participation.csv", "run.log"):
+        assert (tmp_path / name).is_file(), name
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert [r["clients_trained"] for r in rows] == [0, 2]
+    assert all(r["clients_failed"] == 0 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[1]["bytes_up"] == 2 * (12 * 8 * (384 + 384) + 384 * 21 + 21) * 4  # FedIT, r = 8
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["clients"] == 2 and summary["versions"]["flwr"] == "1.39.0"
+    # Each node's warm ClientApp host built the model once and served both its messages
+    assert len(summary["client_processes"]) == 2 and set(summary["client_processes"].values()) == {1}
+    partitions = json.loads((tmp_path / "partitions.json").read_text())
+    assert [p["partition_id"] for p in partitions] == [0, 1]
+    assert sum(p["num_examples"] for p in partitions) == 1496
+    log = (tmp_path / "deploy" / "superlink.log").read_text()
+    assert log.count("[Fleet.ActivateNode] Activated") == 2
+    assert _alive(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process(tmp_path):
+    # Prepare
+    launcher = subprocess.Popen([sys.executable, "-m", "fedlora.deploy", "local", "nodes=2",
+                                 "strategy=fedavg", "rounds=50", "max_length=16", f"out={tmp_path}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_line(tmp_path / "results.jsonl", '"round": 1', 400)
+    assert len(_alive(str(tmp_path))) >= 5  # SuperLink, 2 SuperNodes, 2 hosts, the run
+    # Execute
+    launcher.send_signal(2)  # SIGINT, as Ctrl-C
+    _, err = launcher.communicate(timeout=60)
+    # Assert
+    assert launcher.returncode == 130 and "stopped every process" in err
+    assert _alive(str(tmp_path)) == []
