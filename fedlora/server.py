@@ -123,7 +123,10 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
             "bytes_up_cum": ledger.total("up", server_round),
             "bytes_down_cum": ledger.total("down", server_round),
             "params_up_per_client": ledger.params_up_per_client(server_round),
-            "epsilon": None, "wall_s": elapsed(started)})
+            "epsilon": strategy.privacy.max_epsilon() if strategy.privacy else None,
+            "wall_s": elapsed(started)})
+        if strategy.privacy is not None:  # rewritten every row: an independent recomputation
+            writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file
         last_row_round, trained, failed, train_losses = server_round, 0, 0, []
 
     try:
@@ -137,7 +140,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
                 client_processes[pid] = max(client_processes.get(pid, 0), int(report["model-builds"]))
             accepted = int(metrics["clients_trained"]) if metrics else 0
             trained += accepted
-            failed += len(messages) - accepted
+            failed += len(messages) - accepted - strategy.declined_now  # declining is no failure
             if metrics:
                 train_losses.append(float(metrics["train_loss"]))
             if new_arrays is not None:
@@ -186,6 +189,12 @@ def prepare(cfg: RunConfig):
     if cfg.rank > smallest:
         raise ConfigError(f"rank={cfg.rank} exceeds the smallest adapted dimension ({smallest}); "
                           f"set rank <= {smallest}")
+    if cfg.dp.enabled:  # the clients' Opacus wrapping must not fail in every worker later
+        from fedlora.clients.dp import check_opacus_can_wrap
+
+        bundle.set_trainable(get_strategy(cfg.strategy).trained_parts)
+        check_opacus_can_wrap(bundle.model, cfg.model)
+        bundle.set_trainable(PARTS)
     return data, bundle
 
 
