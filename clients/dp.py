@@ -36,10 +36,6 @@ from fedlora.errors import ConfigError
 
 STATE_KEY = "dp-accountant"
 
-# Opacus' backward hooks on the first adapted layer, whose input (frozen embeddings) needs no
-# gradient: PyTorch warns, but the hooks see the output gradients they need.
-warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-
 
 @dataclass
 class ClientPrivacy:
@@ -124,7 +120,11 @@ def private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_mult
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
                                expected_batch_size=expected_batch_size, loss_reduction="mean")
     try:
-        yield wrapped, dp_optimizer
+        with warnings.catch_warnings():
+            # Opacus' backward hook on the first adapted layer, whose input (frozen embeddings)
+            # needs no gradient: PyTorch warns, but the hook gets the output gradient it needs.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            yield wrapped, dp_optimizer
     finally:
         wrapped._close()  # removes the hooks and grad_sample attributes
         for param in model.parameters():
@@ -167,7 +167,10 @@ def check_opacus_can_wrap(model: torch.nn.Module, model_name: str) -> None:
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
+    was_training = model.training
+    model.train()  # as the clients wrap it (Opacus rejects a model in eval mode)
     errors = GradSampleModule.validate(model, strict=False) + ModuleValidator.validate(model, strict=False)
+    model.train(was_training)
     if errors:
         first = str(errors[0]).splitlines()[0]
         raise ConfigError(f"model='{model_name}' cannot be trained with DP-SGD: Opacus reports "
