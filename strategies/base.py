@@ -12,7 +12,9 @@ One training round, in this order:
      (``participation=uniform``), or those a participation model marks active (bernoulli,
      markov, cyclic; ``fedlora.participation``);
   2. send each the tensors it needs and the client config (``configure_train``);
-  3. clients train only ``trained_parts`` and reply with them (``fedlora.clients``);
+  3. clients train only ``trained_parts`` and reply with them (``fedlora.clients``); under DP
+     they report their accountant (kept in ``self.privacy``), and one out of budget declines
+     instead (never sampled again);
   4. reject replies that failed, miss keys, have wrong shapes/dtypes or non-finite values
      (logged with the reason; the global state never sees them);
   5. weight the valid replies: ``c_k = n_k / sum n`` (samples), ``1/K`` (uniform) or
