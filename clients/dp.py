@@ -47,7 +47,7 @@ class ClientPrivacy:
     accountant: str
     noise_multiplier: float
     sample_rate: float
-    batch_size: int  # the expected Poisson batch, b
+    batch_size: int  # the expected Poisson batch q_k n_k = min(b, n_k): DP-SGD's mean divisor
     history: privacy.History = field(default_factory=list)
 
     @classmethod
@@ -73,8 +73,8 @@ class ClientPrivacy:
                                                   accountant, init_rate)
         history = privacy.longer_history(privacy.history_from_record(own),
                                          privacy.history_from_record(config, prefix="dp-known-"))
-        return cls(target, delta, float(config["dp-clip"]), accountant, sigma, rate, batch_size,
-                   history)
+        return cls(target, delta, float(config["dp-clip"]), accountant, sigma, rate,
+                   min(batch_size, num_examples), history)
 
     def epsilon(self, history: privacy.History | None = None) -> float:
         return privacy.epsilon_spent(self.history if history is None else history, self.delta,
