@@ -162,6 +162,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data) -> d
         "one_time_bytes_up": ledger.one_time["up"], "one_time_bytes_down": ledger.one_time["down"],
         "wire_bytes_up_total": ledger.wire["up"], "wire_bytes_down_total": ledger.wire["down"],
         "params_up_per_client": rows[-1]["params_up_per_client"],
+        "epsilon": rows[-1]["epsilon"],  # DP: the most any client spent (privacy.json: each)
         "params_per_client_formula": expected_params(type(strategy), layers, cfg.rank,
                                                      head_params),
         "adapted_layers": len(layers), "head_params": head_params,

@@ -348,4 +348,26 @@ def test_dp_simulation_reports_epsilon_per_round_and_privacy_json(tmp_path):
                                "accountant"}
         reference = reference_epsilon([tuple(e) for e in client["history"]], client["delta"])
         assert abs(client["epsilon"] - reference) <= 0.05 * reference <= 3.0
-    assert summary["config"]["dp"]["epsilon"] == 3.0
+    assert summary["config"]["dp"]["epsilon"] == 3.0 and summary["epsilon"] == epsilons[-1]
+    assert f"eps {epsilons[-1]:.3f}" in done.stdout
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step(setup):
+    # Prepare
+    _, bundle, _ = setup
+    bundle.load(bundle.initial_state)
+    trainable = bundle.set_trainable(("B", "head"))
+
+    # Execute: two empty samples; with sigma = 0 nothing moves, with noise everything does
+    silent = client_update(bundle.model, trainable, [None, None], 1e-2,
+                           privacy=dp_setting(0.0, 1.0))
+    unchanged = bundle.state(("B", "head"))
+    noisy = client_update(bundle.model, trainable, [None, None], 1e-2,
+                          privacy=dp_setting(1.0, 1.0))
+
+    # Assert
+    assert silent["steps"] == noisy["steps"] == 2
+    for key, value in unchanged.items():
+        assert torch.equal(value, bundle.initial_state[key]), key
+    for key, value in bundle.state(("B", "head")).items():
+        assert not torch.equal(value, bundle.initial_state[key]), key
