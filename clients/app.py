@@ -39,6 +39,7 @@ from fedlora.adapters import part_of, split_residual_key
 from fedlora.comm import RESTORE
 from fedlora.config import specs_from_client_config
 from fedlora.data import Batches, client_partitions, load_dataset
+from fedlora.clients.dp import ClientPrivacy, poisson_batches, private_gradient_sum
 from fedlora.clients.train import base_gradient_sum, client_update
 
 app = ClientApp()
@@ -203,9 +204,21 @@ def train(message: Message, context: Context) -> Message:
     bundle.load(full_adapter_state(received, kept, initial, bundle.shapes()))
     trained = _parts(cfg, "trained-parts")
     trainable = bundle.set_trainable(trained)
-    steps = setup.batches.sample_steps(setup.indices, int(cfg["batch-size"]),
-                                       int(cfg["local-steps"]), setup.rng)
-    metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device)
+    local_steps = int(cfg["local-steps"])
+    privacy = ClientPrivacy.for_node(cfg, context.state, len(setup.indices))
+    if privacy is None:
+        steps = setup.batches.sample_steps(setup.indices, int(cfg["batch-size"]), local_steps,
+                                           setup.rng)
+    elif not privacy.can_afford(local_steps):  # out of budget: decline, do not touch the data
+        return setup.reply(message, {}, {"dp-declined": 1, **privacy.metrics()})
+    else:
+        steps = poisson_batches(setup.batches, setup.indices, privacy.sample_rate, local_steps,
+                                setup.rng)
+    metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
+                            privacy)
+    if privacy is not None:
+        privacy.spend(local_steps, context.state)
+        metrics = {**metrics, **privacy.metrics()}
     return setup.reply(message, bundle.state(trained), metrics)
 
 
@@ -220,11 +233,22 @@ def fedsb_init(message: Message, context: Context) -> Message:
         for name in bundle.adapted:  # R = 0: the adapters add nothing, so W0's gradient is
             layers[name].lora_R.weight.zero_()  # that of the plain pretrained model
     weights = {f"{name}.base.weight": layers[name].base.weight for name in bundle.adapted}
-    count = min(int(message.content["config"]["init-samples"]), len(setup.indices))
-    chosen = setup.rng.sample(list(setup.indices), count)
-    grads = base_gradient_sum(bundle.model, weights,
-                              setup.batches.epoch(chosen, int(setup.config["batch-size"])),
-                              setup.device)
-    reply = setup.reply(message, grads, {})
-    reply.content["metrics"]["num-examples"] = count
+    share = int(message.content["config"]["init-samples"])
+    privacy = ClientPrivacy.for_node(setup.config, context.state, len(setup.indices))
+    if privacy is None:
+        chosen = setup.rng.sample(list(setup.indices), min(share, len(setup.indices)))
+        grads = base_gradient_sum(bundle.model, weights,
+                                  setup.batches.epoch(chosen, int(setup.config["batch-size"])),
+                                  setup.device)
+        metrics = {}
+    else:  # one Poisson-sampled Gaussian release (rate share / n_k), charged to the accountant
+        rate = min(1.0, share / len(setup.indices))
+        chosen = [i for i in setup.indices if setup.rng.random() < rate]
+        grads = private_gradient_sum(bundle.model, weights, setup.batches, chosen, privacy.clip,
+                                     privacy.noise_multiplier, setup.seed, setup.device)
+        privacy.spend(1, context.state, rate=rate)
+        metrics = privacy.metrics()
+    reply = setup.reply(message, grads, metrics)
+    # Under DP the Poisson sample's size is private: report the expected one.
+    reply.content["metrics"]["num-examples"] = len(chosen) if privacy is None else share
     return reply

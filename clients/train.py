@@ -1,28 +1,46 @@
 """What a client computes locally: a few optimiser steps on its data, or a gradient sum.
 
-Plain PyTorch on purpose: the model, optimiser and batch iterator are the three things
-Opacus' ``PrivacyEngine.make_private`` takes, so DP-SGD can wrap this loop unchanged.
+Plain PyTorch on purpose: the model and optimiser are what Opacus wraps, so DP-SGD
+(``dp=...``, ``fedlora.clients.dp``) runs this same loop on the wrapped pair.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
 
 def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], batches,
-                  lr: float, device: str = "cpu") -> dict[str, float]:
-    """AdamW on ``trainable`` over every batch of ``batches``; a fresh optimiser each round."""
+                  lr: float, device: str = "cpu", privacy=None) -> dict[str, float]:
+    """AdamW on ``trainable`` over every batch of ``batches``; a fresh optimiser each round.
+
+    ``privacy``: a ``fedlora.clients.dp.ClientPrivacy`` for DP-SGD (Opacus: per-example clipping and
+    noise; ``batches`` are then Poisson samples, where None is an empty one), else None."""
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return {"train_loss": sum(losses) / max(len(losses), 1), "steps": len(losses)}
+    model.train()  # before wrapping: Opacus computes per-example gradients in train mode
+    if privacy is None:
+        wrapping = nullcontext((model, optimizer))
+    else:
+        from fedlora.clients.dp import empty_step, private
+
+        wrapping = private(model, optimizer, privacy.noise_multiplier, privacy.clip,
+                           privacy.batch_size)
+    losses, steps = [], 0
+    with wrapping as (model, optimizer):
+        for batch in batches:
+            steps += 1
+            if batch is None:  # an empty Poisson batch (DP only): a noise-only step
+                empty_step(optimizer, trainable)
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    return {"train_loss": sum(losses) / max(len(losses), 1), "steps": steps}
 
 
 def base_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter], batches,

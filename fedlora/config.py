@@ -86,6 +86,30 @@ class FedAUConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Record-level DP-SGD on each client with Opacus (ALGORITHMS.md, "Differential privacy").
+
+    epsilon: the target each client's epsilon never exceeds over the whole run; None (or inf):
+        no DP. Each client's noise multiplier is planned from it (``fedlora.privacy``).
+    delta: the target delta; client k uses ``min(delta, 1 / n_k)``.
+    clip: the per-example gradient clipping norm C.
+    accountant: ``rdp`` or ``prv`` (Opacus' accountants).
+    mode: ``record`` (example-level DP-SGD on each client); client-level DP-FedAvg is not
+        implemented.
+    """
+
+    epsilon: float | None = None
+    delta: float = 1e-5
+    clip: float = 1.0
+    accountant: str = "rdp"
+    mode: str = "record"
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None
+
+
+@dataclass(frozen=True)
 class ParticipationConfig:
     """Who takes part in each round (FedAU's participation models, arXiv 2306.03401, sec. 5;
     ``fedlora.participation``).
@@ -155,6 +179,7 @@ class RunConfig:
     min_clients: int = 1
     round_timeout: float = 3600.0
     checkpoint_every: int = 1
+    dp: DPConfig = field(default_factory=DPConfig)
     verbose: bool = False
 
     def model_spec(self, num_labels: int) -> ModelSpec:
@@ -281,6 +306,7 @@ class RunConfig:
             faults=FaultsConfig(crash_prob=crash_prob), min_clients=min_clients,
             round_timeout=_positive_float(raw, "round_timeout", 3600.0),
             checkpoint_every=_nonneg_int(raw, "checkpoint_every", 1),
+            dp=_dp(_section(raw, "dp", DPConfig)),
             verbose=bool(raw.get("verbose", False)))
 
     @classmethod
@@ -307,6 +333,29 @@ def _participation(raw) -> ParticipationConfig:
         mean_p=mean_p, p_min=p_min, a=a,
         alpha_part=_positive_float(section, "alpha_part", 0.1, key_name="participation.alpha_part"),
         length=_positive_int(section, "length", 100, key_name="participation.length"))
+
+
+def _dp(section: dict) -> DPConfig:
+    epsilon = section.get("epsilon")
+    try:
+        if float(epsilon) == math.inf:
+            epsilon = None  # inf: no DP (so a sweep can include the non-private run)
+    except (TypeError, ValueError):
+        pass  # None, or not a number (reported below)
+    if epsilon is not None:
+        epsilon = _positive_float(section, "epsilon", None, key_name="dp.epsilon")
+    delta = _positive_float(section, "delta", 1e-5, key_name="dp.delta")
+    if delta >= 1:
+        raise ConfigError(f"dp.delta={delta} must be < 1 (usually well below 1/n: 1e-5)")
+    mode = _choice(section, "mode", "record", ("record", "client"), "dp.mode")
+    if mode == "client" and epsilon is not None:
+        raise ConfigError("dp.mode=client (client-level DP-FedAvg) is not implemented; use "
+                          "dp.mode=record")
+    return DPConfig(epsilon=epsilon, delta=delta,
+                    clip=_positive_float(section, "clip", 1.0, key_name="dp.clip"),
+                    accountant=_choice(section, "accountant", "rdp", ("rdp", "prv"),
+                                       "dp.accountant"),
+                    mode=mode)
 
 
 def _section(raw: dict, name: str, config_class) -> dict:
@@ -395,7 +444,19 @@ def client_config(cfg: RunConfig, num_labels: int) -> dict:
             "partition-labels-per-client": cfg.partition_labels_per_client, "seed": cfg.seed,
             "max-length": cfg.max_length, "device": cfg.device, "client-cpus": cfg.client_cpus,
             "local-steps": cfg.local_steps, "batch-size": cfg.batch_size, "lr": cfg.lr,
-            "crash-prob": cfg.faults.crash_prob}
+            "crash-prob": cfg.faults.crash_prob, **dp_client_config(cfg)}
+
+
+def dp_client_config(cfg: RunConfig) -> dict:
+    """The DP settings a client needs to plan its noise multiplier on its own (0: no DP):
+    the most training steps it can take in the run (local steps x rounds: participation is
+    not credited) and Fed-SB's init examples per init client (one more release to charge)."""
+    if not cfg.dp.enabled:
+        return {"dp-epsilon": 0.0}
+    init_share = -(-cfg.fedsb.init_samples // cfg.clients_per_round) if cfg.strategy == "fedsb" else 0
+    return {"dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,
+            "dp-accountant": cfg.dp.accountant, "dp-max-steps": cfg.local_steps * cfg.rounds,
+            "dp-init-samples": init_share}
 
 
 def round_lr(cfg: RunConfig, server_round: int) -> float:

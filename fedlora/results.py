@@ -106,9 +106,10 @@ class ResultsWriter:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
         failed = f" ({row['clients_failed']} failed)" if row["clients_failed"] else ""
+        epsilon = f"  eps {row['epsilon']:.3f}" if row["epsilon"] is not None else ""
         self.progress.console.print(
             f"[bold]round {row['round']:>3}/{self.total_rounds}[/bold]  acc {row['accuracy']:.4f}  "
-            f"loss {row['loss']:.4f}  clients {row['clients_trained']}{failed}  "
+            f"loss {row['loss']:.4f}{epsilon}  clients {row['clients_trained']}{failed}  "
             f"up {human_bytes(row['bytes_up_cum'])}  down {human_bytes(row['bytes_down_cum'])}  "
             f"{row['wall_s']:.0f} s")
         self.progress.update(self.task, completed=row["round"],

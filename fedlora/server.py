@@ -159,7 +159,10 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             "bytes_up_cum": ledger.total("up", server_round),
             "bytes_down_cum": ledger.total("down", server_round),
             "params_up_per_client": ledger.params_up_per_client(server_round),
-            "epsilon": None, "wall_s": elapsed(started)})
+            "epsilon": strategy.privacy.max_epsilon() if strategy.privacy else None,
+            "wall_s": elapsed(started)})
+        if strategy.privacy is not None:  # rewritten every row: an independent recomputation
+            writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file
         progress.update(last_row_round=server_round, trained=0, failed=0, train_losses=[])
 
     def save_checkpoint(server_round: int) -> None:
@@ -186,6 +189,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                 log.warning("round %d: %d of %d clients sent no reply within round_timeout=%g s",
                             server_round, len(messages) - len(replies), len(messages),
                             cfg.round_timeout)
+            # Declining for lack of DP budget is no failure (neither missing nor rejected).
             failed = len(messages) - len(replies) + len(strategy.rejected)
             progress["trained"] += int(metrics["clients_trained"]) if metrics else 0
             progress["failed"] += failed
@@ -218,6 +222,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
         "wire_bytes_up_total": ledger.wire["up"], "wire_bytes_down_total": ledger.wire["down"],
         "recovery_bytes_down": ledger.recovery["down"],
         "params_up_per_client": rows[-1]["params_up_per_client"],
+        "epsilon": rows[-1]["epsilon"],  # DP: the most any client spent (privacy.json: each)
         "params_per_client_formula": expected_params(type(strategy), layers, cfg.rank,
                                                      head_params),
         "adapted_layers": len(layers), "head_params": head_params,
@@ -249,6 +254,12 @@ def prepare(cfg: RunConfig):
     if cfg.rank > smallest:
         raise ConfigError(f"rank={cfg.rank} exceeds the smallest adapted dimension ({smallest}); "
                           f"set rank <= {smallest}")
+    if cfg.dp.enabled:  # the clients' Opacus wrapping must not fail in every worker later
+        from fedlora.clients.dp import check_opacus_can_wrap
+
+        bundle.set_trainable(get_strategy(cfg.strategy).trained_parts)
+        check_opacus_can_wrap(bundle.model, cfg.model)
+        bundle.set_trainable(PARTS)
     return data, bundle
 
 

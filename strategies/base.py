@@ -12,7 +12,9 @@ One training round, in this order:
      (``participation=uniform``), or those a participation model marks active (bernoulli,
      markov, cyclic; ``fedlora.participation``);
   2. send each the tensors it needs and the client config (``configure_train``);
-  3. clients train only ``trained_parts`` and reply with them (``fedlora.clients``);
+  3. clients train only ``trained_parts`` and reply with them (``fedlora.clients``); under DP
+     they report their accountant (kept in ``self.privacy``), and one out of budget declines
+     instead (never sampled again);
   4. reject replies that failed, miss keys, have wrong shapes/dtypes or non-finite values
      (logged with the reason; the global state never sees them); a round with fewer than
      ``min_clients`` valid replies is not aggregated at all (never partially);
@@ -40,6 +42,7 @@ from fedlora.comm import RESTORE
 from fedlora.config import round_lr
 from fedlora.participation import (Bernoulli, Cyclic, FedAUWeights, Markov,
                                    participation_probabilities)
+from fedlora.privacy import PrivacyLedger
 
 log = logging.getLogger("fedlora")
 
@@ -82,6 +85,9 @@ class FederatedLoRA(FedAvg):
         self.client_reports: list[dict] = []  # per-client metrics of the last round
         self.rejected: list[tuple[int, str]] = []  # (node id, reason) of the last round
         self.restoring: set[int] = set()  # nodes that lost their Context.state (a resume)
+        self.declined_now = 0  # clients that declined in the last round (DP budget spent)
+        # DP: the server's copy of each client's accountant, and who declined (fedlora.privacy)
+        self.privacy = PrivacyLedger(cfg.dp.epsilon, cfg.dp.accountant) if cfg.dp.enabled else None
 
     # -- hooks a method overrides -----------------------------------------------------------
 
@@ -142,6 +148,8 @@ class FederatedLoRA(FedAvg):
             state["participation"] = self.participation.state_dict()
         if self.fedau is not None:
             state["fedau"] = self.fedau.state_dict()
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -153,6 +161,8 @@ class FederatedLoRA(FedAvg):
             self.participation.load_state_dict(state["participation"])
         if self.fedau is not None:
             self.fedau.load_state_dict(state["fedau"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
 
     def nodes_restarted(self, partition_of: dict[int, int]) -> None:
         """After a server restart (``load_state_dict``): the nodes are back under new ids
@@ -197,8 +207,10 @@ class FederatedLoRA(FedAvg):
         distinct ones (uniform, and always for the set-up round 0), or those the participation
         model marks active in training round ``server_round`` (possibly none)."""
         nodes = sorted(self.partition_of, key=self.partition_of.get)
+        if self.privacy is not None:  # clients out of privacy budget are never sampled again
+            nodes = [node for node in nodes if self.partition_of[node] not in self.privacy.declined]
         if self.participation is None or server_round == 0:
-            chosen = self.rng.sample(nodes, self.cfg.clients_per_round)
+            chosen = self.rng.sample(nodes, min(self.cfg.clients_per_round, len(nodes)))
         else:
             active = set(self.participation.active(server_round - 1))
             chosen = [node for node in nodes if self.partition_of[node] in active]
@@ -229,7 +241,9 @@ class FederatedLoRA(FedAvg):
                                         "trained-parts": ",".join(self.trained_parts),
                                         "keep-parts": ",".join(sorted(self.kept_parts)),
                                         "seeded-parts": ",".join(sorted(self.seeded_parts)),
-                                        **self.config_down(node_id), **restore_config})
+                                        **self.config_down(node_id), **restore_config,
+                                        **(self.privacy.config_for(self.partition_of[node_id])
+                                           if self.privacy is not None else {})})
             content = RecordDict({"arrays": ArrayRecord(payload), "config": node_config})
             if restore:
                 content[RESTORE] = ArrayRecord(restore)
@@ -278,7 +292,7 @@ class FederatedLoRA(FedAvg):
         (the global state stays as it was). Call it every round, with no replies too."""
         self.server_round = server_round
         valid, self.rejected = [], []
-        for reply in replies:
+        for reply in self.record_privacy(replies):
             reason = self.check_reply(reply)
             if reason is None:
                 valid.append(reply)
@@ -318,6 +332,30 @@ class FederatedLoRA(FedAvg):
         return ArrayRecord(new_state), MetricRecord({"train_loss": train_loss,
                                                      "clients_trained": len(valid),
                                                      "client_weight_sum": sum(coefficients)})
+
+    def record_privacy(self, replies: Iterable[Message]) -> list[Message]:
+        """Under DP: copy each reply's accountant into the ledger and take out the clients that
+        declined for lack of budget (they are not failures, and are never sampled again)."""
+        replies = list(replies)
+        self.declined_now = 0
+        if self.privacy is None:
+            return replies
+        kept = []
+        for reply in replies:
+            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            partition_id = self.partition_of.get(reply.metadata.src_node_id)
+            if metrics is None or partition_id is None or "dp-epsilon" not in metrics:
+                kept.append(reply)  # check_reply says what is wrong with it
+                continue
+            self.privacy.record(partition_id, metrics)
+            if metrics.get("dp-declined"):
+                self.privacy.decline(partition_id)
+                self.declined_now += 1
+                log.info("round %d: client %d declined: its next round would exceed epsilon %g",
+                         self.server_round, partition_id, self.privacy.target_epsilon)
+            else:
+                kept.append(reply)
+        return kept
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # fedlora evaluates the global model on the server (fedlora.server)

@@ -77,7 +77,7 @@ class FedSB(FederatedLoRA):
                         "config": ConfigRecord({**exchange.client_config, "server-round": 0,
                                                 "init-samples": share})}),
                             message_type="train.fedsb_init", dst_node_id=node) for node in nodes]
-        replies = [r for r in exchange(0, messages) if not r.has_error()]
+        replies = [r for r in self.record_privacy(exchange(0, messages)) if not r.has_error()]
         if not replies:
             raise RuntimeError("Fed-SB initialisation failed: no init client replied")
         grads = [r.content["arrays"].to_torch_state_dict() for r in replies]

@@ -1,0 +1,195 @@
+"""Privacy accounting for record-level DP-SGD on each client (ALGORITHMS.md, "Differential
+privacy"; methods-b note, section 4.2): pure helpers, no models.
+
+A client's accountant *is* its history: a list of ``(noise_multiplier, sample_rate, steps)``
+entries, Opacus' own accountant history format, so any Opacus accountant (``rdp``, ``prv``)
+rebuilt from it gives the same epsilon. The history is small, plain data: it lives in the
+node's ``Context.state``, travels in reply metrics, and the server keeps a copy per client
+(``PrivacyLedger``, part of the strategy's ``state_dict``). Epsilon is never reset per round.
+
+Planning (``plan_noise_multiplier``): sigma_k is the smallest noise multiplier (to 0.01) such
+that the client's epsilon after the *most* steps it can take in the run stays within the target
+at ``delta_k = min(delta, 1/n_k)``. Client sampling is not credited as amplification.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import lru_cache
+
+ACCOUNTANTS = ("rdp", "prv")
+MAX_NOISE_MULTIPLIER = 1e4
+SIGMA_PRECISION = 0.005  # the bisection's final bracket: eps(sigma - 0.01) > target is kept
+# RDP orders: Opacus' defaults stop at 63, too low for the large noise multipliers of small
+# clients (q = 1), which overstates their epsilon; these are dp-accounting's defaults.
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+
+History = list[tuple[float, float, int]]
+
+
+def client_delta(delta: float, num_examples: int) -> float:
+    """``delta_k = min(delta, 1/n_k)``: a delta at or above 1/n_k allows leaking one record."""
+    return min(delta, 1.0 / num_examples)
+
+
+def sample_rate(batch_size: int, num_examples: int) -> float:
+    """Poisson sampling rate ``q_k = b / n_k`` (at most 1: every example in every step)."""
+    return min(1.0, batch_size / num_examples)
+
+
+def add_steps(history: History, noise_multiplier: float, rate: float, steps: int) -> History:
+    """The history after ``steps`` more steps at ``(noise_multiplier, rate)`` (merged into the
+    last entry when it has the same mechanism, so a long run keeps a short history)."""
+    history = [tuple(entry) for entry in history]
+    if steps <= 0:
+        return history
+    if history and history[-1][0] == noise_multiplier and history[-1][1] == rate:
+        sigma, q, count = history[-1]
+        return history[:-1] + [(sigma, q, count + steps)]
+    return history + [(noise_multiplier, rate, steps)]
+
+
+def total_steps(history: History) -> int:
+    return sum(int(steps) for _, _, steps in history)
+
+
+def epsilon_spent(history: History, delta: float, accountant: str) -> float:
+    """Epsilon of the composed Poisson-subsampled Gaussian mechanisms in ``history``."""
+    from opacus.accountants import create_accountant
+
+    history = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
+    if not history:
+        return 0.0
+    if any(s == 0 for s, _, _ in history):
+        return math.inf
+    engine = create_accountant(mechanism=accountant)
+    engine.history = history
+    with warnings.catch_warnings():
+        # PRV's log(0) at q = 1 is masked inside; RDP's "optimal order is the largest alpha"
+        # only says the bound could be tighter (it is still an upper bound).
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        if accountant == "rdp":
+            return float(engine.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+        return float(engine.get_epsilon(delta=delta))
+
+
+def planned_history(noise_multiplier: float, rate: float, steps: int,
+                    init_rate: float = 0.0) -> History:
+    """The longest history a client can have: Fed-SB's privatised init release (one step at
+    ``init_rate``; 0 for the other methods), then ``steps`` training steps at ``rate``."""
+    history = [(noise_multiplier, init_rate, 1)] if init_rate > 0 else []
+    return add_steps(history, noise_multiplier, rate, steps)
+
+
+@lru_cache(maxsize=64)  # clients of equal size share a plan; PRV takes seconds per plan
+def plan_noise_multiplier(target_epsilon: float, delta: float, rate: float, steps: int,
+                          accountant: str, init_rate: float = 0.0) -> float:
+    """The smallest noise multiplier sigma (to 0.01) whose ``planned_history`` spends at most
+    ``target_epsilon``: ``eps(sigma) <= target < eps(sigma - 0.01)``.
+
+    Raises ``ValueError`` if even sigma = 1e4 does not reach the target."""
+
+    def spends(sigma: float) -> float:
+        return epsilon_spent(planned_history(sigma, rate, steps, init_rate), delta, accountant)
+
+    low, high = 0.0, 1.0
+    while spends(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"epsilon {target_epsilon} is out of reach even with noise "
+                             f"multiplier {MAX_NOISE_MULTIPLIER:g}")
+    while high - low > SIGMA_PRECISION:
+        middle = (low + high) / 2
+        if spends(middle) <= target_epsilon:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+# --------------------------------------------------------------------------------------------
+# What travels: a history as three lists (Flower records hold lists of numbers, not tuples).
+
+
+def history_to_record(history: History, prefix: str = "dp-") -> dict:
+    return {f"{prefix}sigmas": [float(s) for s, _, _ in history],
+            f"{prefix}rates": [float(q) for _, q, _ in history],
+            f"{prefix}steps": [int(t) for _, _, t in history]}
+
+
+def history_from_record(record, prefix: str = "dp-") -> History:
+    if f"{prefix}steps" not in record:
+        return []
+    return [(float(s), float(q), int(t)) for s, q, t in
+            zip(record[f"{prefix}sigmas"], record[f"{prefix}rates"], record[f"{prefix}steps"])]
+
+
+def longer_history(*histories: History) -> History:
+    """The history with the most steps: a copy that missed a round never undercounts."""
+    return max(histories, key=total_steps)
+
+
+class PrivacyLedger:
+    """The server's copy of every client's accountant (by partition id), and who has declined.
+
+    Clients report their history, noise multiplier, sample rate, delta and epsilon in every
+    reply; the server sends its copy back with each train message, so a client whose process
+    (and node state) was recreated resumes from it. Part of the strategy's ``state_dict``.
+    """
+
+    def __init__(self, target_epsilon: float, accountant: str):
+        self.target_epsilon = target_epsilon
+        self.accountant = accountant
+        self.clients: dict[int, dict] = {}
+        self.declined: set[int] = set()  # clients that cannot afford another round
+
+    def record(self, partition_id: int, metrics) -> None:
+        """Keep a client's reported accountant (if it has at least the steps we know of)."""
+        history = history_from_record(metrics)
+        known = self.clients.get(partition_id)
+        if known is not None and total_steps(history) < total_steps(known["history"]):
+            return
+        self.clients[partition_id] = {
+            "noise_multiplier": float(metrics["dp-noise-multiplier"]),
+            "sample_rate": float(metrics["dp-sample-rate"]),
+            "delta": float(metrics["dp-delta"]), "epsilon": float(metrics["dp-epsilon"]),
+            "history": history}
+
+    def decline(self, partition_id: int) -> None:
+        self.declined.add(partition_id)
+
+    def config_for(self, partition_id: int) -> dict:
+        """What a train message carries: the server's copy of this client's accountant."""
+        known = self.clients.get(partition_id)
+        if known is None:
+            return {}
+        return {"dp-known-noise-multiplier": known["noise_multiplier"],
+                **history_to_record(known["history"], prefix="dp-known-")}
+
+    def max_epsilon(self) -> float:
+        """The headline epsilon: the most any client has spent so far (0 before any step)."""
+        return max((c["epsilon"] for c in self.clients.values()), default=0.0)
+
+    def report(self) -> dict:
+        """``privacy.json``: per client what an independent accountant needs to recompute
+        epsilon (the history), and the summary fields."""
+        return {"target_epsilon": self.target_epsilon, "accountant": self.accountant,
+                "max_epsilon": self.max_epsilon(), "declined": sorted(self.declined),
+                "clients": {str(p): {"noise_multiplier": c["noise_multiplier"],
+                                     "sample_rate": c["sample_rate"],
+                                     "steps": total_steps(c["history"]), "delta": c["delta"],
+                                     "epsilon": c["epsilon"], "accountant": self.accountant,
+                                     "history": [list(e) for e in c["history"]]}
+                            for p, c in sorted(self.clients.items())}}
+
+    def state_dict(self) -> dict:
+        return {"clients": [[p, {**c, "history": [list(e) for e in c["history"]]}]
+                            for p, c in sorted(self.clients.items())],
+                "declined": sorted(self.declined)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clients = {int(p): {**c, "history": [tuple(e) for e in c["history"]]}
+                        for p, c in state["clients"]}
+        self.declined = set(state["declined"])
