@@ -105,11 +105,14 @@ def session_processes(session_id: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedsb", "fedex"])  # client state: B and A; base delta
-def test_sigkill_after_round_5_then_resume_equals_uninterrupted_run(strategy, tmp_path):
+@pytest.mark.parametrize("strategy, extra", [
+    ("fedsb", ()), ("fedex", ()),  # client state: B and A; the base delta
+    ("fedsb", ("dp.epsilon=8",)),  # and the DP accountants (the server's copy restores them)
+], ids=["fedsb", "fedex", "fedsb-dp"])
+def test_sigkill_after_round_5_then_resume_equals_uninterrupted_run(strategy, extra, tmp_path):
     # Prepare: the uninterrupted 10-round reference
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    tiny = (f"strategy={strategy}", *TINY[1:])
+    tiny = (f"strategy={strategy}", *TINY[1:], *extra)
     simulate(*tiny, "rounds=10", f"out={reference}")
 
     # Execute: the same run, SIGKILLed (server, Ray and all) once its round-5 row is written
@@ -142,6 +145,10 @@ def test_sigkill_after_round_5_then_resume_equals_uninterrupted_run(strategy, tm
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_after_rounds"] and summary["recovery_bytes_down"] > 0
     assert participation(run_dir) == participation(reference)
+    if extra:  # DP: the same epsilon spent per client as without the kill
+        assert rows_of(run_dir)[-1]["epsilon"] > 0
+        privacy = json.loads((run_dir / "privacy.json").read_text())
+        assert privacy == json.loads((reference / "privacy.json").read_text())
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
