@@ -177,6 +177,7 @@ def summarise(label: str, runs: list[Run], target: float) -> dict:
                          ("one_time_bytes_up", [] if None in one_time_up else one_time_up),
                          ("one_time_bytes_down", [] if None in one_time_down else one_time_down),
                          ("bytes_to_target", to_target),
+                         ("epsilon_spent", [r.epsilon_spent for r in runs if r.epsilon_spent is not None]),
                          ("wall_s", [r.wall_s for r in runs])):
         row[f"{name}_mean"], row[f"{name}_std"] = _stats(values)
     row["target_reached"] = len(to_target)
@@ -214,14 +215,19 @@ def accuracy_cell(row: dict, name: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The groups as a Markdown table; an ε spent column appears when a run used DP."""
     target = rows[0]["target_accuracy"]
+    private = any(row["epsilon_spent_mean"] is not None for row in rows)
     header = ["method", "n", "rounds", "final accuracy", "best accuracy", "bytes up (one-time)",
               "bytes down (one-time)", f"bytes to acc {target:.3f}", "wall time"]
+    header[5:5] = ["ε spent"] if private else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["label"], str(row["n"]), rounds_cell(row), accuracy_cell(row, "final_accuracy"),
                  accuracy_cell(row, "best_accuracy"), _bytes_cell(row, "up"), _bytes_cell(row, "down"),
                  target_cell(row), _pm(row["wall_s_mean"], row["wall_s_std"], lambda v: f"{v:.0f} s")]
+        cells[5:5] = [_pm(row["epsilon_spent_mean"], row["epsilon_spent_std"],
+                          lambda v: f"{v:.2f}")] if private else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
