@@ -104,17 +104,19 @@ def plot_privacy_utility(lines: dict[str, dict[float, list[float]]], path,
     finite = sorted({e for points in lines.values() for e in points if math.isfinite(e)})
     # "no DP" sits one log-decade-ish step to the right of the largest finite ε.
     no_dp_x = finite[-1] * 3 if finite else 1.0
-    for label, points in lines.items():
+    for index, (label, points) in enumerate(lines.items()):
+        # Lines are nudged sideways (a few % on the log axis) so equal points stay visible.
+        dodge = 1 + 0.04 * (index - (len(lines) - 1) / 2)
         eps = [e for e in sorted(points) if math.isfinite(e)]
         stats = [mean_std(np.array(points[e], dtype=float)) for e in eps]
         color = None
         if eps:
-            bars = ax.errorbar(eps, [float(m) for m, _ in stats], yerr=[float(s) for _, s in stats],
+            bars = ax.errorbar([e * dodge for e in eps], [float(m) for m, _ in stats], yerr=[float(s) for _, s in stats],
                                marker="o", capsize=3, label=label)
             color = bars.lines[0].get_color()
         if math.inf in points:
             mean, std = mean_std(np.array(points[math.inf], dtype=float))
-            ax.errorbar([no_dp_x], [float(mean)], yerr=[float(std)], marker="s", capsize=3,
+            ax.errorbar([no_dp_x * dodge], [float(mean)], yerr=[float(std)], marker="s", capsize=3,
                         linestyle="none", color=color, label=None if eps else f"{label} (no DP)")
     if finite:
         ax.set_xscale("log")
