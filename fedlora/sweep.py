@@ -200,7 +200,11 @@ def write_report(out: Path, plan: list[dict[str, str]], fixed: list[str]) -> lis
 
 
 def main(argv: list[str] | None = None) -> None:
-    axes, fixed, out = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
+    axes, fixed, out = parse(argv)
     plan = combinations(axes)
     validate(plan, fixed)
     out.mkdir(parents=True, exist_ok=True)
