@@ -106,10 +106,11 @@ def load_run(path) -> Run:
 
 def run_dirs(paths) -> list[Path]:
     """The run directories named by ``paths``: each one itself, or, for a directory holding
-    runs (a Hydra multirun), its sub-directories that have a ``results.jsonl``."""
+    runs (a Hydra multirun), its sub-directories whose ``results.jsonl`` has a row (a run
+    that has just started is left out rather than stopping the comparison)."""
     found = []
     for path in map(Path, paths):
-        inner = sorted(p.parent for p in path.glob("*/results.jsonl"))
+        inner = sorted(p.parent for p in path.glob("*/results.jsonl") if p.stat().st_size)
         found += inner if inner and not (path / "results.jsonl").exists() else [path]
     return found
 

@@ -136,6 +136,8 @@ def test_same_label_different_config_are_told_apart(tmp_path):
 
 
 def test_multirun_directory_expands_to_its_runs(runs):
+    (runs / "5-ffa-seed0").mkdir()
+    (runs / "5-ffa-seed0" / "results.jsonl").write_text("")  # just started: left out
     assert [p.name for p in run_dirs([runs])] == [f"{i}-{s}-seed{n}" for i, s, n in
                                                  [(0, "fedavg", 0), (1, "fedavg", 1), (2, "fedavg", 2),
                                                   (3, "fedsb", 0), (4, "fedsb", 1)]]
