@@ -6,8 +6,8 @@
 #
 # Reduced setting (the default 100 clients x 25 rounds costs ~9 min per run on 2 cores; 18 runs
 # would take ~3 h): 20 clients, each present in a round with probability p_k (mean 0.3, so ~6 per
-# round), 8 rounds of 6 local steps. About 1.5 min per run on 2 quiet cores (~30 min in all);
-# several times that when other jobs share the cores.
+# round), 8 rounds of 6 local steps. 80-130 s per run on 2 quiet cores (~30 min in all); it took
+# 61 min on 2026-11-24 with four other jobs sharing the cores.
 # Seeds vary slowest, so an interrupted job still has every method at seed 0.
 #
 #   bash experiments/compare_methods.sh            # from the repository root
