@@ -21,6 +21,8 @@ What ``local`` does, in this order (every process logs to ``DIR/deploy/<name>.lo
   7. stop every process it started (each is a session leader: its whole group), also on
      Ctrl-C, SIGTERM or failure.
 ``kill_node=I@R`` (a failure drill) stops SuperNode I when training round R starts.
+``resume=DIR`` continues a killed run from ``DIR/checkpoint.pt`` on a fresh federation (the
+run's own config; logs in ``DIR/deploy-resume-<k>``).
 """
 
 from __future__ import annotations
@@ -280,6 +282,21 @@ def resolve_config(overrides: list[str], nodes: int) -> tuple[RunConfig, dict]:
     return RunConfig.from_dict(raw), raw
 
 
+def resumed_deployment(overrides: list[str], nodes: int, cfg: RunConfig, raw: dict) -> tuple[RunConfig, dict]:
+    """``resume=DIR``: the killed run's config (checked as ``python -m fedlora.simulate
+    resume=DIR`` checks it) and a run config that continues it in DIR. The new SuperNodes get
+    the same partitions (``partition-id=i``); the ServerApp restores what they lost."""
+    from fedlora.simulate import resumed_config
+
+    run_dir = Path(raw["resume"]).resolve()
+    given = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    saved = resumed_config(run_dir, cfg, [key for key in given if key != "clients"])
+    if saved.clients != nodes:
+        raise ConfigError(f"resume: nodes={nodes} differs from the run's {saved.clients} clients; "
+                          f"set nodes={saved.clients}")
+    return saved, {**raw, "resume": str(run_dir), "out": str(run_dir)}
+
+
 class LocalFederation:
     """A SuperLink with TLS and SuperNode authentication, and SuperNodes, on this machine.
 
@@ -371,7 +388,12 @@ def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
     nodes, isolation = options["nodes"], options["isolation"]
     out = Path(raw.get("out") or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.strategy}-deploy")
     out = out.resolve()  # the ServerApp process has another working directory
-    federation = LocalFederation(out / "deploy", nodes)
+    work = out / "deploy"
+    for attempt in range(1, 1000 if raw.get("resume") else 1):  # keep the killed run's logs
+        work = out / f"deploy-resume-{attempt}"
+        if not work.exists():
+            break
+    federation = LocalFederation(work, nodes)
     run_config = federation.work / "run_config.toml"
     run_config.write_text(toml_lines(flat_run_config({**raw, "clients": nodes, "out": str(out)})))
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -440,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         options, overrides = parse_deploy_args(argv[1:])
         cfg, raw = resolve_config(overrides, options["nodes"])
+        if raw.get("resume"):
+            cfg, raw = resumed_deployment(overrides, options["nodes"], cfg, raw)
         return deploy_local(options, cfg, raw)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

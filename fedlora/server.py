@@ -266,7 +266,7 @@ def prepare(cfg: RunConfig):
 def config_from_run_config(run_config: dict) -> tuple[RunConfig, Path]:
     """The RunConfig from Flower's run config (``[tool.flwr.app.config]``, ``--run-config``),
     whose keys are the same as ``python -m fedlora.simulate``'s, nested ones dotted (or nested
-    tables, as pyproject.toml holds them)."""
+    tables, as pyproject.toml holds them). With ``resume=DIR``: DIR's saved config and DIR."""
     from flwr.common.config import flatten_dict
 
     nested: dict = {}
@@ -276,8 +276,14 @@ def config_from_run_config(run_config: dict) -> tuple[RunConfig, Path]:
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = None if value == "" else value
+    resume = nested.pop("resume", None)
     out = nested.pop("out", None) or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}-deploy"
-    return RunConfig.from_dict(nested), Path(out)
+    cfg = RunConfig.from_dict(nested)
+    if resume:  # the killed run's own config, as in ``python -m fedlora.simulate resume=DIR``
+        from fedlora.simulate import resumed_config
+
+        return resumed_config(Path(resume), cfg, given=[]), Path(resume)
+    return cfg, Path(out)
 
 
 # The ServerApp Flower loads from pyproject.toml ([tool.flwr.app.components]), e.g. for `flwr run`.
@@ -291,4 +297,4 @@ def main(grid: Grid, context: Context) -> None:
     cfg, out = config_from_run_config(dict(context.run_config))
     setup_logging(out, quiet=not cfg.verbose)  # DIR/run.log, as in a simulation
     data, bundle = prepare(cfg)
-    run_server(grid, cfg, out, bundle, data)
+    run_server(grid, cfg, out, bundle, data, resume=bool(context.run_config.get("resume")))
