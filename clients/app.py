@@ -36,13 +36,14 @@ from flwr.common.constant import ErrorCode
 
 from fedlora import models
 from fedlora.adapters import part_of, split_residual_key
-from fedlora.comm import RESTORE
+from fedlora.comm import RESTORE, STATE_LOST
 from fedlora.config import specs_from_client_config
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.clients.dp import ClientPrivacy, poisson_batches, private_gradient_sum
 from fedlora.clients.train import base_gradient_sum, client_update
 
 app = ClientApp()
+NODE_MARK = "fedlora-node"  # a ConfigRecord in Context.state: this node has trained in this run
 
 
 class ClientSetup:
@@ -123,6 +124,9 @@ def update_base_delta(delta: dict[str, torch.Tensor], held: int, start: int, end
         return delta, held
     if start == 0:
         delta = {}
+    elif held == 0:  # the server counts rounds this node added: its Context.state is gone
+        raise RuntimeError(f"{STATE_LOST}: the node holds no residuals (restarted?) but the server "
+                           f"sent rounds {start}..{end}; it restores them with the next message")
     elif held != start:
         raise RuntimeError(f"the node holds the residuals of {held} rounds but the server sent "
                            f"rounds {start}..{end}")
@@ -156,6 +160,18 @@ def node_base_delta(context: Context, config: ConfigRecord,
     return delta or None
 
 
+def check_state_kept(config: ConfigRecord, has_state: bool) -> None:
+    """Fail with ``STATE_LOST`` if the server expects this node to hold parts from earlier
+    rounds (``expect-state``: it has trained before, and the method keeps parts) but its
+    Context.state is empty: a SuperNode restarted under the same node id (node
+    authentication). Training on would silently use the wrong factors (e.g. FedSVD's A_0)."""
+    keep = _parts(config, "keep-parts")
+    if int(config.get("expect-state", 0)) and keep and not has_state:
+        raise RuntimeError(f"{STATE_LOST}: the server expects this node to keep {sorted(keep)} "
+                           "from earlier rounds but its Context.state is empty (restarted?); the "
+                           "server restores them with the next message")
+
+
 def full_adapter_state(received: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],
                        seeded: dict[str, torch.Tensor], expected_keys) -> dict[str, torch.Tensor]:
     """Every adapter/head tensor the model needs: sent, else kept, else from the init seed."""
@@ -184,6 +200,8 @@ def train(message: Message, context: Context) -> Message:
                              reason=f"simulated crash of partition {setup.partition_id} in round "
                                     f"{cfg['server-round']} (faults.crash_prob={crash_prob})"),
                        reply_to=message)
+    check_state_kept(cfg, NODE_MARK in context.state.config_records)
+    context.state[NODE_MARK] = ConfigRecord({"server-round": int(cfg["server-round"])})
     received = message.content["arrays"].to_torch_state_dict()
     restore = (message.content[RESTORE].to_torch_state_dict()
                if RESTORE in message.content.array_records else {})

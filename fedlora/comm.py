@@ -38,6 +38,10 @@ def tensor_bytes(record: ArrayRecord) -> int:
 
 
 RESTORE = "restore"  # the ArrayRecord that makes a node whole again after a server restart
+# How a client's error reply begins when its Context.state is gone but the server expected it
+# (a SuperNode restarted under the same node id, as with node authentication): the server then
+# sends that node a ``RESTORE`` record with its next message.
+STATE_LOST = "node state lost"
 
 
 def message_arrays(message: Message) -> list[ArrayRecord]:

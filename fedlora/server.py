@@ -17,7 +17,10 @@ The loop, in this order (the same in simulation and deployment):
      global adapter (and FedEx's base delta) to ``final_adapter.pt``.
 
 A resumed run (``resume``) starts at step 3 after the checkpoint's round, with the nodes made
-whole again by the strategy (``FederatedLoRA.nodes_restarted``).
+whole again by the strategy (``FederatedLoRA.nodes_restarted``). So is a SuperNode that
+restarts during a run: under a new id (found before each round, step 3) or under the same id
+(node authentication; its error reply says ``fedlora.comm.STATE_LOST``), its next message
+restores what it lost.
 """
 
 from __future__ import annotations
@@ -82,12 +85,17 @@ def wait_for_nodes(grid, count: int, timeout_s: float = 300.0) -> list[int]:
         time.sleep(0.2)
 
 
-def describe_nodes(grid, nodes: list[int], config: dict) -> dict[int, dict]:
-    """Each node's partition id, number of examples and label histogram."""
+def describe_nodes(grid, nodes: list[int], config: dict, strict: bool = True) -> dict[int, dict]:
+    """Each node's partition id, number of examples and label histogram (``strict=False``: a
+    node that fails to answer is logged and left out)."""
     messages = [Message(content=RecordDict({"config": ConfigRecord(config)}),
                         message_type="query.describe", dst_node_id=node) for node in nodes]
     info = {}
     for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
+        if reply.has_error() and not strict:
+            log.warning("node %s did not describe itself: %s", reply.metadata.src_node_id,
+                        reply.error.reason)
+            continue
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
         metrics = reply.content["metrics"]
@@ -95,6 +103,23 @@ def describe_nodes(grid, nodes: list[int], config: dict) -> dict[int, dict]:
                                             "num_examples": int(metrics["num-examples"]),
                                             "label_histogram": list(metrics["label-histogram"])}
     return info
+
+
+def rejoined_nodes(grid, known: set[int], config: dict, clients: int, server_round: int) -> dict[int, int]:
+    """Nodes connected under ids not seen before (a SuperNode restarted without node
+    authentication gets a new id, and an empty Context.state): new node id -> partition id.
+    ``known`` grows by every new id, so each is asked once."""
+    new = sorted(set(grid.get_node_ids()) - known)
+    if not new:
+        return {}
+    known.update(new)
+    joined = {node: info["partition_id"] for node, info in
+              describe_nodes(grid, new, config, strict=False).items()
+              if 0 <= info["partition_id"] < clients}
+    for node, partition_id in joined.items():
+        log.warning("round %d: node %s joined for partition %d: it takes the partition's place "
+                    "and gets what the partition's node held", server_round, node, partition_id)
+    return joined
 
 
 def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
@@ -119,6 +144,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                            f"needs each of 0..{cfg.clients - 1} once: start node i with --node-config "
                            f"'partition-id=i num-partitions={cfg.clients}'")
     partition_of = {node: info["partition_id"] for node, info in nodes.items()}
+    known_nodes = set(nodes)
     strategy.register_nodes(partition_of,
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()})
     writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
@@ -178,6 +204,9 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             add_row(0, evaluate_global(arrays))
             save_checkpoint(0)
         for server_round in range(first_round, cfg.rounds + 1):
+            joined = rejoined_nodes(grid, known_nodes, config, cfg.clients, server_round)
+            if joined:
+                strategy.nodes_restarted(joined)
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(config), grid))
             replies = exchange(server_round, messages) if messages else []
             new_arrays, metrics = strategy.aggregate_train(server_round, replies)

@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedlora.adapters import part_of
 from fedlora.aggregation import (sample_weights, server_step_weights, single_threaded,
                                  weighted_mean_states)
-from fedlora.comm import RESTORE
+from fedlora.comm import RESTORE, STATE_LOST
 from fedlora.config import round_lr
 from fedlora.participation import (Bernoulli, Cyclic, FedAUWeights, Markov,
                                    participation_probabilities)
@@ -84,7 +84,8 @@ class FederatedLoRA(FedAvg):
         self.pending: dict[int, object] = {}  # node id -> what it was sent (see ``accepted``)
         self.client_reports: list[dict] = []  # per-client metrics of the last round
         self.rejected: list[tuple[int, str]] = []  # (node id, reason) of the last round
-        self.restoring: set[int] = set()  # nodes that lost their Context.state (a resume)
+        self.restoring: set[int] = set()  # nodes that lost their Context.state (restarts)
+        self.partitions_trained: set[int] = set()  # partitions whose node has replied validly
         self.declined_now = 0  # clients that declined in the last round (DP budget spent)
         # DP: the server's copy of each client's accountant, and who declined (fedlora.privacy)
         self.privacy = PrivacyLedger(cfg.dp.epsilon, cfg.dp.accountant) if cfg.dp.enabled else None
@@ -118,7 +119,8 @@ class FederatedLoRA(FedAvg):
                 if self.part(k) in self.kept_parts and k not in payload}, {}
 
     def rename_nodes(self, renamed: dict[int, int]) -> None:
-        """Re-key per-node bookkeeping from the old node ids to ``renamed[old]``."""
+        """Re-key per-node bookkeeping from the old node ids to ``renamed[old]`` (ids not in
+        ``renamed`` stay)."""
 
     def aggregate(self, state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
                   weights: list[float]) -> dict[str, torch.Tensor]:
@@ -143,7 +145,8 @@ class FederatedLoRA(FedAvg):
         version, internal, gauss = self.rng.getstate()
         state = {"rng": [version, list(internal), gauss],
                  "partition_of": sorted(self.partition_of.items()),
-                 "participants": [list(p) for p in self.participants]}
+                 "participants": [list(p) for p in self.participants],
+                 "partitions_trained": sorted(self.partitions_trained)}
         if self.participation is not None:
             state["participation"] = self.participation.state_dict()
         if self.fedau is not None:
@@ -157,6 +160,7 @@ class FederatedLoRA(FedAvg):
         self.rng.setstate((version, tuple(internal), gauss))
         self.partition_of = {int(node): int(pid) for node, pid in state["partition_of"]}
         self.participants = [list(p) for p in state["participants"]]
+        self.partitions_trained = set(state["partitions_trained"])
         if self.participation is not None:
             self.participation.load_state_dict(state["participation"])
         if self.fedau is not None:
@@ -165,16 +169,18 @@ class FederatedLoRA(FedAvg):
             self.privacy.load_state_dict(state["privacy"])
 
     def nodes_restarted(self, partition_of: dict[int, int]) -> None:
-        """After a server restart (``load_state_dict``): the nodes are back under new ids
-        (``partition_of``, node id -> partition id) with an empty Context.state. The
-        bookkeeping of who holds what is kept, re-keyed by partition, so messages and byte counts
-        stay those of an uninterrupted run; each node's first message also carries a
-        ``RESTORE`` record with what it lost (counted apart, ``fedlora.comm.CommLedger``)."""
+        """Nodes that came back with an empty Context.state, under new ids (``partition_of``,
+        new node id -> partition id): all of them after a server restart
+        (``load_state_dict``), or SuperNodes that rejoined during a run. The bookkeeping of
+        who holds what is kept, re-keyed by partition, so messages and byte counts stay those
+        of an uninterrupted run; each node's next message also carries a ``RESTORE`` record
+        with what it lost (counted apart, ``fedlora.comm.CommLedger``)."""
         node_of = {pid: node for node, pid in partition_of.items()}
-        renamed = {old: node_of[pid] for old, pid in self.partition_of.items()}
-        self.partition_of = dict(partition_of)
+        renamed = {old: node_of[pid] for old, pid in self.partition_of.items() if pid in node_of}
+        self.partition_of = {node: pid for node, pid in self.partition_of.items()
+                             if pid not in node_of} | dict(partition_of)
         self.rename_nodes(renamed)
-        self.restoring = set(partition_of)
+        self.restoring = (self.restoring - set(renamed)) | set(partition_of)
 
     # -- shared machinery --------------------------------------------------------------------
 
@@ -241,6 +247,9 @@ class FederatedLoRA(FedAvg):
                                         "trained-parts": ",".join(self.trained_parts),
                                         "keep-parts": ",".join(sorted(self.kept_parts)),
                                         "seeded-parts": ",".join(sorted(self.seeded_parts)),
+                                        # a node that trained before must still hold its state
+                                        "expect-state": int(node_id not in self.restoring and
+                                                            self.partition_of[node_id] in self.partitions_trained),
                                         **self.config_down(node_id), **restore_config,
                                         **(self.privacy.config_for(self.partition_of[node_id])
                                            if self.privacy is not None else {})})
@@ -300,6 +309,8 @@ class FederatedLoRA(FedAvg):
                 self.rejected.append((reply.metadata.src_node_id, reason))
                 log.warning("round %d: rejected the update of node %s: %s", server_round,
                             reply.metadata.src_node_id, reason)
+                if STATE_LOST in reason:  # restarted under the same id: restore it next time
+                    self.restoring.add(reply.metadata.src_node_id)
         # Replies arrive in any order; aggregating in partition order makes the sums exact
         # from run to run.
         valid.sort(key=lambda r: self.partition_of[r.metadata.src_node_id])
@@ -309,6 +320,7 @@ class FederatedLoRA(FedAvg):
                         len(valid), self.cfg.min_clients)
             valid = []
         self.restoring -= {r.metadata.src_node_id for r in valid}
+        self.partitions_trained |= {self.partition_of[r.metadata.src_node_id] for r in valid}
         self.client_reports = [dict(r.content["metrics"]) for r in valid]
         num_examples = [int(r.content["metrics"]["num-examples"]) for r in valid]
         nodes = [r.metadata.src_node_id for r in valid]

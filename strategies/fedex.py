@@ -80,8 +80,8 @@ class FedEx(FedIT):
         return {residual_key(layer): d for layer, d in delta.items()}, {"restore-base-held": held}
 
     def rename_nodes(self, renamed):
-        self.residuals_held = {renamed[node]: n for node, n in self.residuals_held.items()}
-        self.delivered = {renamed[node]: m for node, m in self.delivered.items()}
+        self.residuals_held = {renamed.get(node, node): n for node, n in self.residuals_held.items()}
+        self.delivered = {renamed.get(node, node): m for node, m in self.delivered.items()}
 
     def missed_residuals(self, missed: list[dict]) -> dict[str, torch.Tensor]:
         """The message tensors for residual rounds a client missed (scale s included)."""

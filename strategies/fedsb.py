@@ -57,7 +57,7 @@ class FedSB(FederatedLoRA):
             self.has_factors.add(node_id)
 
     def rename_nodes(self, renamed):
-        self.has_factors = {renamed[node] for node in self.has_factors}
+        self.has_factors = {renamed.get(node, node) for node in self.has_factors}
 
     def state_dict(self):
         return {**super().state_dict(), "has_factors": sorted(self.has_factors)}

@@ -60,7 +60,7 @@ class FedSVD(FFA):
         return new_state
 
     def rename_nodes(self, renamed):
-        self.a_version_held = {renamed[node]: v for node, v in self.a_version_held.items()}
+        self.a_version_held = {renamed.get(node, node): v for node, v in self.a_version_held.items()}
 
     def state_dict(self):
         return {**super().state_dict(), "a_version": self.a_version,

@@ -12,7 +12,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.adapters import factor_key, part_of, split_residual_key
-from fedlora.clients.app import full_adapter_state, restored_base_delta, update_base_delta
+from fedlora.clients.app import (check_state_kept, full_adapter_state, restored_base_delta,
+                                 update_base_delta)
 from fedlora.config import RunConfig
 from fedlora.participation import FedAUWeights
 from fedlora.strategies import get_strategy
@@ -73,12 +74,15 @@ class FakeClient:
         self.kept: dict[str, torch.Tensor] = {}
         self.base_delta: dict[str, torch.Tensor] = {}
         self.residuals_held = 0
+        self.has_state = False  # the ClientApp's NODE_MARK in Context.state
         self.trained_from: dict[str, torch.Tensor] = {}  # full state of its last round
         self.update: dict[str, torch.Tensor] = {}  # what it sent back
         self.metrics = {"pid": 1, "model-builds": 1}  # what the server loop reads as well
 
     def train(self, message: Message, seed: int, step: float = 0.1) -> Message:
         config = message.content["config"]
+        check_state_kept(config, self.has_state)
+        self.has_state = True
         received = message.content["arrays"].to_torch_state_dict()
         if "restore" in message.content.array_records:  # what it lost in a server restart
             restore = message.content["restore"].to_torch_state_dict()

@@ -292,3 +292,38 @@ def test_a_killed_deployment_resumes_to_the_uninterrupted_result(tmp_path):
     assert (killed / "deploy" / "superlink.log").is_file()  # the killed run's logs are kept
     assert (killed / "deploy-resume-1" / "superlink.log").is_file()
     assert _alive(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_a_restarted_supernode_rejoins_and_gets_back_its_state(tmp_path):
+    """A SuperNode stopped after round 1 and started again after round 2 rejoins under the
+    same node id (node authentication) with an empty Context.state: its first reply says so
+    and fails, its next message restores Fed-SB's B and A, and the last round trains all 3.
+    About 3 min on 2 cores."""
+    from fedlora.comm import STATE_LOST
+
+    out = tmp_path / "run"
+    federation = LocalFederation(out / "deploy", 3)
+    _, raw = resolve_config(["strategy=fedsb", "rounds=5", "clients_per_round=3", "local_steps=2",
+                             "max_length=16"], 3)
+    run_config = federation.work / "run_config.toml"
+    run_config.write_text(toml_lines(flat_run_config({**raw, "clients": 3, "out": str(out)})))
+    try:
+        federation.start("warm")
+        job = federation.flwr_run(run_config)
+        assert _wait_for_line(out / "results.jsonl", '"round": 1', 400)
+        federation.processes.stop(["clienthost_1", "supernode_1"])
+        assert _wait_for_line(out / "results.jsonl", '"round": 2', 400)
+        federation.start_node(1, "warm")
+        assert _wait_exit(job, 600) == 0
+    finally:
+        federation.processes.stop_all()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert rows[1]["clients_trained"] == 3 and rows[2]["clients_failed"] == 1
+    assert rows[-1]["clients_trained"] == 3 and rows[-1]["clients_failed"] == 0
+    assert STATE_LOST in (out / "run.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["recovery_bytes_down"] > 0
+    log = (out / "deploy" / "superlink.log").read_text()
+    activated = [line.split("node_id=")[1].strip() for line in log.splitlines() if "Activated node_id=" in line]
+    assert len(activated) == 4 and len(set(activated)) == 3  # the same id came back

@@ -151,6 +151,79 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(strategy, tmp_path):
     assert reference["clients_failed_total"] == sum(r["clients_failed"] for r in rows_of(reference_dir))
 
 
+RESTART = 5  # partition 2's SuperNode restarts between rounds 4 and 5
+KEEPS_STATE = ("fedsb", "fedsvd", "fedex")  # what their nodes keep in Context.state
+REJOIN_SETTINGS = {**SETTINGS, "fedsvd": {"fedsvd": {"period": 3}},  # A kept between re-factorisations
+                   "fedex": {"weighting": "fedau"}}
+
+
+class RestartingGrid(SeededGrid):
+    """SeededGrid whose partition-2 node restarts, with an empty state, once round
+    ``RESTART - 1`` is answered: under the same node id (as with node authentication) or under
+    ``new_id`` (as without). ``crash_in_restart_round``: instead, that node only fails round
+    ``RESTART`` (the reference for a same-id restart)."""
+
+    def __init__(self, clients, new_id: int | None = None, crash_in_restart_round: bool = False):
+        super().__init__(clients)
+        self.new_id, self.crash_instead = new_id, crash_in_restart_round
+
+    def send_and_receive(self, messages, timeout=None):
+        train = messages and messages[0].metadata.message_type == "train"
+        server_round = int(messages[0].content["config"]["server-round"]) if train else None
+        if server_round == RESTART and self.crash_instead:
+            crashed = [m for m in messages if self.clients[m.metadata.dst_node_id].partition_id == 2]
+            others = [m for m in messages if m not in crashed]
+            return super().send_and_receive(others, timeout) + [
+                Message(Error(code=0, reason="ClientApp raised: simulated crash"), reply_to=m) for m in crashed]
+        replies = []
+        for message in messages:
+            try:
+                replies += super().send_and_receive([message], timeout)
+            except RuntimeError as error:  # how Flower answers for a ClientApp that raised
+                replies.append(Message(Error(code=0, reason=f"RuntimeError: {error}"), reply_to=message))
+        if server_round == RESTART - 1 and not self.crash_instead:
+            node = next(n for n, c in self.clients.items() if c.partition_id == 2)
+            fresh = FakeClient(2, SIZES[2], self.clients[node].initial)
+            if self.new_id is not None:
+                del self.clients[node]
+                node = self.new_id
+            self.clients[node] = fresh
+        return replies
+
+
+@pytest.mark.parametrize("same_id", [True, False], ids=["same-id", "new-id"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_restarted_node_gets_back_what_it_lost(strategy, same_id, tmp_path):
+    """A SuperNode that restarts mid-run with an empty Context.state is made whole: under a new
+    id at once (the server sees the id before the round), under the same id after its first
+    reply, which fails saying it lost its state. The run then equals, bit for bit, an
+    uninterrupted run (new id) or one where that node only crashed in that round (same id)."""
+    cfg, data = make_run(strategy, clients_per_round=4, **REJOIN_SETTINGS[strategy])
+    latent = strategy == "fedsb"
+    fails_once = same_id and strategy in KEEPS_STATE
+    # Prepare: the reference run
+    reference = run_server(RestartingGrid(fresh_clients(make_tiny_bundle(latent), 100),
+                                          crash_in_restart_round=fails_once) if fails_once else
+                           SeededGrid(fresh_clients(make_tiny_bundle(latent), 100)),
+                           cfg, tmp_path / "reference", make_tiny_bundle(latent), data)
+    # Execute
+    bundle = make_tiny_bundle(latent)
+    restarted = run_server(RestartingGrid(fresh_clients(bundle, 100), new_id=None if same_id else 777),
+                           cfg, tmp_path / "run", bundle, data)
+    # Assert
+    rows = rows_of(tmp_path / "run")
+    assert without_timing(rows) == without_timing(rows_of(tmp_path / "reference"))
+    assert rows[RESTART]["clients_failed"] == (1 if fails_once else 0)
+    final = torch.load(tmp_path / "run" / FINAL_ADAPTER)
+    expected = torch.load(tmp_path / "reference" / FINAL_ADAPTER)
+    assert states_equal(final["adapter"], expected["adapter"])
+    if expected["base_delta"] is not None:
+        assert states_equal(final["base_delta"], expected["base_delta"])
+    # What the node lost was re-sent (counted apart from the rows), only where it kept something
+    assert (restarted["recovery_bytes_down"] > 0) == (strategy in KEEPS_STATE)
+    assert reference["recovery_bytes_down"] == 0
+
+
 def test_failed_clients_are_counted_and_left_out(tmp_path):
     tiny_bundle = make_tiny_bundle()
     # Prepare: all 4 clients every round, so every scheduled failure happens
