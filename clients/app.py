@@ -124,9 +124,6 @@ def update_base_delta(delta: dict[str, torch.Tensor], held: int, start: int, end
         return delta, held
     if start == 0:
         delta = {}
-    elif held == 0:  # the server counts rounds this node added: its Context.state is gone
-        raise RuntimeError(f"{STATE_LOST}: the node holds no residuals (restarted?) but the server "
-                           f"sent rounds {start}..{end}; it restores them with the next message")
     elif held != start:
         raise RuntimeError(f"the node holds the residuals of {held} rounds but the server sent "
                            f"rounds {start}..{end}")
@@ -161,15 +158,14 @@ def node_base_delta(context: Context, config: ConfigRecord,
 
 
 def check_state_kept(config: ConfigRecord, has_state: bool) -> None:
-    """Fail with ``STATE_LOST`` if the server expects this node to hold parts from earlier
-    rounds (``expect-state``: it has trained before, and the method keeps parts) but its
-    Context.state is empty: a SuperNode restarted under the same node id (node
+    """Fail with ``STATE_LOST`` if the server expects this node to hold state from earlier
+    rounds (``expect-state``: it has trained before, and the method keeps parts or a base
+    delta) but its Context.state is empty: a SuperNode restarted under the same node id (node
     authentication). Training on would silently use the wrong factors (e.g. FedSVD's A_0)."""
-    keep = _parts(config, "keep-parts")
-    if int(config.get("expect-state", 0)) and keep and not has_state:
-        raise RuntimeError(f"{STATE_LOST}: the server expects this node to keep {sorted(keep)} "
+    if int(config.get("expect-state", 0)) and not has_state:
+        raise RuntimeError(f"{STATE_LOST}: the server expects this node to hold what it kept "
                            "from earlier rounds but its Context.state is empty (restarted?); the "
-                           "server restores them with the next message")
+                           "server restores it with the next message")
 
 
 def full_adapter_state(received: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],

@@ -28,6 +28,7 @@ run's own config; logs in ``DIR/deploy-resume-<k>``).
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import signal
@@ -389,10 +390,9 @@ def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
     out = Path(raw.get("out") or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}-{cfg.strategy}-deploy")
     out = out.resolve()  # the ServerApp process has another working directory
     work = out / "deploy"
-    for attempt in range(1, 1000 if raw.get("resume") else 1):  # keep the killed run's logs
-        work = out / f"deploy-resume-{attempt}"
-        if not work.exists():
-            break
+    if raw.get("resume"):  # a fresh log directory: the killed run's logs stay
+        work = next(out / f"deploy-resume-{k}" for k in itertools.count(1)
+                    if not (out / f"deploy-resume-{k}").exists())
     federation = LocalFederation(work, nodes)
     run_config = federation.work / "run_config.toml"
     run_config.write_text(toml_lines(flat_run_config({**raw, "clients": nodes, "out": str(out)})))

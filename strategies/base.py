@@ -54,6 +54,7 @@ class FederatedLoRA(FedAvg):
     trained_parts: tuple[str, ...] = ("A", "B", "head")
     one_time_parts_down: frozenset[str] = frozenset()  # bytes of these parts count as one-time
     kept_parts: frozenset[str] = frozenset()  # parts a client keeps between rounds (Context.state)
+    keeps_node_state = property(lambda self: bool(self.kept_parts))  # FedEx: also its base delta
     seeded_parts: frozenset[str] = frozenset()  # parts a client rebuilds from the shared init seed
     # Defaults for keys left null in the config: rank, LoRA scale alpha/rank, client lr.
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-3}
@@ -248,7 +249,8 @@ class FederatedLoRA(FedAvg):
                                         "keep-parts": ",".join(sorted(self.kept_parts)),
                                         "seeded-parts": ",".join(sorted(self.seeded_parts)),
                                         # a node that trained before must still hold its state
-                                        "expect-state": int(node_id not in self.restoring and
+                                        "expect-state": int(self.keeps_node_state
+                                                            and node_id not in self.restoring and
                                                             self.partition_of[node_id] in self.partitions_trained),
                                         **self.config_down(node_id), **restore_config,
                                         **(self.privacy.config_for(self.partition_of[node_id])

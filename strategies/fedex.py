@@ -32,6 +32,7 @@ class FedEx(FedIT):
 
     name = "fedex"
     exact = True
+    keeps_node_state = True  # each node's base delta (the residuals it added), in Context.state
 
     @staticmethod
     def params_down(m: int, n: int, rank: int) -> int:
