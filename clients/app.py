@@ -37,7 +37,7 @@ from flwr.common.constant import ErrorCode
 from fedlora import models
 from fedlora.adapters import part_of, split_residual_key
 from fedlora.comm import RESTORE, STATE_LOST
-from fedlora.config import specs_from_client_config
+from fedlora.config import partition_from_client_config, specs_from_client_config
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.clients.dp import ClientPrivacy, poisson_batches, private_gradient_sum
 from fedlora.clients.train import base_gradient_sum, client_update
@@ -63,9 +63,8 @@ class ClientSetup:
                                         self.device)
         self.partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config["num-partitions"])
-        partitions = client_partitions(self.data_spec, num_partitions, str(cfg["partition"]),
-                                       float(cfg["partition-alpha"]), int(cfg["seed"]),
-                                       int(cfg.get("partition-labels-per-client", 2)))
+        partitions = client_partitions(self.data_spec, num_partitions,
+                                       partition_from_client_config(cfg), int(cfg["seed"]))
         self.indices = partitions[self.partition_id]
         server_round = int(cfg.get("server-round", 0))
         # One seed per (run, round, client): the batches and dropout masks are reproducible.

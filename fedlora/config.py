@@ -1,431 +1,266 @@
 """The run configuration: one validated dataclass built from Hydra's config (or a plain dict).
 
-Validation happens here, in the launching process, before Ray or any Flower node starts. Every
-problem is a ``ConfigError`` whose one-line message names the key, the bad value and the fix.
+Each section is a frozen dataclass whose fields hold the one default of their key, its help
+text and its rule (``fedlora.settings.setting``); each method's own section comes from the
+method registry (``fedlora.registry``: ``<name>.*`` keys). Validation happens here, in the
+launching process, before Ray or any Flower node starts. Every problem is a ``ConfigError``
+whose one-line message names the key, the bad value and the fix.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from fedlora.data import DataSpec
 from fedlora.errors import ConfigError
 from fedlora.models import EMBEDDED_MODEL, ModelSpec
+from fedlora.registry import DEFAULT_STRATEGY, get_method, methods
+from fedlora.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, defaults,
+                              parse_section, setting)
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 PARTICIPATIONS = ("uniform", "bernoulli", "markov", "cyclic")
 WEIGHTINGS = ("samples", "uniform", "fedau")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda")
+ACCOUNTANTS = ("rdp", "prv")
 
 
 @dataclass(frozen=True)
-class FedSBConfig:
-    """Fed-SB (arXiv 2502.15436) with LoRA-SB's initialisation (arXiv 2411.19557).
+class PartitionConfig:
+    """How the training examples are split over clients (flwr-datasets partitioners)."""
 
-    The first gradient is estimated federatedly: clients sampled in a round 0 upload their
-    summed base-weight gradients (m x n per adapted matrix, once, counted in the bytes).
-
-    init_samples: examples whose summed gradient is used (the official code's ``num_samples``),
-        split evenly over the round-0 clients.
-    init_lr: the step size eta of the first-step surrogate ``-eta * sign(G)``.
-    """
-
-    init_samples: int = 256
-    init_lr: float = 1e-3
+    name: str = setting("iid", "iid | dirichlet (per-label Dirichlet) | pathological (k labels "
+                        "per client)", choices=PARTITIONS, names_section=True)
+    alpha: float = setting(0.5, "dirichlet: concentration (smaller: more skew)", check=POSITIVE)
+    labels_per_client: int = setting(2, "pathological: labels each client holds", check=POSITIVE)
 
 
 @dataclass(frozen=True)
-class FedSVDConfig:
-    """FedSVD (arXiv 2505.12805): B trained with A frozen, then ``B A`` re-factorised by SVD.
+class ParticipationConfig:
+    """Who takes part in each round (FedAU's participation models, arXiv 2306.03401, sec. 5;
+    ``fedlora.participation``). ``uniform`` samples exactly ``clients_per_round`` clients;
+    ``bernoulli``, ``markov`` and ``cyclic`` draw each client's presence from its probability
+    ``p_k = max(p_min, C mean_p <pi_k, v>)`` with ``v ~ Dirichlet(alpha_part)`` over the C labels
+    and ``pi_k`` the client's label mix."""
 
-    period: re-factorise every this many rounds (the paper's scripts: 1); 0 never does, which
-        is FFA-LoRA exactly.
-    """
-
-    period: int = 1
-
-
-@dataclass(frozen=True)
-class LoRAFAIRConfig:
-    """LoRA-FAIR (arXiv 2411.14961): the server corrects FedIT's B so that ``(B + dB) A``
-    approaches the clients' mean product.
-
-    objective: ``cos`` minimises ``1 - cos + lam ||dB||_F`` by Adam on the server (the paper's);
-        ``ls`` the closed-form ridge ``||.||_F^2 + lam ||dB||_F^2``.
-    lam: the regularisation weight lambda (paper: 0.01).
-    steps: Adam steps of the ``cos`` objective (not given by the paper).
-    """
-
-    objective: str = "cos"
-    lam: float = 0.01
-    steps: int = 200
-
-
-@dataclass(frozen=True)
-class FedExConfig:
-    """FedEx-LoRA (arXiv 2410.09432): FedIT plus the residual ``E_w[B_k A_k] - B A`` folded
-    into every client's base weight.
-
-    residual: ``dense`` ships the m x n residual (the official code), ``factored`` the stacked
-        factors, (K + 1) r (m + n) elements per matrix and missed round.
-    """
-
-    residual: str = "dense"
+    name: str = setting("uniform", "uniform | bernoulli | markov | cyclic", choices=PARTICIPATIONS,
+                        names_section=True)
+    mean_p: float = setting(0.1, "mean of p_k over clients (FedAU paper: 0.1)",
+                            check=(POSITIVE, AT_MOST_ONE))
+    p_min: float = setting(0.02, "floor of p_k", check=(NONNEGATIVE, AT_MOST_ONE))
+    alpha_part: float = setting(0.1, "Dirichlet concentration of the favoured-label draw (small: "
+                                "strong correlation)", check=POSITIVE)
+    a: float = setting(0.05, "markov: probability inactive -> active", check=(POSITIVE, AT_MOST_ONE))
+    length: int = setting(100, "cyclic: cycle length L", check=POSITIVE)
 
 
 @dataclass(frozen=True)
 class FedAUConfig:
-    """FedAU (arXiv 2306.03401), used with ``weighting=fedau``.
+    """FedAU (arXiv 2306.03401), used with ``weighting=fedau``."""
 
-    cutoff: an absence of this many rounds is recorded as one interval K; None: no cutoff.
-    """
+    cutoff: int | None = setting(None, "an absence of this many rounds counts as one interval "
+                                 "K; null: no cutoff", check=POSITIVE)
 
-    cutoff: int | None = None
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Simulated client failures, to study a federation that loses clients."""
+
+    crash_prob: float = setting(0.0, "simulation: probability that a sampled client fails a "
+                                "round (seeded by seed, round and partition: the same clients fail "
+                                "in every run with the same seed)", check=(NONNEGATIVE, BELOW_ONE))
 
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Record-level DP-SGD on each client with Opacus (ALGORITHMS.md, "Differential privacy").
+    """Record-level DP-SGD on each client with Opacus (docs/privacy.md)."""
 
-    epsilon: the target each client's epsilon never exceeds over the whole run; None (or inf):
-        no DP. Each client's noise multiplier is planned from it (``fedlora.privacy``).
-    delta: the target delta; client k uses ``min(delta, 1 / n_k)``.
-    clip: the per-example gradient clipping norm C.
-    accountant: ``rdp`` or ``prv`` (Opacus' accountants).
-    mode: ``record`` (example-level DP-SGD on each client); client-level DP-FedAvg is not
-        implemented.
-    """
-
-    epsilon: float | None = None
-    delta: float = 1e-5
-    clip: float = 1.0
-    accountant: str = "rdp"
-    mode: str = "record"
+    epsilon: float | None = setting(None, "the target epsilon no client exceeds over the run; "
+                                    "null or inf: no DP", check=POSITIVE)
+    delta: float = setting(1e-5, "the target delta; client k uses min(delta, 1/n_k)",
+                           check=POSITIVE)
+    clip: float = setting(1.0, "per-example clipping norm C", check=POSITIVE)
+    accountant: str = setting("rdp", "rdp | prv (Opacus)", choices=ACCOUNTANTS)
+    mode: str = setting("record", "record: DP-SGD on each client's examples",
+                        choices=("record", "client"))
 
     @property
     def enabled(self) -> bool:
         return self.epsilon is not None
 
 
-@dataclass(frozen=True)
-class ParticipationConfig:
-    """Who takes part in each round (FedAU's participation models, arXiv 2306.03401, sec. 5;
-    ``fedlora.participation``).
-
-    name: ``uniform`` samples exactly ``clients_per_round`` clients; ``bernoulli``, ``markov``
-        and ``cyclic`` draw each client's presence from its probability
-        ``p_k = max(p_min, C mean_p <pi_k, v>)`` with ``v ~ Dirichlet(alpha_part)`` over the C
-        labels and ``pi_k`` the client's label mix.
-    mean_p, p_min, alpha_part: the probabilities' mean, floor and Dirichlet concentration.
-    a: the Markov chain's activation probability.
-    length: the cyclic model's cycle length L.
-    """
-
-    name: str = "uniform"
-    mean_p: float = 0.1
-    p_min: float = 0.02
-    alpha_part: float = 0.1
-    a: float = 0.05
-    length: int = 100
-
-
-@dataclass(frozen=True)
-class FaultsConfig:
-    """Simulated client failures, to study a federation that loses clients (``fedlora.clients``).
-
-    crash_prob: the probability that a sampled client fails a training round (it replies with
-        an error instead of an update), drawn from a generator seeded by (seed, round,
-        partition), so the same clients fail in every run with the same seed.
-    """
-
-    crash_prob: float = 0.0
+# The sections of RunConfig that are dataclasses of their own (besides data and the methods').
+SECTIONS = {"partition": PartitionConfig, "participation": ParticipationConfig,
+            "fedau": FedAUConfig, "faults": FaultsConfig, "dp": DPConfig}
+# Where a run writes, not what it computes (``fedlora.cli``): accepted, never part of RunConfig.
+PLACEMENT_KEYS = ("out", "resume")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    strategy: str = "fedsb"
-    model: str = EMBEDDED_MODEL
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ()
-    clients: int = 100
-    clients_per_round: int = 10
-    rounds: int = 25
-    local_steps: int = 8
-    batch_size: int = 16
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"
-    max_length: int = 32
-    seed: int = 0
-    eval_every: int = 1
-    device: str = "cpu"
-    client_cpus: float = 1.0
-    client_gpus: float = 0.0
-    partition: str = "iid"
-    partition_alpha: float = 0.5
-    partition_labels_per_client: int = 2
+    strategy: str = setting(DEFAULT_STRATEGY, "the federated LoRA method (strategies/<name>.py)")
+    model: str = setting(EMBEDDED_MODEL, "the embedded all-MiniLM-L6-v2, or a Hugging Face id / "
+                         "local model folder")
+    rank: int | None = setting(None, "adapter rank; null: the method's default", check=POSITIVE)
+    alpha: float | None = setting(None, "LoRA scale s = alpha / rank; null: the method's default",
+                                  check=POSITIVE)
+    targets: tuple[str, ...] = setting((), "Linear layers to adapt; empty: peft's default for "
+                                       "the architecture")
+    clients: int = setting(100, "total clients (Flower SuperNodes)", check=POSITIVE)
+    clients_per_round: int | None = setting(None, "clients sampled per round; null: min(10, "
+                                            "clients)", check=POSITIVE)
+    rounds: int = setting(25, "training rounds", check=POSITIVE)
+    local_steps: int = setting(8, "optimiser steps per client per round", check=POSITIVE)
+    batch_size: int = setting(16, "examples per local step", check=POSITIVE)
+    lr: float | None = setting(None, "client AdamW learning rate; null: the method's default",
+                               check=POSITIVE)
+    lr_schedule: str = setting("cosine", "cosine: decays over rounds to 0.1 lr in the last round "
+                               "| constant", choices=LR_SCHEDULES)
+    max_length: int = setting(32, "tokens per text (dynamic padding below that)", check=POSITIVE)
+    seed: int = setting(0, "seed of sampling, partitions and initialisation")
+    eval_every: int = setting(1, "server-side evaluation every this many rounds (and the last)",
+                              check=POSITIVE)
+    device: str = setting("cpu", "cpu | cuda", choices=DEVICES)
+    client_cpus: float = setting(1.0, "Ray CPUs per client (also torch threads per client)",
+                                 check=POSITIVE)
+    client_gpus: float = setting(0.0, "Ray GPUs per client, fractional (device=cuda)",
+                                 check=NONNEGATIVE)
+    weighting: str = setting("samples", "client weights: samples (n_k / sum n) | uniform (1/K) | "
+                             "fedau (omega_k / N)", choices=WEIGHTINGS)
+    server_lr: float = setting(1.0, "eta in x <- x + eta sum_k c_k (x_k - x)", check=POSITIVE)
+    min_clients: int = setting(1, "a round with fewer valid replies is not aggregated",
+                               check=POSITIVE)
+    round_timeout: float = setting(3600.0, "seconds the server waits for a round's replies",
+                                   check=POSITIVE)
+    checkpoint_every: int = setting(1, "write DIR/checkpoint.pt every this many rounds (and the "
+                                    "last); 0: never", check=NONNEGATIVE)
+    verbose: bool = setting(False, "Flower and Ray logs on the console")
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
-    weighting: str = "samples"
-    server_lr: float = 1.0
     fedau: FedAUConfig = field(default_factory=FedAUConfig)
-    data: DataSpec = field(default_factory=DataSpec)
-    fedsb: FedSBConfig = field(default_factory=FedSBConfig)
-    fedsvd: FedSVDConfig = field(default_factory=FedSVDConfig)
-    lorafair: LoRAFAIRConfig = field(default_factory=LoRAFAIRConfig)
-    fedex: FedExConfig = field(default_factory=FedExConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
-    min_clients: int = 1
-    round_timeout: float = 3600.0
-    checkpoint_every: int = 1
     dp: DPConfig = field(default_factory=DPConfig)
-    verbose: bool = False
+    data: DataSpec = field(default_factory=DataSpec)
+    # Every registered method's settings by name (each method's ``<name>.*`` section).
+    methods: dict = field(default_factory=dict)
+
+    @property
+    def settings(self):
+        """The chosen method's settings (None for a method without any)."""
+        return self.methods.get(self.strategy)
 
     def model_spec(self, num_labels: int) -> ModelSpec:
-        from fedlora.strategies import get_strategy
-
         return ModelSpec(name=self.model, num_labels=num_labels, rank=self.rank, alpha=self.alpha,
-                         targets=self.targets, latent=get_strategy(self.strategy).latent,
+                         targets=self.targets, latent=get_method(self.strategy).server.latent,
                          init_seed=self.seed)
 
     def to_dict(self) -> dict:
+        """Plain values in the command line's layout (``config.yaml``): every section nested,
+        each method's settings as its own top-level section."""
         out = asdict(self)
         out["targets"] = list(self.targets)
+        out.update(out.pop("methods"))
         return out
 
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
-        """Validate a nested config dict (Hydra's, resolved) and fill strategy defaults."""
-        from fedlora.strategies import STRATEGIES, get_strategy
-
+        """Validate a nested config dict (Hydra's, resolved; Flower's run config, unflattened;
+        a saved ``config.yaml``) and fill the method's defaults."""
         raw = dict(raw)
-        # partition_* fields are set from the partition section only; out and resume are
-        # where the run writes, not what it computes (``fedlora.simulate``).
-        known = ({f.name for f in fields(cls)} - {"partition_alpha", "partition_labels_per_client"}
-                 | {"out", "resume"})
+        registered = methods()
+        sections = set(SECTIONS) | {"data"} | set(registered)
+        known = {f.name for f in fields(cls)} - {"methods"} | sections | set(PLACEMENT_KEYS)
         for key in raw:
             if key not in known:
                 raise ConfigError(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml "
                                   "for the valid keys")
-        strategy = raw.get("strategy", cls.strategy)
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"strategy '{strategy}' is unknown; choose one of: "
-                              f"{', '.join(STRATEGIES)}")
-        defaults = get_strategy(strategy).defaults
-        clients = _positive_int(raw, "clients", cls.clients)
-        rank = _positive_int(raw, "rank", defaults["rank"])
-        per_round = raw.get("clients_per_round")
-        per_round = min(10, clients) if per_round is None else _positive_int(raw, "clients_per_round", 0)
-        if per_round > clients:
-            raise ConfigError(f"clients_per_round={per_round} exceeds clients={clients}; set "
-                              f"clients_per_round <= {clients} or raise clients")
-        partition = raw.get("partition") or {}
-        if isinstance(partition, str):
-            partition = {"name": partition}
-        _known_keys(partition, ("name", "alpha", "labels_per_client"), "partition")
-        partition_name = _choice(partition, "name", "iid", PARTITIONS, "partition")
-        partition_alpha = _positive_float(partition, "alpha", 0.5, key_name="partition.alpha")
-        labels_per_client = _positive_int(partition, "labels_per_client", 2,
-                                          key_name="partition.labels_per_client")
-        participation = _participation(raw.get("participation"))
-        weighting = _choice(raw, "weighting", "samples", WEIGHTINGS, "weighting")
-        fedau_raw = _section(raw, "fedau", FedAUConfig)
-        cutoff = fedau_raw.get("cutoff")
-        fedau = FedAUConfig(cutoff=None if cutoff is None else
-                            _positive_int(fedau_raw, "cutoff", 0, key_name="fedau.cutoff"))
-        fedsvd_raw = _section(raw, "fedsvd", FedSVDConfig)
-        fedsvd = FedSVDConfig(period=_nonneg_int(fedsvd_raw, "period", 1, key_name="fedsvd.period"))
-        lorafair_raw = _section(raw, "lorafair", LoRAFAIRConfig)
-        lorafair = LoRAFAIRConfig(
-            objective=_choice(lorafair_raw, "objective", "cos", ("cos", "ls"), "lorafair.objective"),
-            lam=_nonneg_float(lorafair_raw, "lam", 0.01, key_name="lorafair.lam"),
-            steps=_nonneg_int(lorafair_raw, "steps", 200, key_name="lorafair.steps"))
-        fedex_raw = _section(raw, "fedex", FedExConfig)
-        fedex = FedExConfig(residual=_choice(fedex_raw, "residual", "dense", ("dense", "factored"),
-                                             "fedex.residual"))
-        device = raw.get("device", "cpu")
-        if device not in DEVICES:
-            raise ConfigError(f"device '{device}' is unknown; choose one of: {', '.join(DEVICES)}")
-        client_gpus = _nonneg_float(raw, "client_gpus", 0.0)
-        if device == "cuda" and client_gpus == 0:
-            raise ConfigError("device=cuda needs client_gpus > 0 (e.g. client_gpus=0.25: four "
-                              "clients share one GPU)")
-        if client_gpus > 0 and device != "cuda":
-            raise ConfigError(f"client_gpus={client_gpus} needs device=cuda; set device=cuda or "
-                              "client_gpus=0")
+        strategy = raw.get("strategy") or DEFAULT_STRATEGY
+        method = get_method(strategy)
+        nested = {}
+        for name, section_class in SECTIONS.items():
+            section = raw.get(name)
+            if isinstance(section, str):  # partition=dirichlet, participation=markov
+                section = {"name": section}
+            nested[name] = parse_section(section_class, section, name)
+        nested["dp"] = _dp(raw.get("dp"))
+        nested["data"] = parse_section(DataSpec, raw.get("data"), "data")
+        if nested["data"].path and nested["data"].name:
+            raise ConfigError("data.path and data.name are both set; give one of them")
+        nested["methods"] = {name: parse_section(m.settings, raw.get(name), name)
+                             for name, m in registered.items() if m.settings is not None}
         targets = raw.get("targets") or ()
         if isinstance(targets, str):
             targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        data = raw.get("data") or {}
-        _known_keys(data, tuple(f.name for f in fields(DataSpec)), "data")
-        if data.get("path") and data.get("name"):
-            raise ConfigError("data.path and data.name are both set; give one of them")
-        test_fraction = float(data.get("test_fraction", 0.2))
-        if not 0 < test_fraction < 1:
-            raise ConfigError(f"data.test_fraction={test_fraction} must be in (0, 1)")
-        fedsb_raw = _section(raw, "fedsb", FedSBConfig)
-        fedsb = FedSBConfig(init_samples=_positive_int(fedsb_raw, "init_samples", 256,
-                                                       key_name="fedsb.init_samples"),
-                            init_lr=_positive_float(fedsb_raw, "init_lr", 1e-3,
-                                                    key_name="fedsb.init_lr"))
-        lr_schedule = raw.get("lr_schedule", "cosine")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule '{lr_schedule}' is unknown; choose one of: "
-                              f"{', '.join(LR_SCHEDULES)}")
-        alpha = raw.get("alpha")
-        faults_raw = _section(raw, "faults", FaultsConfig)
-        crash_prob = _nonneg_float(faults_raw, "crash_prob", 0.0, key_name="faults.crash_prob")
-        if crash_prob >= 1:
-            raise ConfigError(f"faults.crash_prob={crash_prob} is a probability; set it < 1")
-        min_clients = _positive_int(raw, "min_clients", 1)
-        if min_clients > per_round and participation.name == "uniform":
-            raise ConfigError(f"min_clients={min_clients} exceeds clients_per_round={per_round}; "
-                              f"set min_clients <= {per_round}")
-        return cls(
-            strategy=strategy, model=str(raw.get("model") or EMBEDDED_MODEL), rank=rank,
-            alpha=float(defaults["alpha_per_rank"] * rank) if alpha is None
-            else _positive_float(raw, "alpha", 0.0),
-            targets=tuple(targets), clients=clients, clients_per_round=per_round,
-            rounds=_positive_int(raw, "rounds", cls.rounds),
-            local_steps=_positive_int(raw, "local_steps", cls.local_steps),
-            batch_size=_positive_int(raw, "batch_size", cls.batch_size),
-            lr=defaults["lr"] if raw.get("lr") is None else _positive_float(raw, "lr", 0.0),
-            lr_schedule=lr_schedule,
-            max_length=_positive_int(raw, "max_length", cls.max_length),
-            seed=_int(raw, "seed", 0),
-            eval_every=_positive_int(raw, "eval_every", 1),
-            device=device, client_cpus=_positive_float(raw, "client_cpus", 1.0),
-            client_gpus=client_gpus, partition=partition_name, partition_alpha=partition_alpha,
-            partition_labels_per_client=labels_per_client, participation=participation,
-            weighting=weighting, server_lr=_positive_float(raw, "server_lr", 1.0), fedau=fedau,
-            data=DataSpec(path=data.get("path"), name=data.get("name"),
-                          text_field=data.get("text_field", "text"),
-                          label_field=data.get("label_field", "label"), test_fraction=test_fraction),
-            fedsb=fedsb, fedsvd=fedsvd, lorafair=lorafair, fedex=fedex,
-            faults=FaultsConfig(crash_prob=crash_prob), min_clients=min_clients,
-            round_timeout=_positive_float(raw, "round_timeout", 3600.0),
-            checkpoint_every=_nonneg_int(raw, "checkpoint_every", 1),
-            dp=_dp(_section(raw, "dp", DPConfig)),
-            verbose=bool(raw.get("verbose", False)))
+        nested["targets"] = tuple(targets)
+        top = {k: v for k, v in raw.items() if k not in sections and k not in PLACEMENT_KEYS}
+        cfg = parse_section(cls, top, "", replace=nested)
+        return cfg._with_method_defaults(method.server.defaults)._checked()
+
+    def _with_method_defaults(self, defaults: dict) -> "RunConfig":
+        """Rank, alpha, lr and clients_per_round left null take the method's defaults."""
+        rank = defaults["rank"] if self.rank is None else self.rank
+        return replace(self, rank=rank,
+                       alpha=float(defaults["alpha_per_rank"] * rank) if self.alpha is None
+                       else self.alpha,
+                       lr=defaults["lr"] if self.lr is None else self.lr,
+                       clients_per_round=min(10, self.clients) if self.clients_per_round is None
+                       else self.clients_per_round)
+
+    def _checked(self) -> "RunConfig":
+        """The rules that relate several keys."""
+        if self.clients_per_round > self.clients:
+            raise ConfigError(f"clients_per_round={self.clients_per_round} exceeds clients="
+                              f"{self.clients}; set clients_per_round <= {self.clients} or raise "
+                              "clients")
+        if self.device == "cuda" and self.client_gpus == 0:
+            raise ConfigError("device=cuda needs client_gpus > 0 (e.g. client_gpus=0.25: four "
+                              "clients share one GPU)")
+        if self.client_gpus > 0 and self.device != "cuda":
+            raise ConfigError(f"client_gpus={self.client_gpus} needs device=cuda; set device=cuda "
+                              "or client_gpus=0")
+        if self.min_clients > self.clients_per_round and self.participation.name == "uniform":
+            raise ConfigError(f"min_clients={self.min_clients} exceeds clients_per_round="
+                              f"{self.clients_per_round}; set min_clients <= {self.clients_per_round}")
+        return self
 
     @classmethod
     def from_saved(cls, saved: dict) -> "RunConfig":
         """The config a run saved in its ``config.yaml`` (``to_dict``'s layout, plus ``out``)."""
-        raw = {k: v for k, v in saved.items()
-               if k not in ("out", "resume", "partition_alpha", "partition_labels_per_client")}
-        raw["partition"] = {"name": saved["partition"], "alpha": saved["partition_alpha"],
-                            "labels_per_client": saved["partition_labels_per_client"]}
-        return cls.from_dict(raw)
+        return cls.from_dict(saved)
 
 
-def _participation(raw) -> ParticipationConfig:
-    section = {"name": raw} if isinstance(raw, str) else dict(raw or {})
-    _known_keys(section, tuple(f.name for f in fields(ParticipationConfig)), "participation")
-    a = _positive_float(section, "a", 0.05, key_name="participation.a")
-    mean_p = _positive_float(section, "mean_p", 0.1, key_name="participation.mean_p")
-    p_min = _nonneg_float(section, "p_min", 0.02, key_name="participation.p_min")
-    for key, value in (("a", a), ("mean_p", mean_p), ("p_min", p_min)):
-        if value > 1:
-            raise ConfigError(f"participation.{key}={value} is a probability; set it <= 1")
-    return ParticipationConfig(
-        name=_choice(section, "name", "uniform", PARTICIPATIONS, "participation"),
-        mean_p=mean_p, p_min=p_min, a=a,
-        alpha_part=_positive_float(section, "alpha_part", 0.1, key_name="participation.alpha_part"),
-        length=_positive_int(section, "length", 100, key_name="participation.length"))
+def hydra_tree() -> dict:
+    """Every key of the command line with its default (null: "the method's default" where the
+    field says so), nested as the command line writes it: the tree ``fedlora.cli`` gives Hydra.
+    Generated from the dataclasses, so a key and its default are written once."""
+    tree = {f.name: (list(f.default) if isinstance(f.default, tuple) else f.default)
+            for f in fields(RunConfig) if f.name not in SECTIONS and f.name not in ("data", "methods")}
+    for name, section_class in {**SECTIONS, "data": DataSpec}.items():
+        tree[name] = defaults(section_class)
+    for name, method in methods().items():
+        if method.settings is not None:
+            tree[name] = defaults(method.settings)
+    tree.update({key: None for key in PLACEMENT_KEYS})
+    return tree
 
 
-def _dp(section: dict) -> DPConfig:
+def _dp(raw) -> DPConfig:
+    section = dict(raw or {})
     epsilon = section.get("epsilon")
     try:
         if float(epsilon) == math.inf:
-            epsilon = None  # inf: no DP (so a sweep can include the non-private run)
+            section["epsilon"] = None  # inf: no DP (so a sweep can include the non-private run)
     except (TypeError, ValueError):
-        pass  # None, or not a number (reported below)
-    if epsilon is not None:
-        epsilon = _positive_float(section, "epsilon", None, key_name="dp.epsilon")
-    delta = _positive_float(section, "delta", 1e-5, key_name="dp.delta")
-    if delta >= 1:
-        raise ConfigError(f"dp.delta={delta} must be < 1 (usually well below 1/n: 1e-5)")
-    mode = _choice(section, "mode", "record", ("record", "client"), "dp.mode")
-    if mode == "client" and epsilon is not None:
+        pass  # None, or not a number (reported by parse_section)
+    dp = parse_section(DPConfig, section, "dp")
+    if dp.delta >= 1:
+        raise ConfigError(f"dp.delta={dp.delta} must be < 1 (usually well below 1/n: 1e-5)")
+    if dp.mode == "client" and dp.enabled:
         raise ConfigError("dp.mode=client (client-level DP-FedAvg) is not implemented; use "
                           "dp.mode=record")
-    return DPConfig(epsilon=epsilon, delta=delta,
-                    clip=_positive_float(section, "clip", 1.0, key_name="dp.clip"),
-                    accountant=_choice(section, "accountant", "rdp", ("rdp", "prv"),
-                                       "dp.accountant"),
-                    mode=mode)
-
-
-def _section(raw: dict, name: str, config_class) -> dict:
-    """The nested section ``name`` of the raw config, its keys checked against the dataclass."""
-    section = raw.get(name) or {}
-    _known_keys(section, tuple(f.name for f in fields(config_class)), name)
-    return section
-
-
-def _choice(raw: dict, key: str, default: str, choices: tuple[str, ...], key_name: str) -> str:
-    value = raw.get(key)
-    value = default if value is None else value
-    if value not in choices:
-        raise ConfigError(f"{key_name} '{value}' is unknown; choose one of: {', '.join(choices)}")
-    return value
-
-
-def _known_keys(section: dict, valid: tuple[str, ...], name: str) -> None:
-    for key in section:
-        if key not in valid:
-            raise ConfigError(f"'{name}.{key}' is not a fedlora setting; valid keys under {name}: "
-                              f"{', '.join(valid)}")
-
-
-def _number(raw: dict, key: str, default, kind, key_name: str | None):
-    value = raw.get(key, default)
-    if value is None:
-        value = default
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = kind(value)
-        if kind is int and number != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key_name or key}={value!r} is not a number of type {kind.__name__}; "
-                          f"set {key_name or key} to one") from None
-    if kind is float and not math.isfinite(number):
-        raise ConfigError(f"{key_name or key}={value!r} must be finite")
-    return number
-
-
-def _int(raw, key, default, key_name=None) -> int:
-    return _number(raw, key, default, int, key_name)
-
-
-def _checked(raw, key, default, kind, key_name, valid, requirement: str):
-    """A number of ``kind`` that must satisfy ``valid``; ``requirement`` ends the error line
-    (``{name}`` stands for the key)."""
-    value = _number(raw, key, default, kind, key_name)
-    if not valid(value):
-        raise ConfigError(f"{key_name or key}={value} " + requirement.format(name=key_name or key))
-    return value
-
-
-def _positive_int(raw, key, default, key_name=None) -> int:
-    return _checked(raw, key, default, int, key_name, lambda v: v > 0,
-                    "must be a positive integer; set {name} >= 1")
-
-
-def _nonneg_int(raw, key, default, key_name=None) -> int:
-    return _checked(raw, key, default, int, key_name, lambda v: v >= 0, "must be an integer >= 0")
-
-
-def _positive_float(raw, key, default, key_name=None) -> float:
-    return _checked(raw, key, default, float, key_name, lambda v: v > 0, "must be > 0")
-
-
-def _nonneg_float(raw, key, default, key_name=None) -> float:
-    return _checked(raw, key, default, float, key_name, lambda v: v >= 0, "must be >= 0")
+    return dp
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,28 +270,38 @@ def _nonneg_float(raw, key, default, key_name=None) -> float:
 
 def client_config(cfg: RunConfig, num_labels: int) -> dict:
     """The flat ConfigRecord values the server sends with every message."""
-    return {"model": cfg.model, "num-labels": num_labels, "rank": cfg.rank, "alpha": cfg.alpha,
-            "targets": ",".join(cfg.targets), "latent": cfg.model_spec(num_labels).latent,
-            "init-seed": cfg.seed, "data-path": cfg.data.path or "", "data-name": cfg.data.name or "",
-            "text-field": cfg.data.text_field, "label-field": cfg.data.label_field,
-            "test-fraction": cfg.data.test_fraction, "partition": cfg.partition,
-            "partition-alpha": cfg.partition_alpha,
-            "partition-labels-per-client": cfg.partition_labels_per_client, "seed": cfg.seed,
-            "max-length": cfg.max_length, "device": cfg.device, "client-cpus": cfg.client_cpus,
-            "local-steps": cfg.local_steps, "batch-size": cfg.batch_size, "lr": cfg.lr,
-            "crash-prob": cfg.faults.crash_prob, **dp_client_config(cfg)}
+    return {"strategy": cfg.strategy, "model": cfg.model, "num-labels": num_labels,
+            "rank": cfg.rank, "alpha": cfg.alpha, "targets": ",".join(cfg.targets),
+            "latent": cfg.model_spec(num_labels).latent, "init-seed": cfg.seed,
+            **to_record(cfg.data, "data."), **to_record(cfg.partition, "partition."),
+            "seed": cfg.seed, "max-length": cfg.max_length, "device": cfg.device,
+            "client-cpus": cfg.client_cpus, "local-steps": cfg.local_steps,
+            "batch-size": cfg.batch_size, "lr": cfg.lr, "crash-prob": cfg.faults.crash_prob,
+            **dp_client_config(cfg)}
+
+
+def to_record(section, prefix: str) -> dict:
+    """A settings dataclass as flat ConfigRecord values (``prefix + field``; None as "")."""
+    return {prefix + k: "" if v is None else v for k, v in asdict(section).items()}
+
+
+def from_record(section_class, record, prefix: str):
+    """The settings dataclass ``to_record`` flattened (missing keys: the defaults)."""
+    raw = {f.name: record[prefix + f.name] for f in fields(section_class) if prefix + f.name in record}
+    return parse_section(section_class, {k: (None if v == "" else v) for k, v in raw.items()},
+                         prefix.rstrip("."))
 
 
 def dp_client_config(cfg: RunConfig) -> dict:
     """The DP settings a client needs to plan its noise multiplier on its own (0: no DP):
     the most training steps it can take in the run (local steps x rounds: participation is
-    not credited) and Fed-SB's init examples per init client (one more release to charge)."""
+    not credited) and the examples of the method's one-time set-up release, if it has one."""
     if not cfg.dp.enabled:
         return {"dp-epsilon": 0.0}
-    init_share = -(-cfg.fedsb.init_samples // cfg.clients_per_round) if cfg.strategy == "fedsb" else 0
+    setup_share = get_method(cfg.strategy).server.setup_examples_per_client(cfg)
     return {"dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,
             "dp-accountant": cfg.dp.accountant, "dp-max-steps": cfg.local_steps * cfg.rounds,
-            "dp-init-samples": init_share}
+            "dp-init-samples": setup_share}
 
 
 def round_lr(cfg: RunConfig, server_round: int) -> float:
@@ -474,7 +319,8 @@ def specs_from_client_config(record) -> tuple[ModelSpec, DataSpec]:
     model = ModelSpec(name=record["model"], num_labels=int(record["num-labels"]),
                       rank=int(record["rank"]), alpha=float(record["alpha"]), targets=targets,
                       latent=bool(record["latent"]), init_seed=int(record["init-seed"]))
-    data = DataSpec(path=record["data-path"] or None, name=record["data-name"] or None,
-                    text_field=record["text-field"], label_field=record["label-field"],
-                    test_fraction=float(record["test-fraction"]))
-    return model, data
+    return model, from_record(DataSpec, record, "data.")
+
+
+def partition_from_client_config(record) -> PartitionConfig:
+    return from_record(PartitionConfig, record, "partition.")

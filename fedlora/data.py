@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from fedlora.errors import ConfigError
+from fedlora.settings import OPEN_UNIT_INTERVAL, setting
 
 
 @dataclass(frozen=True)
@@ -55,20 +56,16 @@ class TextDataset:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Where the data comes from; hashable so each process loads it once."""
+    """Where the data comes from (the ``data.*`` config section); hashable so each process
+    loads it once."""
 
-    path: str | None = None
-    name: str | None = None
-    text_field: str = "text"
-    label_field: str = "label"
-    test_fraction: float = 0.2
-
-    @classmethod
-    def from_config(cls, data: dict) -> "DataSpec":
-        return cls(path=data.get("path"), name=data.get("name"),
-                   text_field=data.get("text_field", "text"),
-                   label_field=data.get("label_field", "label"),
-                   test_fraction=float(data.get("test_fraction", 0.2)))
+    path: str | None = setting(None, "a folder with train/test .jsonl|.csv files, or one such "
+                               "file split by test_fraction")
+    name: str | None = setting(None, "a Hugging Face dataset id (needs network)")
+    text_field: str = setting("text", "the column holding the text")
+    label_field: str = setting("label", "the column holding the label")
+    test_fraction: float = setting(0.2, "share of a single file held out for testing",
+                                   check=OPEN_UNIT_INTERVAL)
 
 
 def in_test_split(text: str, test_fraction: float) -> bool:
@@ -262,12 +259,14 @@ def partition_indices(labels: tuple[int, ...], num_partitions: int, scheme: str,
 
 
 @lru_cache(maxsize=8)
-def client_partitions(spec: DataSpec, num_partitions: int, scheme: str, alpha: float,
-                      seed: int, labels_per_client: int = 2) -> tuple[tuple[int, ...], ...]:
-    """Cached per process: every virtual client on a Ray worker reuses one computation."""
+def client_partitions(spec: DataSpec, num_partitions: int, partition, seed: int
+                      ) -> tuple[tuple[int, ...], ...]:
+    """Each client's training indices under ``partition`` (``fedlora.config.PartitionConfig``).
+    Cached per process: every virtual client on a Ray worker reuses one computation."""
     labels = load_dataset(spec).train.labels
-    return tuple(tuple(p) for p in partition_indices(labels, num_partitions, scheme, alpha, seed,
-                                                      labels_per_client))
+    return tuple(tuple(p) for p in partition_indices(labels, num_partitions, partition.name,
+                                                      partition.alpha, seed,
+                                                      partition.labels_per_client))
 
 
 # --------------------------------------------------------------------------------------------

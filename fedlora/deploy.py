@@ -271,15 +271,11 @@ def parse_deploy_args(argv: list[str]) -> tuple[dict, list[str]]:
 
 def resolve_config(overrides: list[str], nodes: int) -> tuple[RunConfig, dict]:
     """The validated RunConfig and the resolved nested dict, from simulate's Hydra config."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from fedlora.simulate import CONF_DIR, check_command_line
+    from fedlora.cli import check_command_line, compose_config
 
     overrides = [o for o in overrides if not o.startswith("clients=")] + [f"clients={nodes}"]
     check_command_line(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        raw = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    raw = compose_config(overrides)
     return RunConfig.from_dict(raw), raw
 
 
@@ -287,7 +283,7 @@ def resumed_deployment(overrides: list[str], nodes: int, cfg: RunConfig, raw: di
     """``resume=DIR``: the killed run's config (checked as ``python -m fedlora.simulate
     resume=DIR`` checks it) and a run config that continues it in DIR. The new SuperNodes get
     the same partitions (``partition-id=i``); the ServerApp restores what they lost."""
-    from fedlora.simulate import resumed_config
+    from fedlora.cli import resumed_config
 
     run_dir = Path(raw["resume"]).resolve()
     given = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]

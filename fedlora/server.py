@@ -276,8 +276,7 @@ def prepare(cfg: RunConfig):
     if data.num_labels < 2:
         raise ConfigError(f"the data has {data.num_labels} label value(s); a classification task "
                           "needs at least 2 (check data.label_field)")
-    client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.partition_alpha, cfg.seed,
-                      cfg.partition_labels_per_client)
+    client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.seed)
     bundle = build_model(cfg.model_spec(data.num_labels), cfg.device)
     smallest = min(min(bundle.model.get_submodule(n).base.weight.shape) for n in bundle.adapted)
     if cfg.rank > smallest:
@@ -309,7 +308,7 @@ def config_from_run_config(run_config: dict) -> tuple[RunConfig, Path]:
     out = nested.pop("out", None) or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}-deploy"
     cfg = RunConfig.from_dict(nested)
     if resume:  # the killed run's own config, as in ``python -m fedlora.simulate resume=DIR``
-        from fedlora.simulate import resumed_config
+        from fedlora.cli import resumed_config
 
         return resumed_config(Path(resume), cfg, given=[]), Path(resume)
     return cfg, Path(out)
@@ -321,7 +320,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedlora.simulate import setup_logging
+    from fedlora.cli import setup_logging
 
     cfg, out = config_from_run_config(dict(context.run_config))
     setup_logging(out, quiet=not cfg.verbose)  # DIR/run.log, as in a simulation

@@ -9,16 +9,14 @@ are checked before Ray starts; a bad value is one line on stderr and exit code 2
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
 
+from fedlora.cli import CONF_DIR, check_command_line, fail, register_hydra_config, resumed_config
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-
-CONF_DIR = Path(__file__).parent / "conf"
 
 # Flower must not try to install the app's dependencies itself (it would pull a CUDA torch).
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -37,6 +35,7 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
     from flwr.simulation import run_simulation
 
     from fedlora.clients.app import app as client_app
+    from fedlora.cli import setup_logging
     from fedlora.server import prepare, run_server
 
     out = Path(out)
@@ -61,100 +60,6 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
     return result["summary"]
 
 
-def setup_logging(out: Path, quiet: bool) -> None:
-    """fedlora's and Flower's log lines go to ``out/run.log``; the console gets warnings only
-    (and the progress lines) unless ``verbose=true``."""
-    out.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(out / "run.log")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in ("fedlora", "flwr"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        logger.addHandler(file_handler)
-        for handler in logger.handlers:
-            if handler is not file_handler and isinstance(handler, logging.StreamHandler):
-                # Flower's console warnings (run_simulation's deprecation, skipped federated
-                # evaluation) are expected here; they stay in run.log.
-                handler.setLevel(logging.ERROR if quiet and name == "flwr" else
-                                 logging.WARNING if quiet else logging.INFO)
-    if not logging.getLogger("fedlora").handlers[:-1]:
-        console = logging.StreamHandler()
-        console.setLevel(logging.WARNING if quiet else logging.INFO)
-        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("fedlora").addHandler(console)
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _paths(tree: dict, prefix: str = "") -> set[str]:
-    """Every dotted key path of a nested config dict."""
-    paths = set()
-    for key, value in tree.items():
-        paths.add(prefix + key)
-        if isinstance(value, dict):
-            paths |= _paths(value, prefix + key + ".")
-    return paths
-
-
-def check_command_line(argv: list[str]) -> None:
-    """Reject unknown keys and group choices before Hydra (whose errors are multi-line)."""
-    import yaml
-
-    keys = _paths({k: v for k, v in yaml.safe_load((CONF_DIR / "config.yaml").read_text()).items()
-                   if k not in ("defaults", "hydra")})
-    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF_DIR.iterdir() if d.is_dir()}
-    for group in groups:
-        for option in (CONF_DIR / group).glob("*.yaml"):
-            keys |= _paths(yaml.safe_load(option.read_text()), group + ".")
-    for arg in argv:
-        if arg.startswith(("-", "hydra.", "hydra/", "+", "~")) or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        if key in groups:
-            for choice in value.split(","):
-                if choice not in groups[key]:
-                    fail(f"{key} '{choice}' is unknown; choose one of: {', '.join(groups[key])}")
-        elif key not in keys:
-            fail(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml for the valid keys")
-
-
-RESUME_MAY_CHANGE = ("resume", "out", "verbose")
-
-
-def _saved_value(saved: dict, key: str):
-    """The value of a command-line key in a saved ``config.yaml`` (``RunConfig.to_dict``)."""
-    flat = {"partition.alpha": "partition_alpha",
-            "partition.labels_per_client": "partition_labels_per_client"}
-    node = saved
-    for part in (flat[key] if key in flat else key + ".name" if key == "participation" else key).split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> RunConfig:
-    """The config of the run in ``run_dir``; a key given on the command line (``given``) may
-    differ from it only if it is one of ``RESUME_MAY_CHANGE``."""
-    import yaml
-
-    saved_file = run_dir / "config.yaml"
-    if not (run_dir / "checkpoint.pt").is_file() or not saved_file.is_file():
-        raise ConfigError(f"resume={run_dir} has no checkpoint.pt and config.yaml; give the "
-                          "directory of a run that wrote a checkpoint")
-    saved = yaml.safe_load(saved_file.read_text())
-    new = command_line.to_dict()
-    for key in given:
-        if key.split(".")[0] in RESUME_MAY_CHANGE + ("hydra",):
-            continue
-        was, now = _saved_value(saved, key), _saved_value(new, key)
-        if was != now:
-            raise ConfigError(f"resume: {key}={now} differs from the run's {key}={was}; a resumed "
-                              f"run keeps its config (drop {key}= or set it to {was})")
-    return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose)
-
-
 def hydra_task(conf) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -177,12 +82,9 @@ def hydra_task(conf) -> None:
 
 def main() -> None:
     import hydra
-    from omegaconf import OmegaConf
 
     check_command_line(sys.argv[1:])
-    # The run directory: resume's, else out, else a dated one (oc.select takes a null for set).
-    OmegaConf.register_new_resolver(
-        "first_set", lambda *values: next(v for v in values if v is not None), replace=True)
+    register_hydra_config()
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(hydra_task)()
 
 

@@ -37,7 +37,7 @@ from fedlora import plots
 from fedlora.compare import Run, load_run, markdown_table, summarise
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.simulate import CONF_DIR, check_command_line, fail
+from fedlora.cli import check_command_line, compose_config, fail
 
 EPSILON_KEY = "dp.epsilon"
 NO_DP = ("inf", "+inf", "infinity", "null", "none", "")
@@ -83,21 +83,17 @@ def overrides(combination: dict[str, str], fixed: list[str]) -> list[str]:
 
 def validate(plan: list[dict[str, str]], fixed: list[str]) -> None:
     """Check every combination as ``python -m fedlora.simulate`` would, before any run starts."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for combination in plan:
-            keys = overrides(combination, fixed)
-            check_command_line(keys)
-            try:
-                raw = OmegaConf.to_container(compose("config", overrides=keys), resolve=True)
-                RunConfig.from_dict(raw)
-            except ConfigError as error:
-                fail(str(error))
-            except HydraException as error:
-                fail(f"{' '.join(keys)}: {str(error).splitlines()[0]}")
+    for combination in plan:
+        keys = overrides(combination, fixed)
+        check_command_line(keys)
+        try:
+            RunConfig.from_dict(compose_config(keys))
+        except ConfigError as error:
+            fail(str(error))
+        except HydraException as error:
+            fail(f"{' '.join(keys)}: {str(error).splitlines()[0]}")
 
 
 def move_aside(run_dir: Path) -> Path:

@@ -1,40 +1,33 @@
-"""Server strategies, one file per method, registered by name.
+"""Server strategies, one file per method, each registering itself (``fedlora.registry``).
 
-Adding a method: one file with a ``FederatedLoRA`` subclass, one ``register_strategy`` line.
+Adding a method: one file here whose last line is ``register_strategy("name", Server,
+Settings, client=ClientHooks)``. This package imports every module in it, so the new file is
+found with no other edit; ``fedlora.registry.methods()`` lists what registered.
 """
 
+import importlib
+import pkgutil
+
+from fedlora.registry import get_method, methods
 from fedlora.strategies.base import FederatedLoRA
-from fedlora.strategies.fedavg import FedIT
-from fedlora.strategies.fedex import FedEx
-from fedlora.strategies.ffa import FFA
-from fedlora.strategies.fedsb import FedSB
-from fedlora.strategies.fedsvd import FedSVD
-from fedlora.strategies.lorafair import LoRAFAIR
 
-STRATEGIES: dict[str, type[FederatedLoRA]] = {}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
-
-def register_strategy(cls: type[FederatedLoRA]) -> type[FederatedLoRA]:
-    if not cls.name or cls.name in STRATEGIES:
-        raise ValueError(f"strategy name '{cls.name}' is empty or already registered")
-    STRATEGIES[cls.name] = cls
-    return cls
+STRATEGIES: dict[str, type[FederatedLoRA]] = {name: m.server for name, m in methods().items()}
 
 
 def get_strategy(name: str) -> type[FederatedLoRA]:
-    if name not in STRATEGIES:
-        from fedlora.errors import ConfigError
-
-        raise ConfigError(f"strategy '{name}' is unknown; choose one of: {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]
+    """The server class registered as ``name`` (a one-line ConfigError if there is none)."""
+    return get_method(name).server
 
 
-register_strategy(FedIT)
-register_strategy(FFA)
-register_strategy(FedSB)
-register_strategy(FedSVD)
-register_strategy(LoRAFAIR)
-register_strategy(FedEx)
+def __getattr__(name: str):
+    """A registered server class by its class name (``from fedlora.strategies import FedSB``)."""
+    for server in STRATEGIES.values():
+        if server.__name__ == name:
+            return server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["FederatedLoRA", "FedIT", "FFA", "FedSB", "FedSVD", "LoRAFAIR", "FedEx", "STRATEGIES",
-           "get_strategy", "register_strategy"]
+
+__all__ = ["FederatedLoRA", "STRATEGIES", "get_strategy"]

@@ -59,6 +59,12 @@ class FederatedLoRA(FedAvg):
     # Defaults for keys left null in the config: rank, LoRA scale alpha/rank, client lr.
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-3}
 
+    @classmethod
+    def setup_examples_per_client(cls, cfg) -> int:
+        """Examples each client releases in the method's one-time set-up round (``initialize``),
+        which DP must plan for besides training; 0: the method has no such release."""
+        return 0
+
     @staticmethod
     def params_up(m: int, n: int, rank: int) -> int:
         """Parameters one client uploads per round for one adapted m x n matrix."""
@@ -74,6 +80,7 @@ class FederatedLoRA(FedAvg):
                          min_train_nodes=cfg.clients_per_round, min_evaluate_nodes=0,
                          min_available_nodes=cfg.clients)
         self.cfg = cfg
+        self.settings = cfg.settings  # the method's own ``<name>.*`` section (None: none)
         self.head_keys = head_keys
         self.rng = random.Random(cfg.seed)
         self.partition_of: dict[int, int] = {}  # node id -> partition id

@@ -7,11 +7,11 @@ Not exact: the global update E_w[B_k] E_w[A_k] differs from the clients' mean up
 E_w[B_k A_k] by their cross-covariance (``fedlora.aggregation.product_gap``).
 """
 
+from fedlora.registry import register_strategy
 from fedlora.strategies.base import FederatedLoRA
 
 
 class FedIT(FederatedLoRA):
-    name = "fedavg"
     trained_parts = ("A", "B", "head")
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-2}
 
@@ -22,3 +22,6 @@ class FedIT(FederatedLoRA):
     @staticmethod
     def params_down(m: int, n: int, rank: int) -> int:
         return rank * (m + n)
+
+
+register_strategy("fedavg", FedIT)

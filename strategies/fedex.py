@@ -19,18 +19,30 @@ rebuilds each one from the residual messages it accepted, exactly as the node su
 sends it back once (``restore_down``).
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from fedlora.adapters import factor_key, layer_names, residual_key
 from fedlora.aggregation import fedex_residual_factors, single_threaded
 from fedlora.clients.app import update_base_delta
+from fedlora.registry import register_strategy
+from fedlora.settings import setting
 from fedlora.strategies.fedavg import FedIT
+
+
+@dataclass(frozen=True)
+class FedExSettings:
+    """How FedEx-LoRA's residual travels (``fedex.*``)."""
+
+    residual: str = setting("dense", "dense: the m x n residual down (the official code) | "
+                            "factored: its stacked factors, (K+1) r (m+n) per matrix and missed "
+                            "round", choices=("dense", "factored"))
 
 
 class FedEx(FedIT):
     """FedIT's clients and uplink; the residual rides on the downlink."""
 
-    name = "fedex"
     exact = True
     keeps_node_state = True  # each node's base delta (the residuals it added), in Context.state
 
@@ -96,7 +108,7 @@ class FedEx(FedIT):
         for layer in missed[0]:
             B_stack = torch.cat([r[layer][0] for r in missed], dim=1)  # sum of products =
             A_stack = torch.cat([r[layer][1] for r in missed], dim=0)  # product of stacks
-            if self.cfg.fedex.residual == "dense":
+            if self.settings.residual == "dense":
                 dense = B_stack.to(torch.float64) @ A_stack.to(torch.float64)
                 message[residual_key(layer)] = dense.to(B_stack.dtype)
             else:
@@ -135,3 +147,6 @@ class FedEx(FedIT):
         self.residuals_held = {int(node): int(n) for node, n in state["residuals_held"]}
         self.delivered = {int(node): [tuple(m) for m in messages] for node, messages in state["delivered"]}
         self._catch_up = {}
+
+
+register_strategy("fedex", FedEx, FedExSettings)

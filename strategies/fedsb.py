@@ -14,18 +14,31 @@ upload (m n per matrix per client) and the first B/A download to each client are
 """
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedlora.aggregation import lora_sb_init, single_threaded
+from fedlora.registry import register_strategy
+from fedlora.settings import POSITIVE, setting
 from fedlora.strategies.base import FederatedLoRA
 
 log = logging.getLogger("fedlora")
 
 
+@dataclass(frozen=True)
+class FedSBSettings:
+    """Fed-SB's federated LoRA-SB initialisation (``fedsb.*``): clients sampled in a round 0
+    upload their summed base-weight gradients (m x n per adapted matrix, once, counted)."""
+
+    init_samples: int = setting(256, "examples whose summed gradient sets B, R, A (the official "
+                                "code's num_samples), split evenly over the round-0 clients",
+                                check=POSITIVE)
+    init_lr: float = setting(1e-3, "eta of the first-step surrogate -eta sign(G)", check=POSITIVE)
+
+
 class FedSB(FederatedLoRA):
-    name = "fedsb"
     latent = True
     exact = True
     trained_parts = ("R", "head")
@@ -40,6 +53,11 @@ class FedSB(FederatedLoRA):
     @staticmethod
     def params_down(m: int, n: int, rank: int) -> int:
         return rank * rank
+
+    @classmethod
+    def setup_examples_per_client(cls, cfg) -> int:
+        """Each round-0 client's share of ``init_samples`` (its DP release is planned for it)."""
+        return -(-cfg.settings.init_samples // cfg.clients_per_round)
 
     def __init__(self, cfg, head_keys):
         super().__init__(cfg, head_keys)
@@ -71,7 +89,7 @@ class FedSB(FederatedLoRA):
         state = arrays.to_torch_state_dict()
         head = {k: v for k, v in state.items() if self.part(k) == "head"}
         nodes = self.sample(0)
-        share = -(-self.cfg.fedsb.init_samples // len(nodes))  # examples per init client
+        share = -(-self.settings.init_samples // len(nodes))  # examples per init client
         messages = [Message(content=RecordDict({
                         "arrays": ArrayRecord(head),
                         "config": ConfigRecord({**exchange.client_config, "server-round": 0,
@@ -85,10 +103,13 @@ class FedSB(FederatedLoRA):
             for grad_key in grads[0]:  # '<layer>.base.weight'
                 layer = grad_key[: -len(".base.weight")]
                 grad_sum = torch.stack([g[grad_key].to(torch.float64) for g in grads]).sum(0)
-                B, R, A = lora_sb_init(grad_sum, self.cfg.rank, self.cfg.fedsb.init_lr)
+                B, R, A = lora_sb_init(grad_sum, self.cfg.rank, self.settings.init_lr)
                 state[f"{layer}.lora_B.weight"] = B.float()
                 state[f"{layer}.lora_R.weight"] = R.float()
                 state[f"{layer}.lora_A.weight"] = A.float()
         log.info("Fed-SB init from %d clients' gradients over %d examples", len(replies),
                  sum(int(r.content["metrics"]["num-examples"]) for r in replies))
         return ArrayRecord(state)
+
+
+register_strategy("fedsb", FedSB, FedSBSettings)

@@ -13,17 +13,28 @@ The client weights act on B's deltas before the SVD, never on the SVD factors (n
 "Pitfalls"); ``period = 0`` never re-factorises and is FFA-LoRA exactly.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from fedlora.adapters import factor_key, layer_names
 from fedlora.aggregation import fedsvd_refactorise
+from fedlora.registry import register_strategy
+from fedlora.settings import NONNEGATIVE, setting
 from fedlora.strategies.ffa import FFA
+
+
+@dataclass(frozen=True)
+class FedSVDSettings:
+    """FedSVD's re-factorisation schedule (``fedsvd.*``)."""
+
+    period: int = setting(1, "re-factorise B A every this many rounds (the paper's scripts: 1); "
+                          "0 never does, which is FFA-LoRA exactly", check=NONNEGATIVE)
 
 
 class FedSVD(FFA):
     """FFA-LoRA's clients and uplink (A_0 from the seed); A changes on the server."""
 
-    name = "fedsvd"
     kept_parts = frozenset({"A"})  # the latest A a client received
 
     @staticmethod
@@ -47,7 +58,7 @@ class FedSVD(FFA):
 
     def aggregate(self, state, updates, weights):
         new_state = super().aggregate(state, updates, weights)  # B_bar and the head
-        period = self.cfg.fedsvd.period
+        period = self.settings.period
         if period == 0 or self.server_round % period != 0:
             return new_state
         changed = False
@@ -70,3 +81,6 @@ class FedSVD(FFA):
         super().load_state_dict(state)
         self.a_version = int(state["a_version"])
         self.a_version_held = {int(node): int(v) for node, v in state["a_version_held"]}
+
+
+register_strategy("fedsvd", FedSVD, FedSVDSettings)

@@ -7,11 +7,11 @@
     exact:    E_w[B_k] A = E_w[B_k A]  (A is shared), so this is FedAvg of the clients' updates.
 """
 
+from fedlora.registry import register_strategy
 from fedlora.strategies.base import FederatedLoRA
 
 
 class FFA(FederatedLoRA):
-    name = "ffa"
     exact = True
     trained_parts = ("B", "head")
     seeded_parts = frozenset({"A"})
@@ -24,3 +24,6 @@ class FFA(FederatedLoRA):
     @staticmethod
     def params_down(m: int, n: int, rank: int) -> int:
         return rank * m
+
+
+register_strategy("ffa", FFA)

@@ -12,19 +12,32 @@ Under FedAU or a server learning rate the means and dW* are taken in delta form,
 previous global pair as one more weighted client (``fedlora.aggregation.server_step_weights``).
 """
 
+from dataclasses import dataclass
+
 from fedlora.adapters import factor_key, layer_names
 from fedlora.aggregation import lorafair_correction_cos, lorafair_correction_ls
+from fedlora.registry import register_strategy
+from fedlora.settings import NONNEGATIVE, setting
 from fedlora.strategies.fedavg import FedIT
+
+
+@dataclass(frozen=True)
+class LoRAFAIRSettings:
+    """LoRA-FAIR's server correction of B (``lorafair.*``)."""
+
+    objective: str = setting("cos", "cos: 1 - cos + lam ||dB||_F by Adam on the server (the "
+                             "paper's) | ls: the closed-form ridge", choices=("cos", "ls"))
+    lam: float = setting(0.01, "the regularisation weight lambda (paper: 0.01)", check=NONNEGATIVE)
+    steps: int = setting(200, "server Adam steps of the cos objective (not given by the paper)",
+                         check=NONNEGATIVE)
 
 
 class LoRAFAIR(FedIT):
     """FedIT's clients, messages and traffic; only the server's B differs."""
 
-    name = "lorafair"
-
     def aggregate(self, state, updates, weights):
         new_state = super().aggregate(state, updates, weights)  # A_bar, B_bar and the head
-        settings = self.cfg.lorafair
+        settings = self.settings
         for layer in layer_names(state):
             B_key, A_key = factor_key(layer, "B"), factor_key(layer, "A")
             Bs, As = [u[B_key] for u in updates], [u[A_key] for u in updates]
@@ -34,3 +47,6 @@ class LoRAFAIR(FedIT):
                 correction = lorafair_correction_cos(Bs, As, weights, settings.lam, settings.steps)
             new_state[B_key] = new_state[B_key] + correction
         return new_state
+
+
+register_strategy("lorafair", LoRAFAIR, LoRAFAIRSettings)

@@ -17,6 +17,7 @@ from fedlora.adapters import part_of
 from fedlora.clients.app import (describe, full_adapter_state, residual_increments, train,
                                  update_base_delta)
 from fedlora.config import RunConfig, client_config
+from fedlora.config import PartitionConfig
 from fedlora.data import DataSpec, client_partitions
 from fedlora.strategies import get_strategy
 
@@ -221,7 +222,7 @@ def test_a_supernode_reads_its_own_copy_of_the_data_from_node_config(client_mode
     metrics = describe(message, context).content["metrics"]
     # Assert
     local = DataSpec(path=str(path))
-    expected = client_partitions(local, 2, "iid", 0.5, 0)[1]
+    expected = client_partitions(local, 2, PartitionConfig(), 0)[1]
     assert metrics["num-examples"] == len(expected) > 0
     histogram = list(metrics["label-histogram"])
     assert len(histogram) == 21 and sum(histogram) == len(expected)

@@ -7,14 +7,14 @@ import pytest
 from fedlora.comm import expected_params
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.strategies import FFA, FedEx, FedIT, FedSB, FedSVD, LoRAFAIR
+from fedlora.strategies import FFA, STRATEGIES, FedEx, FedIT, FedSB, FedSVD, LoRAFAIR
 
 HEAD_PARAMS = 21 * 384 + 21  # classifier.weight + classifier.bias for 21 labels
 
 
 @pytest.mark.parametrize("raw,message", [
     ({"strategy": "fedsbb"},
-     "strategy 'fedsbb' is unknown; choose one of: fedavg, ffa, fedsb, fedsvd, lorafair, fedex"),
+     f"strategy 'fedsbb' is unknown; choose one of: {', '.join(sorted(STRATEGIES))}"),
     ({"rank": 0}, "rank=0 must be a positive integer; set rank >= 1"),
     ({"rank": -1}, "rank=-1 must be a positive integer; set rank >= 1"),
     ({"rank": 2.5}, "rank=2.5 is not a number of type int; set rank to one"),
@@ -142,14 +142,14 @@ def test_new_settings_default_to_the_papers_and_are_read():
 
     # Assert
     assert (default.weighting, default.server_lr, default.fedau.cutoff) == ("samples", 1.0, None)
-    assert default.participation.name == "uniform" and default.partition_labels_per_client == 2
-    assert (default.fedsvd.period, default.fedex.residual) == (1, "dense")
-    assert (default.lorafair.objective, default.lorafair.lam, default.lorafair.steps) == ("cos", 0.01, 200)
+    assert default.participation.name == "uniform" and default.partition.labels_per_client == 2
+    assert (default.methods["fedsvd"].period, default.methods["fedex"].residual) == (1, "dense")
+    assert (default.methods["lorafair"].objective, default.methods["lorafair"].lam, default.methods["lorafair"].steps) == ("cos", 0.01, 200)
     assert (cfg.weighting, cfg.server_lr, cfg.fedau.cutoff) == ("fedau", 2.0, 50)
     assert (cfg.participation.name, cfg.participation.length, cfg.participation.mean_p) == ("cyclic", 20, 0.3)
-    assert (cfg.partition, cfg.partition_labels_per_client) == ("pathological", 3)
-    assert (cfg.fedsvd.period, cfg.lorafair.objective, cfg.lorafair.lam) == (0, "ls", 0.0)
-    assert cfg.fedex.residual == "factored"
+    assert (cfg.partition.name, cfg.partition.labels_per_client) == ("pathological", 3)
+    assert (cfg.methods["fedsvd"].period, cfg.methods["lorafair"].objective, cfg.methods["lorafair"].lam) == (0, "ls", 0.0)
+    assert cfg.methods["fedex"].residual == "factored"
 
 
 def test_every_option_of_a_config_group_carries_the_same_keys():
@@ -176,8 +176,8 @@ def test_partition_and_data_are_read():
                                "data": {"path": "/tmp/x", "label_field": "topic"}})
 
     # Assert
-    assert cfg.partition == "dirichlet"
-    assert cfg.partition_alpha == 0.1
+    assert cfg.partition.name == "dirichlet"
+    assert cfg.partition.alpha == 0.1
     assert cfg.data.path == "/tmp/x"
     assert cfg.data.label_field == "topic"
     assert cfg.data.text_field == "text"

@@ -114,7 +114,7 @@ def test_run_config_file_reaches_the_server_as_the_same_config(tmp_path):
     received, out = config_from_run_config(flatten_dict(tomllib.loads(path.read_text())))
     # Assert
     assert received == cfg and out == Path("/abs/out")
-    assert received.partition == "dirichlet" and received.partition_alpha == 0.3
+    assert received.partition.name == "dirichlet" and received.partition.alpha == 0.3
     assert received.targets == ("query", "value") and received.clients == 4
 
 

@@ -22,6 +22,7 @@ from fedlora.clients.app import train
 from fedlora.clients.dp import ClientPrivacy, check_opacus_can_wrap, private_gradient_sum
 from fedlora.clients.train import base_gradient_sum, client_update
 from fedlora.config import RunConfig, client_config
+from fedlora.config import PartitionConfig
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.errors import ConfigError
 from fedlora.strategies import get_strategy
@@ -287,7 +288,7 @@ def test_epsilon_grows_persists_across_recreation_matches_reference_and_clients_
     cfg, server = dp_federation(bundle, rounds=2)
     contexts = {10 + p: new_context(p) for p in range(4)}
     arrays = ArrayRecord(bundle.initial_state)
-    sizes = {p: len(ix) for p, ix in enumerate(client_partitions(cfg.data, 4, "iid", 0.5, 0))}
+    sizes = {p: len(ix) for p, ix in enumerate(client_partitions(cfg.data, 4, PartitionConfig(), 0))}
     epsilons, sampled = [], []
 
     # Execute: 5 rounds of 2 clients, but the budget is planned for 2 rounds of each of the 4

@@ -38,7 +38,7 @@ def bare_rounds(cfg, rounds: int, threads: int) -> float:
 
     torch.set_num_threads(threads)
     data = load_dataset(cfg.data)
-    parts = client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.partition_alpha, cfg.seed)
+    parts = client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.seed)
     bundle = build_model(cfg.model_spec(data.num_labels))
     train = Batches(bundle.tokenizer, data.train.texts, data.train.labels, cfg.max_length)
     strategy = get_strategy(cfg.strategy)

@@ -1,0 +1,138 @@
+"""What every fedlora command line shares: the Hydra config, key checks, logging, resume.
+
+``python -m fedlora.simulate``, ``fedlora.deploy``, ``fedlora.sweep`` and the ServerApp import
+these; nothing here imports them back. The Hydra config is generated from the settings
+dataclasses (``fedlora.config``) and the method registry, so a key, its default and its help
+live in one place; ``fedlora/conf/`` holds only Hydra's own settings and the named presets
+(``partition=dirichlet``, ``participation=markov``, ``dp=on``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from fedlora.config import RunConfig, hydra_tree
+from fedlora.errors import ConfigError
+
+CONF_DIR = Path(__file__).parent / "conf"
+GENERATED_CONFIG = "fedlora_keys"  # the ConfigStore name config.yaml's defaults list includes
+
+
+def fail(message: str) -> None:
+    """A bad input: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def register_hydra_config() -> None:
+    """Put the generated tree of keys and defaults where config.yaml's defaults list finds it,
+    and the resolver the run directory's name uses."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name=GENERATED_CONFIG, node=hydra_tree())
+    # The run directory: resume's, else out, else a dated one (oc.select takes a null for set).
+    OmegaConf.register_new_resolver(
+        "first_set", lambda *values: next(v for v in values if v is not None), replace=True)
+
+
+def compose_config(overrides: list[str]) -> dict:
+    """The resolved nested config ``python -m fedlora.simulate <overrides>`` would run."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_hydra_config()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+
+
+def _paths(tree: dict, prefix: str = "") -> set[str]:
+    """Every dotted key path of a nested config dict."""
+    paths = set()
+    for key, value in tree.items():
+        paths.add(prefix + key)
+        if isinstance(value, dict):
+            paths |= _paths(value, prefix + key + ".")
+    return paths
+
+
+def preset_groups() -> dict[str, list[str]]:
+    """The named presets: ``{group: [option, ...]}`` from fedlora/conf's sub-folders."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+            for d in sorted(CONF_DIR.iterdir()) if d.is_dir()}
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Reject unknown keys and preset choices before Hydra (whose errors are multi-line)."""
+    keys = _paths(hydra_tree()) | {"out", "resume"}
+    groups = preset_groups()
+    for arg in argv:
+        if arg.startswith(("-", "hydra.", "hydra/", "+", "~")) or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if key in groups:
+            for choice in value.split(","):
+                if choice not in groups[key]:
+                    fail(f"{key} '{choice}' is unknown; choose one of: {', '.join(groups[key])}")
+        elif key not in keys:
+            fail(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml for the valid keys")
+
+
+def setup_logging(out: Path, quiet: bool) -> None:
+    """fedlora's and Flower's log lines go to ``out/run.log``; the console gets warnings only
+    (and the progress lines) unless ``verbose=true``."""
+    out.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(out / "run.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("fedlora", "flwr"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(file_handler)
+        for handler in logger.handlers:
+            if handler is not file_handler and isinstance(handler, logging.StreamHandler):
+                # Flower's console warnings (run_simulation's deprecation, skipped federated
+                # evaluation) are expected here; they stay in run.log.
+                handler.setLevel(logging.ERROR if quiet and name == "flwr" else
+                                 logging.WARNING if quiet else logging.INFO)
+    if not logging.getLogger("fedlora").handlers[:-1]:
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING if quiet else logging.INFO)
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("fedlora").addHandler(console)
+
+
+RESUME_MAY_CHANGE = ("resume", "out", "verbose")
+
+
+def _saved_value(saved: dict, key: str):
+    """The value of a command-line key (``a.b``; a preset group means its ``name``) in a config
+    in ``RunConfig.to_dict``'s nested layout."""
+    node = saved
+    path = key + ".name" if key in preset_groups() and key != "dp" else key
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> RunConfig:
+    """The config of the run in ``run_dir``; a key given on the command line (``given``) may
+    differ from it only if it is one of ``RESUME_MAY_CHANGE``."""
+    import yaml
+
+    saved_file = run_dir / "config.yaml"
+    if not (run_dir / "checkpoint.pt").is_file() or not saved_file.is_file():
+        raise ConfigError(f"resume={run_dir} has no checkpoint.pt and config.yaml; give the "
+                          "directory of a run that wrote a checkpoint")
+    saved = yaml.safe_load(saved_file.read_text())
+    new = command_line.to_dict()
+    for key in given:
+        if key.split(".")[0] in RESUME_MAY_CHANGE + ("hydra",):
+            continue
+        was, now = _saved_value(saved, key), _saved_value(new, key)
+        if was != now:
+            raise ConfigError(f"resume: {key}={now} differs from the run's {key}={was}; a resumed "
+                              f"run keeps its config (drop {key}= or set it to {was})")
+    return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose)

@@ -1,0 +1,71 @@
+"""The method registry: every federated LoRA method registers itself here, with its settings.
+
+A method is one file in ``strategies/`` that ends with one line::
+
+    register_strategy("fedsb", FedSB, FedSBSettings, client=FedSBClient)
+
+naming its server strategy class, the frozen dataclass of its hyper-parameters (its config
+section ``<name>.<field>``: defaults, bounds and help text live in the fields' metadata, read by
+``fedlora.settings``), and its client-side hooks (what its clients do beyond the generic local
+training: Fed-SB's initialisation gradient, FedEx-LoRA's base-weight bookkeeping). Generic code
+(config parsing, the Hydra config, Flower's run config, the client, DP, comm accounting) reads
+this registry and never names a method.
+
+The registry fills itself on first use by importing every module of ``fedlora.strategies``
+(plugin discovery, as peft's tuner registry), so importing it costs nothing and creates no
+import cycle with the modules a strategy itself imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from fedlora.errors import ConfigError
+
+STRATEGY_PACKAGE = "fedlora.strategies"
+DEFAULT_STRATEGY = "fedsb"  # the method `python -m fedlora.simulate` runs without strategy=
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method: its name, server strategy, settings and client hooks."""
+
+    name: str
+    server: type  # a ``fedlora.strategies.base.FederatedLoRA`` subclass
+    settings: type | None = None  # frozen dataclass: the ``<name>.*`` config section
+    client: type | None = None  # a ``fedlora.clients.hooks.ClientHooks`` subclass; None: generic
+
+
+_METHODS: dict[str, Method] = {}
+_discovered = False
+
+
+def register_strategy(name: str, server: type, settings: type | None = None,
+                      client: type | None = None) -> Method:
+    """Register a method under ``name`` (lower-case letters and digits, not taken yet)."""
+    if not name or not name.isalnum() or name != name.lower():
+        raise ValueError(f"strategy name '{name}' must be lower-case letters and digits")
+    if name in _METHODS and _METHODS[name].server is not server:
+        raise ValueError(f"strategy name '{name}' is already registered")
+    method = Method(name, server, settings, client)
+    server.name = name
+    _METHODS[name] = method
+    return method
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method by name, in alphabetical order."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        importlib.import_module(STRATEGY_PACKAGE)  # each method module registers itself
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name``; a one-line ``ConfigError`` naming the choices if none."""
+    registered = methods()
+    if name not in registered:
+        raise ConfigError(f"strategy '{name}' is unknown; choose one of: {', '.join(registered)}")
+    return registered[name]
