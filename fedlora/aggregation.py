@@ -1,7 +1,7 @@
 """Federated aggregation maths: pure functions, tensors in, tensors out.
 
 Every strategy calls these; none re-implements them. Written by hand because no maintained
-library provides LoRA-family aggregation. Notation (../shared/ALGORITHMS.md): an adapted layer
+library provides LoRA-family aggregation. Notation (docs/algorithms.md): an adapted layer
 has frozen ``W0`` (m x n), ``B`` (m x r), ``A`` (r x n), LoRA-SB's ``R`` (r x r); client k has
 weight ``w_k``; ``E_w[X] = sum_k w_k X_k``.
 """

@@ -5,7 +5,7 @@ ArrayRecords times the bytes per element of the dtype sent (read from the Array'
 dtype fields). ``wire_bytes`` is Flower's ``count_bytes`` (the serialised ``np.save`` payloads
 plus key names: a fixed header per array on top of ``tensor_bytes``).
 
-Formulas (../shared/ALGORITHMS.md, "Communication cost"): each strategy class states its
+Formulas (docs/algorithms.md, "Communication cost"): each strategy class states its
 parameters per adapted m x n matrix; ``expected_params`` sums them over the model's layers and
 adds the trained head.
 """

@@ -8,8 +8,8 @@ its estimator (:class:`FedAUWeights`), its server update (:func:`fedau_update`) 
 participation models it is evaluated under, transcribed from the official code
 (``IBM/fedau``: ``main.py`` for the estimator, ``util/util.py`` ``WorkerSampler`` and
 ``data_participation_each_node`` for the models and probabilities). Spec:
-``../shared/ALGORITHMS.md`` ("Weighting", "Participation patterns", invariant 7) and
-``../shared/notes/methods-b-lorafair-fedsvd-fedau-dp-comm.md``, section 3.
+``docs/algorithms.md`` ("Client weighting", "Participation patterns", and the FedAU
+invariant among "Invariants the test-suite checks").
 
 Written by hand: no maintained library provides FedAU or its participation models (Flower's
 strategies sample a fixed fraction uniformly). Clients are identified by their index
