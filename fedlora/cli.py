@@ -104,6 +104,33 @@ def setup_logging(out: Path, quiet: bool) -> None:
         logging.getLogger("fedlora").addHandler(console)
 
 
+def keys_markdown() -> str:
+    """The table of every key, its default and its help, from the settings dataclasses
+    (``python -m fedlora.cli keys``; docs/configuration.md holds its output)."""
+    from dataclasses import fields
+
+    from fedlora.config import SECTIONS, DataSpec, RunConfig
+    from fedlora.registry import methods
+
+    def rows(settings_class, prefix: str):
+        for f in fields(settings_class):
+            if "help" not in f.metadata:
+                continue
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            shown = "null" if default is None else str(default).lower() if isinstance(default, bool) \
+                else default
+            yield f"| `{prefix}{f.name}` | `{shown}` | {f.metadata['help']} |"
+
+    sections = {**SECTIONS, "data": DataSpec,
+                **{name: m.settings for name, m in methods().items() if m.settings is not None}}
+    lines = ["| key | default | meaning |", "|---|---|---|", *rows(RunConfig, "")]
+    for name, settings_class in sections.items():
+        lines += rows(settings_class, f"{name}.")
+    lines += ["| `out` | `null` | the results directory; null: outputs/<date-time>-<strategy> |",
+              "| `resume` | `null` | a run directory: continue its killed run from its checkpoint |"]
+    return "\n".join(lines)
+
+
 RESUME_MAY_CHANGE = ("resume", "out", "verbose")
 
 
@@ -136,3 +163,9 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
             raise ConfigError(f"resume: {key}={now} differs from the run's {key}={was}; a resumed "
                               f"run keeps its config (drop {key}= or set it to {was})")
     return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["keys"]:
+        fail("usage: python -m fedlora.cli keys  (prints the table of configuration keys)")
+    print(keys_markdown())

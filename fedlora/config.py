@@ -100,7 +100,8 @@ PLACEMENT_KEYS = ("out", "resume")
 
 @dataclass(frozen=True)
 class RunConfig:
-    strategy: str = setting(DEFAULT_STRATEGY, "the federated LoRA method (strategies/<name>.py)")
+    strategy: str = setting(DEFAULT_STRATEGY, "the federated LoRA method: the name a file "
+                            "strategies/<name>.py registers (docs/algorithms.md)")
     model: str = setting(EMBEDDED_MODEL, "the embedded all-MiniLM-L6-v2, or a Hugging Face id / "
                          "local model folder")
     rank: int | None = setting(None, "adapter rank; null: the method's default", check=POSITIVE)

@@ -94,3 +94,16 @@ def test_every_relative_link_reaches_a_file_and_heading(page):
 
     # Assert
     assert problems == [], f"{page.relative_to(ROOT)}: {problems}"
+
+
+def test_configuration_page_lists_the_generated_keys():
+    # Prepare: the table the settings dataclasses generate
+    from fedlora.cli import keys_markdown
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+
+    # Execute
+    shown = page.split("<!-- keys:start -->\n", 1)[1].split("\n<!-- keys:end -->", 1)[0]
+
+    # Assert: regenerate with `python -m fedlora.cli keys` when a setting changes
+    assert shown == keys_markdown()
