@@ -7,12 +7,14 @@ give the official unweighted mean), and LoRA-SB's initialisation (arXiv 2411.195
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedlora.adapters import LoRALinear
 from fedlora.aggregation import (lora_sb_init, product_gap, sample_weights, weighted_mean_states,
                                  weighted_sum)
 
@@ -30,50 +32,88 @@ def max_abs(x: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Fed-SB: B (sum_k w_k R_k) A == sum_k w_k B R_k A
+# Fed-SB: B (sum_k w_k R_k) A == sum_k w_k B R_k A, checked on the layers' outputs: a LoRA-SB
+# layer's output is linear in R, so the layer holding the aggregated R must answer every input
+# with the weighted sum of the client layers' answers (no product is formed by the test).
 
 
-def test_fedsb_aggregation_is_exact_on_non_square_layer():
-    # Prepare
+def latent_layer(base: torch.nn.Linear, B: torch.Tensor, R: torch.Tensor, A: torch.Tensor,
+                 alpha: float) -> LoRALinear:
+    """A real ``LoRALinear`` with latent R in float64, holding the given factors."""
+    layer = LoRALinear(base, rank=R.shape[0], alpha=alpha, latent=True)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(B)
+        layer.lora_R.weight.copy_(R)
+        layer.lora_A.weight.copy_(A)
+    return layer
+
+
+def float64_base(gen: torch.Generator, m: int, n: int) -> torch.nn.Linear:
+    base = torch.nn.Linear(n, m, bias=True, dtype=F64)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(m, n, generator=gen, dtype=F64))
+        base.bias.copy_(torch.randn(m, generator=gen, dtype=F64))
+    return base
+
+
+def weighted_client_outputs(base, B, Rs, A, weights, alpha, x) -> torch.Tensor:
+    """sum_k w_k layer_k(x) with sum_k w_k = 1, one client layer at a time."""
+    out = torch.zeros(x.shape[0], base.out_features, dtype=F64)
+    for w, R in zip(weights, Rs):
+        out += w * latent_layer(base, B, R, A, alpha)(x)
+    return out
+
+
+@torch.no_grad()
+def test_fedsb_aggregated_layer_answers_as_the_clients_mean_on_non_square_layer():
+    # Prepare: the Fed-SB server's aggregate on 3 clients' R, then real layers
     gen = torch.Generator().manual_seed(0)
-    m, n, r, num_clients = 48, 40, 4, 3
-    B = torch.randn(m, r, generator=gen, dtype=F64)
-    A = torch.randn(r, n, generator=gen, dtype=F64)
+    m, n, r, num_clients, alpha = 48, 40, 4, 3, 8.0
+    base = float64_base(gen, m, n)
+    B, _, A = lora_sb_init(torch.randn(m, n, generator=gen, dtype=F64), r, 1e-3)
     Rs = [torch.randn(r, r, generator=gen, dtype=F64) for _ in range(num_clients)]
     weights = random_weights(gen, num_clients)
+    weights[-1] = 1.0 - sum(weights[:-1])  # exactly one: the bias is then kept exactly
+    state = {"l.lora_A.weight": A, "l.lora_B.weight": B, "l.lora_R.weight": torch.eye(r, dtype=F64)}
+    x = torch.randn(64, n, generator=gen, dtype=F64)
+    expected = weighted_client_outputs(base, B, Rs, A, weights, alpha, x)
 
     # Execute
-    aggregated = B @ weighted_sum(Rs, weights) @ A
-    clients_mean_update = sum(w * (B @ R @ A) for w, R in zip(weights, Rs))
+    new_state = make_strategy("fedsb").aggregate(state, [{"l.lora_R.weight": R} for R in Rs],
+                                                 weights)
+    aggregated = latent_layer(base, new_state["l.lora_B.weight"], new_state["l.lora_R.weight"],
+                              new_state["l.lora_A.weight"], alpha)(x)
 
     # Assert
-    assert aggregated.shape == (m, n)
-    assert math.isclose(sum(weights), 1.0, abs_tol=1e-15)
-    assert max_abs(aggregated - clients_mean_update) <= 1e-12
-    # The check is not vacuous: the update is of order one.
-    assert max_abs(clients_mean_update) > 0.1
+    assert aggregated.shape == (64, m) and aggregated.dtype == F64
+    assert max_abs(aggregated - expected) <= 1e-12 * max(1.0, max_abs(expected))
+    # The check is not vacuous: the clients' layers answer differently, by order one.
+    first, second = (latent_layer(base, B, R, A, alpha)(x) for R in Rs[:2])
+    assert max_abs(first - second) > 0.1
 
 
+@torch.no_grad()
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 24), n=st.integers(1, 24), r=st.integers(1, 6),
        num_clients=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
-def test_fedsb_aggregation_is_exact_property(m, n, r, num_clients, seed):
-    # Prepare
+def test_fedsb_aggregation_is_exact_on_layer_outputs_property(m, n, r, num_clients, seed):
+    # Prepare: factors need not be orthonormal for exactness; B and A are shared, R differs
     gen = torch.Generator().manual_seed(seed)
+    base = float64_base(gen, m, n)
     B = torch.randn(m, r, generator=gen, dtype=F64)
     A = torch.randn(r, n, generator=gen, dtype=F64)
     Rs = [torch.randn(r, r, generator=gen, dtype=F64) for _ in range(num_clients)]
     weights = random_weights(gen, num_clients)
+    weights[-1] = 1.0 - sum(weights[:-1])
+    x = torch.randn(8, n, generator=gen, dtype=F64)
+    expected = weighted_client_outputs(base, B, Rs, A, weights, 2.0 * r, x)
 
     # Execute
-    aggregated = B @ weighted_sum(Rs, weights) @ A
-    slow = torch.zeros(m, n, dtype=F64)
-    for w, R in zip(weights, Rs):
-        slow += w * (B @ R @ A)
+    aggregated = latent_layer(base, B, weighted_sum(Rs, weights), A, 2.0 * r)(x)
 
     # Assert
-    assert aggregated.shape == (m, n)
-    assert max_abs(aggregated - slow) <= 1e-12
+    assert aggregated.shape == (8, m)
+    assert max_abs(aggregated - expected) <= 1e-12 * max(1.0, max_abs(expected))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,9 +279,11 @@ def test_sample_weights_sum_to_one_property(num_examples):
     assert len(weights) == len(num_examples)
     assert all(w >= 0 for w in weights)
     assert math.isclose(sum(weights), 1.0, abs_tol=1e-12)
+    # Exact rationals as the oracle: each weight is n_k / sum n correctly rounded (half an ulp)
     total = sum(num_examples)
     for w, n in zip(weights, num_examples):
-        assert w == n / total
+        exact = Fraction(n, total)
+        assert abs(Fraction(w) - exact) <= exact * Fraction(1, 2**53)
 
 
 @pytest.mark.parametrize("num_examples", [[0, 0, 0], [0], []])

@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.aggregation import (fedex_residual, fedex_residual_factors, fedsvd_refactorise,
-                                 lorafair_correction_cos, lorafair_correction_ls, lorafair_cosine,
-                                 weighted_sum)
+                                 lorafair_correction_cos, lorafair_correction_ls, lorafair_cosine)
 
 F64 = torch.float64
 
@@ -74,14 +73,15 @@ def dense_means(Bs, As, weights) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dense_ls_correction(Bs, As, weights, lam) -> torch.Tensor:
-    """D = (dW* - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam I)^{-1}, or (dW* - B_bar A_bar) A_bar^+
-    for lam = 0, with the m x n gap formed explicitly."""
+    """argmin_D ||dW* - (B_bar + D) A_bar||_F^2 + lam ||D||_F^2 by torch.linalg.lstsq on the
+    dense problem: the rows of D solve [A_bar^T; sqrt(lam) I] D^T = [(dW* - B_bar A_bar)^T; 0]
+    (gelsd: the minimum-norm solution when lam = 0 and A_bar is rank-deficient)."""
     B_bar, A_bar = dense_means(Bs, As, weights)
     gap = dense_target(Bs, As, weights) - B_bar @ A_bar
-    if lam == 0:
-        return gap @ torch.linalg.pinv(A_bar)
     rank = A_bar.shape[0]
-    return gap @ A_bar.T @ torch.linalg.inv(A_bar @ A_bar.T + lam * torch.eye(rank, dtype=F64))
+    system = torch.cat([A_bar.T, math.sqrt(lam) * torch.eye(rank, dtype=F64)])
+    rhs = torch.cat([gap.T, torch.zeros(rank, gap.shape[0], dtype=F64)])
+    return torch.linalg.lstsq(system, rhs, driver="gelsd").solution.T
 
 
 def dense_cosine(X: torch.Tensor, Y: torch.Tensor) -> float:
@@ -352,7 +352,7 @@ def test_lorafair_ls_zero_lambda_is_minimum_norm_for_rank_deficient_A_bar():
     # Assert
     assert torch.linalg.matrix_rank(A_bar @ A_bar.T).item() == 3
     assert torch.isfinite(delta_B).all()
-    expected = dense_ls_correction(Bs, As, weights, 0.0)  # gap @ pinv(A_bar): minimum norm
+    expected = dense_ls_correction(Bs, As, weights, 0.0)  # lstsq (gelsd): the minimum norm
     assert max_abs(delta_B - expected) <= 1e-9 * max(1.0, max_abs(expected))
 
 
@@ -654,24 +654,53 @@ def test_lorafair_cos_matches_dense_objective_property(m, n, num_clients, B_scal
 # FedEx-LoRA: residual E_w[B_k A_k] - B_bar A_bar folded into W0
 
 
-def test_fedex_update_is_exact_on_non_square_layer():
+def fedex_server(rank: int, alpha: float):
+    from fedlora.config import RunConfig
+    from fedlora.strategies import get_strategy
+
+    cfg = RunConfig.from_dict({"strategy": "fedex", "clients": 4, "clients_per_round": 3,
+                               "rank": rank, "alpha": alpha})
+    return get_strategy("fedex")(cfg, frozenset())
+
+
+def fedex_server_round(W0, Bs, As, weights, rank, alpha):
+    """One aggregation by the FedEx server: its new W0' = W0 + base delta and B_bar, A_bar."""
+    server = fedex_server(rank, alpha)
+    state = {"l.lora_A.weight": torch.zeros_like(As[0]), "l.lora_B.weight": torch.zeros_like(Bs[0])}
+    updates = [{"l.lora_A.weight": A, "l.lora_B.weight": B} for B, A in zip(Bs, As)]
+    new_state = server.aggregate(state, updates, weights)
+    return (W0 + server.global_base_delta()["l"], new_state["l.lora_B.weight"],
+            new_state["l.lora_A.weight"])
+
+
+def explicit_loop_update(W0, Bs, As, weights, scale) -> torch.Tensor:
+    """W0 + s sum_k w_k B_k A_k, entry by entry of each dense client product."""
+    out = W0.clone()
+    for w, B, A in zip(weights, Bs, As):
+        product = B @ A
+        for i in range(W0.shape[0]):
+            for j in range(W0.shape[1]):
+                out[i, j] += scale * w * product[i, j]
+    return out
+
+
+def test_fedex_server_update_is_exact_on_non_square_layer():
     # Prepare
     gen = torch.Generator().manual_seed(400)
-    m, n, rank, num_clients, scale = 48, 40, 4, 3, 2.0  # s = alpha / r = 8 / 4
+    m, n, rank, num_clients, alpha = 48, 40, 4, 3, 8.0  # s = alpha / r = 2
     W0 = torch.randn(m, n, generator=gen, dtype=F64)
     Bs, As = random_clients(gen, m, n, rank, num_clients)
     weights = random_weights(gen, num_clients)
-    B_bar, A_bar = weighted_sum(Bs, weights), weighted_sum(As, weights)
+    expected = explicit_loop_update(W0, Bs, As, weights, alpha / rank)
 
     # Execute
-    residual = fedex_residual(Bs, As, weights)
-    W0_new = W0 + scale * residual
+    W0_new, B_bar, A_bar = fedex_server_round(W0, Bs, As, weights, rank, alpha)
 
-    # Assert
-    assert residual.shape == W0.shape and residual.dtype == F64
-    expected = W0 + scale * dense_target(Bs, As, weights)
-    assert max_abs(W0_new + scale * B_bar @ A_bar - expected) <= 1e-12
-    assert fro(residual) > 0.1  # FedIT alone would be off by this much
+    # Assert: the server's model W0' + s B_bar A_bar is the clients' mean model
+    assert W0_new.shape == W0.shape and W0_new.dtype == F64
+    assert max_abs(W0_new + (alpha / rank) * B_bar @ A_bar - expected) <= 1e-12 * max_abs(expected)
+    # FedIT alone (W0 unchanged) would be off by this much
+    assert max_abs(W0 + (alpha / rank) * B_bar @ A_bar - expected) > 0.1
 
 
 def test_fedex_factored_residual_equals_dense():
@@ -685,11 +714,13 @@ def test_fedex_factored_residual_equals_dense():
     B_stack, A_stack = fedex_residual_factors(Bs, As, weights)
     residual = fedex_residual(Bs, As, weights)
 
-    # Assert
+    # Assert: both equal E_w[B_k A_k] - B_bar A_bar formed densely, client by client
+    B_bar, A_bar = dense_means(Bs, As, weights)
+    dense = dense_target(Bs, As, weights) - B_bar @ A_bar
     assert B_stack.shape == (m, (num_clients + 1) * rank)
     assert A_stack.shape == ((num_clients + 1) * rank, n)
-    assert max_abs(B_stack @ A_stack - residual) <= 1e-12
-    B_bar, A_bar = dense_means(Bs, As, weights)
+    assert max_abs(B_stack @ A_stack - dense) <= 1e-12
+    assert max_abs(residual - dense) <= 1e-12
     assert max_abs(B_stack[:, -rank:] + B_bar) <= 1e-15
     assert max_abs(A_stack[-rank:] - A_bar) <= 1e-15
     assert torch.equal(B_stack[:, :rank], weights[0] * Bs[0])
@@ -745,20 +776,20 @@ def test_fedex_uniform_weights_equal_official_unweighted_mean():
     assert max_abs(residual - official) <= 1e-12
 
 
-def test_fedex_update_is_exact_with_unnormalised_weights():
+def test_fedex_server_update_is_exact_with_unnormalised_weights():
     # Prepare: FedAU-style weights are used as given; the identity holds for any weights
     gen = torch.Generator().manual_seed(405)
     Bs, As = random_clients(gen, 48, 40, 4, 3)
     weights = [0.5, 2.0, 1.5]
     W0 = torch.randn(48, 40, generator=gen, dtype=F64)
-    B_bar, A_bar = weighted_sum(Bs, weights), weighted_sum(As, weights)
+    expected = explicit_loop_update(W0, Bs, As, weights, 2.0)
 
     # Execute
-    W0_new = W0 + 2.0 * fedex_residual(Bs, As, weights)
+    W0_new, B_bar, A_bar = fedex_server_round(W0, Bs, As, weights, 4, 8.0)
 
     # Assert
-    assert max_abs(W0_new + 2.0 * B_bar @ A_bar - (W0 + 2.0 * dense_target(Bs, As, weights))) \
-        <= 1e-11
+    assert max_abs(B_bar - sum(w * B for w, B in zip(weights, Bs))) <= 1e-12
+    assert max_abs(W0_new + 2.0 * B_bar @ A_bar - expected) <= 1e-11
 
 
 def test_fedex_float32_keeps_dtype():
@@ -774,8 +805,11 @@ def test_fedex_float32_keeps_dtype():
 
     # Assert
     assert residual.dtype == B_stack.dtype == A_stack.dtype == torch.float32
-    expected = fedex_residual([B.double() for B in Bs], [A.double() for A in As], weights)
+    Bs64, As64 = [B.double() for B in Bs], [A.double() for A in As]
+    B_bar, A_bar = dense_means(Bs64, As64, weights)
+    expected = dense_target(Bs64, As64, weights) - B_bar @ A_bar
     assert max_abs(residual.double() - expected) <= 1e-5 * max_abs(expected)
+    assert max_abs((B_stack.double() @ A_stack.double()) - expected) <= 1e-5 * max_abs(expected)
 
 
 def test_fedex_rejects_mismatched_clients():

@@ -137,6 +137,7 @@ def _wait_for_line(log: Path, text: str, timeout_s: float) -> bool:
     return False
 
 
+@pytest.mark.slow  # a real SuperLink and SuperNodes
 def test_unregistered_or_plaintext_supernodes_are_refused(tmp_path):
     """Only registered keys over TLS get in: an unregistered key and a node without TLS exit
     non-zero; the registered node on TLS is activated (the control)."""
@@ -177,6 +178,7 @@ def _alive(marker: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # a real deployment: SuperLink, 2 SuperNodes, flwr run
 def test_loopback_deployment_with_tls_and_authentication(tmp_path):
     """``python -m fedlora.deploy local``: 2 authenticated SuperNodes over TLS train fedavg for
     1 round; the run directory holds a simulation's files; every process is gone after.

@@ -335,6 +335,7 @@ def test_epsilon_grows_persists_across_recreation_matches_reference_and_clients_
 # End to end: python -m fedlora.simulate with dp.epsilon
 
 
+@pytest.mark.slow  # a real simulation
 def test_dp_simulation_reports_epsilon_per_round_and_privacy_json(tmp_path):
     # Execute
     done = simulate(tmp_path, "strategy=fedsb", "clients=4", "clients_per_round=2", "rounds=2",

@@ -62,6 +62,7 @@ def faulty_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # a real simulation
 def test_seeded_crashes_are_left_out_and_counted(faulty_run):
     # Execute: the fixture ran 3 rounds in which clients fail at random
     rows = rows_of(faulty_run)

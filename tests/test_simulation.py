@@ -28,7 +28,9 @@ def read_run(out: Path) -> tuple[list[dict], dict]:
     return rows, json.loads((out / "summary.json").read_text())
 
 
-@pytest.fixture(scope="module", params=["fedsb", "fedavg"])
+# fedavg is the default suite's one end-to-end smoke (the cheapest: no init round); every
+# other real simulation is marked slow.
+@pytest.fixture(scope="module", params=[pytest.param("fedsb", marks=pytest.mark.slow), "fedavg"])
 def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     done = simulate(out, f"strategy={request.param}", f"clients={CLIENTS}",
@@ -110,6 +112,7 @@ def test_bytes_equal_formula(run):
         assert overhead / arrays_up < 256
 
 
+@pytest.mark.slow  # a real simulation
 def test_other_jsonl_dataset_runs_unchanged(tmp_path):
     # Prepare: a second real task (language identification), one file split by test_fraction
     data = tmp_path / "language_id.jsonl"
