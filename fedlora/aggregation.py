@@ -109,7 +109,7 @@ def lora_sb_init(grad_sum: torch.Tensor, rank: int, step_size: float
 # Product-based methods: FedSVD, LoRA-FAIR, FedEx-LoRA.
 #
 # Each takes the factors and weights as given (sample weights, or FedAU's unnormalised ones: never
-# renormalised here), computes in float64 and returns the inputs' dtype. Only fedex_residual forms
+# renormalised here), computes in float64 and returns the inputs' dtype. Only product_mean_residual forms
 # an m x n matrix; everything else works on thin (m x r, r x n) factors and r x r cores.
 
 
@@ -140,7 +140,7 @@ def _stacked_factors(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
     return (torch.cat([w * B for w, B in zip(weights, Bs)], dim=1), torch.cat(list(As), dim=0))
 
 
-def fedsvd_refactorise(B_bar: torch.Tensor, A_prev: torch.Tensor
+def refactorise_orthonormal(B_bar: torch.Tensor, A_prev: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """FedSVD's re-factorisation of ``B_bar A_prev`` (arXiv 2505.12805; the official code,
     ``seanie12/fed-svd`` ``misc/utils.py::reinit_lora``, takes a thin SVD of the m x n product):
@@ -183,7 +183,7 @@ def fedsvd_refactorise(B_bar: torch.Tensor, A_prev: torch.Tensor
     return B_new.to(B_bar.dtype), A_new.to(A_prev.dtype)
 
 
-def _lorafair_terms(Bs: list[torch.Tensor], As: list[torch.Tensor], weights: list[float]):
+def _product_correction_terms(Bs: list[torch.Tensor], As: list[torch.Tensor], weights: list[float]):
     """LoRA-FAIR's thin statistics (float64): ``B_bar``, ``A_bar``, ``G = A_bar A_bar^T`` (r x r),
     ``P = dW* A_bar^T`` (m x r) and ``||dW*||_F^2`` with ``dW* = E_w[B_k A_k]``, none via m x n."""
     B_bar, A_bar = weighted_sum(Bs, weights), weighted_sum(As, weights)
@@ -206,7 +206,7 @@ def _factored_cosine(B: torch.Tensor, target_times_A_bar_t: torch.Tensor, gram: 
     return torch.sum(target_times_A_bar_t * B) / denominator
 
 
-def lorafair_cosine(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
+def factored_product_cosine(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
                     weights: Sequence[float], delta_B: torch.Tensor | None = None) -> float:
     """LoRA-FAIR's similarity ``cos(dW*, (B_bar + delta_B) A_bar)`` (arXiv 2411.14961; the
     discrepancy in its residual-correction problem, note B sec. 1.3): the Frobenius cosine, with
@@ -214,12 +214,12 @@ def lorafair_cosine(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
     FedIT's ``cos(dW*, B_bar A_bar)``. Computed from r x r and Kr x Kr products, never an m x n
     matrix; 0 when either matrix is zero. For logging and tests."""
     Bs, As, weights = _client_factors(Bs, As, weights)
-    B_bar, _, gram, target_times_A_bar_t, target_sq = _lorafair_terms(Bs, As, weights)
+    B_bar, _, gram, target_times_A_bar_t, target_sq = _product_correction_terms(Bs, As, weights)
     corrected = B_bar if delta_B is None else B_bar + delta_B.to(torch.float64)
     return _factored_cosine(corrected, target_times_A_bar_t, gram, torch.sqrt(target_sq)).item()
 
 
-def lorafair_correction_ls(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
+def product_correction_ls(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
                            weights: Sequence[float], lam: float) -> torch.Tensor:
     """LoRA-FAIR's correction of B, closed-form variant (``lorafair.objective=ls``).
 
@@ -250,7 +250,7 @@ def lorafair_correction_ls(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
     out_dtype = Bs[0].dtype if Bs else torch.float64
     Bs, As, weights = _client_factors(Bs, As, weights)
-    B_bar, _, gram, target_times_A_bar_t, _ = _lorafair_terms(Bs, As, weights)
+    B_bar, _, gram, target_times_A_bar_t, _ = _product_correction_terms(Bs, As, weights)
     rhs = target_times_A_bar_t - B_bar @ gram                       # (dW* - B_bar A_bar) A_bar^T
     if lam == 0:
         delta_B = rhs @ torch.linalg.pinv(gram, hermitian=True)
@@ -260,7 +260,7 @@ def lorafair_correction_ls(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor
     return delta_B.to(out_dtype)
 
 
-def lorafair_correction_cos(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
+def product_correction_cos(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
                             weights: Sequence[float], lam: float = 0.01, steps: int = 200,
                             lr: float | None = None) -> torch.Tensor:
     """LoRA-FAIR's correction of B, paper-faithful variant (``lorafair.objective=cos``).
@@ -288,7 +288,7 @@ def lorafair_correction_cos(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tenso
       never scores worse than FedIT's ``B_bar``: objective(delta_B) <= objective(0), hence
       ``cos(dW*, (B_bar + delta_B) A_bar) >= cos(dW*, B_bar A_bar)``.
 
-    The cosine comes from thin factors (see ``lorafair_cosine``): each step costs O(m r^2),
+    The cosine comes from thin factors (see ``factored_product_cosine``): each step costs O(m r^2),
     never an m x n matrix. If ``dW* = 0`` there is nothing to align to and 0 is returned.
 
     Args:
@@ -313,7 +313,7 @@ def lorafair_correction_cos(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tenso
     with torch.inference_mode(False), torch.enable_grad():
         Bs, As, weights = _client_factors([B.clone() for B in Bs], [A.clone() for A in As],
                                           weights)
-        B_bar, _, gram, target_times_A_bar_t, target_sq = _lorafair_terms(Bs, As, weights)
+        B_bar, _, gram, target_times_A_bar_t, target_sq = _product_correction_terms(Bs, As, weights)
         delta_B = torch.zeros_like(B_bar, requires_grad=True)
         if target_sq.item() == 0.0 or steps == 0:
             return delta_B.detach().to(out_dtype)
@@ -349,7 +349,7 @@ def lorafair_correction_cos(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tenso
     return best.to(out_dtype)
 
 
-def fedex_residual_factors(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
+def product_mean_residual_factors(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
                            weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """FedEx-LoRA's residual in factored form (arXiv 2410.09432; ``fedex.residual=factored``,
     ALGORITHMS.md): ``(B_stack, A_stack)`` with
@@ -357,7 +357,7 @@ def fedex_residual_factors(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor
         B_stack = [w_1 B_1, ..., w_K B_K, -B_bar]      (m x (K+1) r)
         A_stack = [A_1; ...; A_K; A_bar]               ((K+1) r x n)
 
-    so that ``B_stack @ A_stack = E_w[B_k A_k] - B_bar A_bar = fedex_residual(...)``. Shipping
+    so that ``B_stack @ A_stack = E_w[B_k A_k] - B_bar A_bar = product_mean_residual(...)``. Shipping
     these costs (K+1) r (m + n) elements per matrix instead of m n; a client adds
     ``s * B_stack @ A_stack`` to ``W0`` in its own layout. Weights as given, never renormalised.
     Returned in the dtypes of ``Bs[0]`` and ``As[0]``.
@@ -370,7 +370,7 @@ def fedex_residual_factors(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor
             torch.cat([A_stack, A_bar], dim=0).to(A_dtype))
 
 
-def fedex_residual(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
+def product_mean_residual(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
                    weights: Sequence[float]) -> torch.Tensor:
     """FedEx-LoRA's residual ``E_w[B_k A_k] - B_bar A_bar`` (arXiv 2410.09432; official
     ``fed_agg.py::aggregate_models_ours``), dense m x n (``fedex.residual=dense``, the official
@@ -386,6 +386,6 @@ def fedex_residual(Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
     of ``Bs[0]`` and ``As[0]``.
     """
     out_dtype = torch.promote_types(Bs[0].dtype, As[0].dtype) if Bs and As else torch.float64
-    B_stack, A_stack = fedex_residual_factors([B.to(torch.float64) for B in Bs],
+    B_stack, A_stack = product_mean_residual_factors([B.to(torch.float64) for B in Bs],
                                               [A.to(torch.float64) for A in As], weights)
     return (B_stack @ A_stack).to(out_dtype)

@@ -112,11 +112,14 @@ def keys_markdown() -> str:
     from fedlora.config import SECTIONS, DataSpec, RunConfig
     from fedlora.registry import methods
 
+    tree = hydra_tree()
+
     def rows(settings_class, prefix: str):
         for f in fields(settings_class):
             if "help" not in f.metadata:
                 continue
-            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            default = tree[f.name] if not prefix else f.default  # resolved top-level defaults
+            default = list(default) if isinstance(default, tuple) else default
             shown = "null" if default is None else str(default).lower() if isinstance(default, bool) \
                 else default
             yield f"| `{prefix}{f.name}` | `{shown}` | {f.metadata['help']} |"

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from fedlora.data import DataSpec
 from fedlora.errors import ConfigError
 from fedlora.models import EMBEDDED_MODEL, ModelSpec
-from fedlora.registry import DEFAULT_STRATEGY, get_method, methods
+from fedlora.registry import default_strategy, get_method, methods
 from fedlora.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, defaults,
                               parse_section, setting)
 
@@ -100,8 +100,9 @@ PLACEMENT_KEYS = ("out", "resume")
 
 @dataclass(frozen=True)
 class RunConfig:
-    strategy: str = setting(DEFAULT_STRATEGY, "the federated LoRA method: the name a file "
-                            "strategies/<name>.py registers (docs/algorithms.md)")
+    strategy: str | None = setting(None, "the federated LoRA method: the name a file "
+                                   "strategies/<name>.py registers (docs/algorithms.md); null: "
+                                   "the strategies package's DEFAULT_STRATEGY")
     model: str = setting(EMBEDDED_MODEL, "the embedded all-MiniLM-L6-v2, or a Hugging Face id / "
                          "local model folder")
     rank: int | None = setting(None, "adapter rank; null: the method's default", check=POSITIVE)
@@ -177,7 +178,7 @@ class RunConfig:
             if key not in known:
                 raise ConfigError(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml "
                                   "for the valid keys")
-        strategy = raw.get("strategy") or DEFAULT_STRATEGY
+        strategy = raw.get("strategy") or default_strategy()
         method = get_method(strategy)
         nested = {}
         for name, section_class in SECTIONS.items():
@@ -196,7 +197,7 @@ class RunConfig:
             targets = tuple(t.strip() for t in targets.split(",") if t.strip())
         nested["targets"] = tuple(targets)
         top = {k: v for k, v in raw.items() if k not in sections and k not in PLACEMENT_KEYS}
-        cfg = parse_section(cls, top, "", replace=nested)
+        cfg = parse_section(cls, top, "", replace={**nested, "strategy": strategy})
         return cfg._with_method_defaults(method.server.defaults)._checked()
 
     def _with_method_defaults(self, defaults: dict) -> "RunConfig":
@@ -238,6 +239,7 @@ def hydra_tree() -> dict:
     Generated from the dataclasses, so a key and its default are written once."""
     tree = {f.name: (list(f.default) if isinstance(f.default, tuple) else f.default)
             for f in fields(RunConfig) if f.name not in SECTIONS and f.name not in ("data", "methods")}
+    tree["strategy"] = default_strategy()  # the run directory's name needs the resolved one
     for name, section_class in {**SECTIONS, "data": DataSpec}.items():
         tree[name] = defaults(section_class)
     for name, method in methods().items():
@@ -259,8 +261,8 @@ def _dp(raw) -> DPConfig:
     if dp.delta >= 1:
         raise ConfigError(f"dp.delta={dp.delta} must be < 1 (usually well below 1/n: 1e-5)")
     if dp.mode == "client" and dp.enabled:
-        raise ConfigError("dp.mode=client (client-level DP-FedAvg) is not implemented; use "
-                          "dp.mode=record")
+        raise ConfigError("dp.mode=client (client-level DP, McMahan et al. 2018) is not "
+                          "implemented; use dp.mode=record")
     return dp
 
 

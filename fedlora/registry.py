@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from fedlora.errors import ConfigError
 
-STRATEGY_PACKAGE = "fedlora.strategies"
-DEFAULT_STRATEGY = "fedsb"  # the method `python -m fedlora.simulate` runs without strategy=
+STRATEGY_PACKAGE = "fedlora.strategies"  # its DEFAULT_STRATEGY: what runs without strategy=
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,13 @@ def methods() -> dict[str, Method]:
         _discovered = True
         importlib.import_module(STRATEGY_PACKAGE)  # each method module registers itself
     return dict(sorted(_METHODS.items()))
+
+
+def default_strategy() -> str:
+    """The method ``python -m fedlora.simulate`` runs without ``strategy=`` (the strategies
+    package names it, so generic code never does)."""
+    methods()
+    return importlib.import_module(STRATEGY_PACKAGE).DEFAULT_STRATEGY
 
 
 def get_method(name: str) -> Method:

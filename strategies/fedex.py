@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.adapters import factor_key, layer_names, residual_key
-from fedlora.aggregation import fedex_residual_factors, single_threaded
+from fedlora.aggregation import product_mean_residual_factors, single_threaded
 from fedlora.clients.app import update_base_delta
 from fedlora.registry import register_strategy
 from fedlora.settings import setting
@@ -122,7 +122,7 @@ class FedEx(FedIT):
         residual = {}
         for layer in layer_names(state):
             B_key, A_key = factor_key(layer, "B"), factor_key(layer, "A")
-            B_stack, A_stack = fedex_residual_factors([u[B_key] for u in updates],
+            B_stack, A_stack = product_mean_residual_factors([u[B_key] for u in updates],
                                                       [u[A_key] for u in updates], weights)
             residual[layer] = [scale * B_stack, A_stack]
             increment = residual[layer][0].to(torch.float64) @ A_stack.to(torch.float64)

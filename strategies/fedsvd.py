@@ -4,7 +4,7 @@
     clients:  train B (and the head) from the global (A_t, B_t); A frozen
     server:   B_bar <- B_t + sum_k c_k (B_k - B_t),  head <- E_w[head_k]
               every `fedsvd.period` rounds: B_bar A_t = B_new A_new with A_new A_new^T = I_r
-              (thin-factor SVD, ``fedlora.aggregation.fedsvd_refactorise``); A_{t+1} = A_new
+              (thin-factor SVD, ``fedlora.aggregation.refactorise_orthonormal``); A_{t+1} = A_new
     down:     B every round; A to every client whose A is not the current one (after a
               re-factorisation, or when it missed one)
     exact:    B_bar A_t = E_w[B_k A_t], and the re-factorisation keeps the product.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.adapters import factor_key, layer_names
-from fedlora.aggregation import fedsvd_refactorise
+from fedlora.aggregation import refactorise_orthonormal
 from fedlora.registry import register_strategy
 from fedlora.settings import NONNEGATIVE, setting
 from fedlora.strategies.ffa import FFA
@@ -64,7 +64,7 @@ class FedSVD(FFA):
         changed = False
         for layer in layer_names(state):
             B_key, A_key = factor_key(layer, "B"), factor_key(layer, "A")
-            B_new, A_new = fedsvd_refactorise(new_state[B_key], state[A_key])
+            B_new, A_new = refactorise_orthonormal(new_state[B_key], state[A_key])
             changed = changed or not torch.equal(A_new, state[A_key])
             new_state[B_key], new_state[A_key] = B_new, A_new
         self.a_version += int(changed)

@@ -15,7 +15,7 @@ previous global pair as one more weighted client (``fedlora.aggregation.server_s
 from dataclasses import dataclass
 
 from fedlora.adapters import factor_key, layer_names
-from fedlora.aggregation import lorafair_correction_cos, lorafair_correction_ls
+from fedlora.aggregation import product_correction_cos, product_correction_ls
 from fedlora.registry import register_strategy
 from fedlora.settings import NONNEGATIVE, setting
 from fedlora.strategies.fedavg import FedIT
@@ -42,9 +42,9 @@ class LoRAFAIR(FedIT):
             B_key, A_key = factor_key(layer, "B"), factor_key(layer, "A")
             Bs, As = [u[B_key] for u in updates], [u[A_key] for u in updates]
             if settings.objective == "ls":
-                correction = lorafair_correction_ls(Bs, As, weights, settings.lam)
+                correction = product_correction_ls(Bs, As, weights, settings.lam)
             else:
-                correction = lorafair_correction_cos(Bs, As, weights, settings.lam, settings.steps)
+                correction = product_correction_cos(Bs, As, weights, settings.lam, settings.steps)
             new_state[B_key] = new_state[B_key] + correction
         return new_state
 

@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.aggregation import (fedex_residual, fedex_residual_factors, fedsvd_refactorise,
-                                 lorafair_correction_cos, lorafair_correction_ls, lorafair_cosine)
+from fedlora.aggregation import (product_mean_residual, product_mean_residual_factors, refactorise_orthonormal,
+                                 product_correction_cos, product_correction_ls, factored_product_cosine)
 
 F64 = torch.float64
 
@@ -126,7 +126,7 @@ def test_fedsvd_keeps_product_and_orthonormalises_A(m, n, rank):
     product = B_bar @ A_prev
 
     # Execute
-    B_new, A_new = fedsvd_refactorise(B_bar, A_prev)
+    B_new, A_new = refactorise_orthonormal(B_bar, A_prev)
 
     # Assert
     assert B_new.shape == (m, rank) and A_new.shape == (rank, n)
@@ -145,7 +145,7 @@ def test_fedsvd_singular_values_equal_dense_svd():
     expected = torch.linalg.svdvals(B_bar @ A_prev)[:4]
 
     # Execute
-    B_new, A_new = fedsvd_refactorise(B_bar, A_prev)
+    B_new, A_new = refactorise_orthonormal(B_bar, A_prev)
 
     # Assert: B_new's column norms are the singular values, sorted, as in B = U S
     column_norms = torch.linalg.vector_norm(B_new, dim=0)
@@ -163,7 +163,7 @@ def test_fedsvd_matches_dense_svd_up_to_sign_for_distinct_singular_values():
     B_dense, A_dense = dense_svd_factors(B_bar @ A_prev, 4)
 
     # Execute
-    B_new, A_new = fedsvd_refactorise(B_bar, A_prev)
+    B_new, A_new = refactorise_orthonormal(B_bar, A_prev)
 
     # Assert
     signs = torch.sign(torch.sum(A_new * A_dense, dim=1))
@@ -183,7 +183,7 @@ def test_fedsvd_rank_one_B_bar_keeps_A_in_previous_row_space():
     scale = fro(B_bar @ A_prev)
 
     # Execute
-    B_new, A_new = fedsvd_refactorise(B_bar, A_prev)
+    B_new, A_new = refactorise_orthonormal(B_bar, A_prev)
 
     # Assert
     assert max_abs(B_new[:, 1:]) <= 1e-12 * scale
@@ -204,7 +204,7 @@ def test_fedsvd_zero_B_bar_returns_inputs_unchanged():
     A_prev = torch.randn(4, 40, generator=gen, dtype=F64)
 
     # Execute
-    B_new, A_new = fedsvd_refactorise(B_bar, A_prev)
+    B_new, A_new = refactorise_orthonormal(B_bar, A_prev)
 
     # Assert
     assert torch.equal(B_new, B_bar) and torch.equal(A_new, A_prev)
@@ -218,8 +218,8 @@ def test_fedsvd_is_idempotent_up_to_sign():
     B_bar, A_prev = with_spectrum(gen, 30, 20, torch.tensor([4.0, 2.0, 1.0], dtype=F64))
 
     # Execute
-    B_once, A_once = fedsvd_refactorise(B_bar, A_prev)
-    B_twice, A_twice = fedsvd_refactorise(B_once, A_once)
+    B_once, A_once = refactorise_orthonormal(B_bar, A_prev)
+    B_twice, A_twice = refactorise_orthonormal(B_once, A_once)
 
     # Assert
     signs = torch.sign(torch.sum(A_once * A_twice, dim=1))
@@ -234,7 +234,7 @@ def test_fedsvd_float32_keeps_dtype_and_product():
     A_prev = torch.randn(4, 40, generator=gen)
 
     # Execute
-    B_new, A_new = fedsvd_refactorise(B_bar, A_prev)
+    B_new, A_new = refactorise_orthonormal(B_bar, A_prev)
 
     # Assert
     assert B_new.dtype == A_new.dtype == torch.float32
@@ -251,7 +251,7 @@ def test_fedsvd_float32_keeps_dtype_and_product():
 def test_fedsvd_rejects_bad_shapes(B_shape, A_shape, message):
     # Execute / Assert
     with pytest.raises(ValueError, match=message):
-        fedsvd_refactorise(torch.ones(B_shape, dtype=F64), torch.ones(A_shape, dtype=F64))
+        refactorise_orthonormal(torch.ones(B_shape, dtype=F64), torch.ones(A_shape, dtype=F64))
 
 
 @settings(max_examples=40, deadline=None)
@@ -268,7 +268,7 @@ def test_fedsvd_matches_dense_svd_property(m, n, data, seed):
     B_dense, A_dense = dense_svd_factors(product, rank)
 
     # Execute
-    B_new, A_new = fedsvd_refactorise(B_bar, A_prev)
+    B_new, A_new = refactorise_orthonormal(B_bar, A_prev)
 
     # Assert: same product as the dense route, same spectrum, orthonormal rows
     assert max_abs(A_new @ A_new.T - torch.eye(rank, dtype=F64)) <= 1e-10
@@ -289,7 +289,7 @@ def test_fedsvd_factors_match_dense_svd_up_to_sign_property(m, n, data, seed):
     B_dense, A_dense = dense_svd_factors(B_bar @ A_prev, rank)
 
     # Execute
-    B_new, A_new = fedsvd_refactorise(B_bar, A_prev)
+    B_new, A_new = refactorise_orthonormal(B_bar, A_prev)
 
     # Assert
     signs = torch.sign(torch.sum(A_new * A_dense, dim=1))
@@ -311,7 +311,7 @@ def test_lorafair_ls_matches_dense_oracle(lam):
     expected = dense_ls_correction(Bs, As, weights, lam)
 
     # Execute
-    delta_B = lorafair_correction_ls(Bs, As, weights, lam)
+    delta_B = product_correction_ls(Bs, As, weights, lam)
 
     # Assert
     assert delta_B.shape == (48, 4) and delta_B.dtype == F64
@@ -329,7 +329,7 @@ def test_lorafair_ls_small_lambda_solves_normal_equations(lam):
     B_bar, A_bar = dense_means(Bs, As, weights)
 
     # Execute
-    delta_B = lorafair_correction_ls(Bs, As, weights, lam)
+    delta_B = product_correction_ls(Bs, As, weights, lam)
 
     # Assert: the corrected residual is orthogonal to A_bar's row space
     residual = target - (B_bar + delta_B) @ A_bar
@@ -347,7 +347,7 @@ def test_lorafair_ls_zero_lambda_is_minimum_norm_for_rank_deficient_A_bar():
     _, A_bar = dense_means(Bs, As, weights)
 
     # Execute
-    delta_B = lorafair_correction_ls(Bs, As, weights, 0.0)
+    delta_B = product_correction_ls(Bs, As, weights, 0.0)
 
     # Assert
     assert torch.linalg.matrix_rank(A_bar @ A_bar.T).item() == 3
@@ -367,7 +367,7 @@ def test_lorafair_ls_never_worse_than_fedit_and_shrinks_with_lambda():
     lams = [0.0, 0.01, 1.0, 100.0, 1e4]
 
     # Execute
-    corrections = [lorafair_correction_ls(Bs, As, weights, lam) for lam in lams]
+    corrections = [product_correction_ls(Bs, As, weights, lam) for lam in lams]
 
     # Assert
     errors = [fro(target - (B_bar + D) @ A_bar) for D in corrections]
@@ -387,7 +387,7 @@ def test_lorafair_ls_identical_clients_give_zero(lam):
     weights = [0.1, 0.3, 0.6]
 
     # Execute
-    delta_B = lorafair_correction_ls([B.clone()] * 3, [A.clone()] * 3, weights, lam)
+    delta_B = product_correction_ls([B.clone()] * 3, [A.clone()] * 3, weights, lam)
 
     # Assert
     assert delta_B.shape == (48, 4)
@@ -402,7 +402,7 @@ def test_lorafair_ls_takes_unnormalised_weights_as_given():
     normalised = [w / 2.5 for w in weights]
 
     # Execute
-    delta_B = lorafair_correction_ls(Bs, As, weights, 0.01)
+    delta_B = product_correction_ls(Bs, As, weights, 0.01)
 
     # Assert
     assert max_abs(delta_B - dense_ls_correction(Bs, As, weights, 0.01)) <= 1e-10
@@ -416,7 +416,7 @@ def test_lorafair_ls_rejects_bad_lambda(lam):
 
     # Execute / Assert
     with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
-        lorafair_correction_ls(Bs, As, [0.5, 0.5], lam)
+        product_correction_ls(Bs, As, [0.5, 0.5], lam)
 
 
 def test_lorafair_rejects_mismatched_clients():
@@ -427,9 +427,9 @@ def test_lorafair_rejects_mismatched_clients():
 
     # Execute / Assert
     with pytest.raises(ValueError, match="client 1: B \\(6, 3\\) and A \\(3, 5\\) do not match"):
-        lorafair_correction_ls(Bs, As, [0.5, 0.5], 0.01)
+        product_correction_ls(Bs, As, [0.5, 0.5], 0.01)
     with pytest.raises(ValueError, match="2 B, 2 A, 3 weights"):
-        lorafair_correction_ls(Bs, As, [0.2, 0.3, 0.5], 0.01)
+        product_correction_ls(Bs, As, [0.2, 0.3, 0.5], 0.01)
 
 
 @settings(max_examples=40, deadline=None)
@@ -446,7 +446,7 @@ def test_lorafair_ls_matches_dense_oracle_property(m, n, num_clients, lam, data,
     B_bar, A_bar = dense_means(Bs, As, weights)
 
     # Execute
-    delta_B = lorafair_correction_ls(Bs, As, weights, lam)
+    delta_B = product_correction_ls(Bs, As, weights, lam)
 
     # Assert
     assert delta_B.shape == (m, rank)
@@ -468,8 +468,8 @@ def test_lorafair_factored_cosine_equals_dense_cosine():
         B_bar, A_bar = dense_means(Bs, As, weights)
 
         # Execute
-        plain = lorafair_cosine(Bs, As, weights)
-        corrected = lorafair_cosine(Bs, As, weights, delta_B)
+        plain = factored_product_cosine(Bs, As, weights)
+        corrected = factored_product_cosine(Bs, As, weights, delta_B)
 
         # Assert
         assert plain == pytest.approx(dense_cosine(target, B_bar @ A_bar), abs=1e-10)
@@ -487,13 +487,13 @@ def test_lorafair_cos_improves_objective_and_cosine():
     start_objective = dense_fair_objective(Bs, As, weights, zero, 0.01)
 
     # Execute
-    delta_B = lorafair_correction_cos(Bs, As, weights)
+    delta_B = product_correction_cos(Bs, As, weights)
 
     # Assert
     assert delta_B.shape == (48, 4) and delta_B.dtype == F64
     final_objective = dense_fair_objective(Bs, As, weights, delta_B, 0.01)
     assert final_objective < start_objective - 1e-5  # strictly better, not just D = 0
-    assert lorafair_cosine(Bs, As, weights, delta_B) > lorafair_cosine(Bs, As, weights)
+    assert factored_product_cosine(Bs, As, weights, delta_B) > factored_product_cosine(Bs, As, weights)
     assert fro(delta_B) > 0
 
 
@@ -502,15 +502,15 @@ def test_lorafair_cos_without_penalty_reaches_least_squares_cosine():
     gen = torch.Generator().manual_seed(302)
     Bs, As = lora_like_clients(gen, 48, 40, 4, 3)
     weights = random_weights(gen, 3)
-    best_possible = lorafair_cosine(Bs, As, weights, lorafair_correction_ls(Bs, As, weights, 0.0))
+    best_possible = factored_product_cosine(Bs, As, weights, product_correction_ls(Bs, As, weights, 0.0))
 
     # Execute
-    delta_B = lorafair_correction_cos(Bs, As, weights, lam=0.0, steps=300)
+    delta_B = product_correction_cos(Bs, As, weights, lam=0.0, steps=300)
 
     # Assert
-    reached = lorafair_cosine(Bs, As, weights, delta_B)
+    reached = factored_product_cosine(Bs, As, weights, delta_B)
     assert reached == pytest.approx(best_possible, abs=1e-8)
-    assert best_possible - lorafair_cosine(Bs, As, weights) > 1e-4
+    assert best_possible - factored_product_cosine(Bs, As, weights) > 1e-4
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.01, 1.0])
@@ -522,12 +522,12 @@ def test_lorafair_cos_never_worse_than_start(lam):
     zero = torch.zeros(48, 4, dtype=F64)
 
     # Execute
-    delta_B = lorafair_correction_cos(Bs, As, weights, lam=lam, steps=50)
+    delta_B = product_correction_cos(Bs, As, weights, lam=lam, steps=50)
 
     # Assert
     assert (dense_fair_objective(Bs, As, weights, delta_B, lam)
             <= dense_fair_objective(Bs, As, weights, zero, lam) + 1e-12)
-    assert lorafair_cosine(Bs, As, weights, delta_B) >= lorafair_cosine(Bs, As, weights) - 1e-12
+    assert factored_product_cosine(Bs, As, weights, delta_B) >= factored_product_cosine(Bs, As, weights) - 1e-12
 
 
 def test_lorafair_cos_returns_best_iterate_when_adam_overshoots():
@@ -541,7 +541,7 @@ def test_lorafair_cos_returns_best_iterate_when_adam_overshoots():
                                                   0.01)
 
     # Execute
-    delta_B = lorafair_correction_cos(Bs, As, weights, lr=1.0, steps=5)
+    delta_B = product_correction_cos(Bs, As, weights, lr=1.0, steps=5)
 
     # Assert
     assert last_iterate_objective > start_objective  # a step of size lr is worse than D = 0
@@ -556,8 +556,8 @@ def test_lorafair_cos_large_lambda_gives_exactly_zero():
     weights = random_weights(gen, 3)
 
     # Execute
-    small = lorafair_correction_cos(Bs, As, weights, lam=0.01)
-    large = lorafair_correction_cos(Bs, As, weights, lam=1e3)
+    small = product_correction_cos(Bs, As, weights, lam=0.01)
+    large = product_correction_cos(Bs, As, weights, lam=1e3)
 
     # Assert
     assert fro(small) > 0
@@ -571,7 +571,7 @@ def test_lorafair_cos_identical_clients_give_zero():
     weights = [0.2, 0.3, 0.5]
 
     # Execute
-    delta_B = lorafair_correction_cos(Bs * 3, As * 3, weights)
+    delta_B = product_correction_cos(Bs * 3, As * 3, weights)
 
     # Assert
     assert delta_B.shape == (48, 4)
@@ -585,8 +585,8 @@ def test_lorafair_cos_zero_target_or_zero_steps_give_zero():
     zero_Bs = [torch.zeros(12, 2, dtype=F64)] * 2
 
     # Execute
-    no_target = lorafair_correction_cos(zero_Bs, As, [0.5, 0.5])
-    no_steps = lorafair_correction_cos(Bs, As, [0.5, 0.5], steps=0)
+    no_target = product_correction_cos(zero_Bs, As, [0.5, 0.5])
+    no_steps = product_correction_cos(Bs, As, [0.5, 0.5], steps=0)
 
     # Assert
     assert torch.equal(no_target, torch.zeros(12, 2, dtype=F64))
@@ -597,12 +597,12 @@ def test_lorafair_cos_runs_under_inference_mode_and_keeps_float32():
     # Prepare: a server may aggregate under inference_mode; the inner Adam still needs autograd
     gen = torch.Generator().manual_seed(306)
     Bs, As = lora_like_clients(gen, 24, 20, 2, 3)
-    expected = lorafair_correction_cos(Bs, As, [0.2, 0.3, 0.5], steps=20)
+    expected = product_correction_cos(Bs, As, [0.2, 0.3, 0.5], steps=20)
 
     # Execute
     with torch.inference_mode():
-        inside = lorafair_correction_cos(Bs, As, [0.2, 0.3, 0.5], steps=20)
-        as_float32 = lorafair_correction_cos([B.float() for B in Bs], [A.float() for A in As],
+        inside = product_correction_cos(Bs, As, [0.2, 0.3, 0.5], steps=20)
+        as_float32 = product_correction_cos([B.float() for B in Bs], [A.float() for A in As],
                                              [0.2, 0.3, 0.5], steps=20)
 
     # Assert
@@ -622,7 +622,7 @@ def test_lorafair_cos_rejects_bad_arguments(kwargs, message):
 
     # Execute / Assert
     with pytest.raises(ValueError, match=message):
-        lorafair_correction_cos(Bs, As, [0.5, 0.5], **kwargs)
+        product_correction_cos(Bs, As, [0.5, 0.5], **kwargs)
 
 
 @settings(max_examples=25, deadline=None)
@@ -640,11 +640,11 @@ def test_lorafair_cos_matches_dense_objective_property(m, n, num_clients, B_scal
     target = dense_target(Bs, As, weights)
 
     # Execute
-    delta_B = lorafair_correction_cos(Bs, As, weights, steps=25)
+    delta_B = product_correction_cos(Bs, As, weights, steps=25)
 
     # Assert: the factored cosine is the dense one, and the result never scores worse than D = 0
     assert delta_B.shape == (m, rank)
-    assert lorafair_cosine(Bs, As, weights, delta_B) == pytest.approx(
+    assert factored_product_cosine(Bs, As, weights, delta_B) == pytest.approx(
         dense_cosine(target, (B_bar + delta_B) @ A_bar), abs=1e-10)
     assert (dense_fair_objective(Bs, As, weights, delta_B, 0.01)
             <= dense_fair_objective(Bs, As, weights, zero, 0.01) + 1e-10)
@@ -711,8 +711,8 @@ def test_fedex_factored_residual_equals_dense():
     weights = random_weights(gen, num_clients)
 
     # Execute
-    B_stack, A_stack = fedex_residual_factors(Bs, As, weights)
-    residual = fedex_residual(Bs, As, weights)
+    B_stack, A_stack = product_mean_residual_factors(Bs, As, weights)
+    residual = product_mean_residual(Bs, As, weights)
 
     # Assert: both equal E_w[B_k A_k] - B_bar A_bar formed densely, client by client
     B_bar, A_bar = dense_means(Bs, As, weights)
@@ -734,9 +734,9 @@ def test_fedex_residual_is_zero_for_one_client_and_identical_clients():
     A = torch.randn(4, 40, generator=gen, dtype=F64)
 
     # Execute
-    single = fedex_residual([B], [A], [1.0])
-    identical = fedex_residual([B.clone()] * 3, [A.clone()] * 3, [0.1, 0.3, 0.6])
-    B_stack, A_stack = fedex_residual_factors([B.clone()] * 3, [A.clone()] * 3, [0.1, 0.3, 0.6])
+    single = product_mean_residual([B], [A], [1.0])
+    identical = product_mean_residual([B.clone()] * 3, [A.clone()] * 3, [0.1, 0.3, 0.6])
+    B_stack, A_stack = product_mean_residual_factors([B.clone()] * 3, [A.clone()] * 3, [0.1, 0.3, 0.6])
 
     # Assert
     assert max_abs(single) <= 1e-12
@@ -752,8 +752,8 @@ def test_fedex_residual_rank_is_bounded():
     Bs, As = random_clients(gen, m, n, rank, num_clients)
 
     # Execute
-    normalised = fedex_residual(Bs, As, random_weights(gen, num_clients))
-    unnormalised = fedex_residual(Bs, As, [0.5, 1.0, 2.0])
+    normalised = product_mean_residual(Bs, As, random_weights(gen, num_clients))
+    unnormalised = product_mean_residual(Bs, As, [0.5, 1.0, 2.0])
 
     # Assert
     assert torch.linalg.matrix_rank(normalised).item() == (num_clients - 1) * rank
@@ -769,7 +769,7 @@ def test_fedex_uniform_weights_equal_official_unweighted_mean():
     official = products - torch.stack(Bs).mean(0) @ torch.stack(As).mean(0)
 
     # Execute
-    residual = fedex_residual(Bs, As, [1 / num_clients] * num_clients)
+    residual = product_mean_residual(Bs, As, [1 / num_clients] * num_clients)
 
     # Assert
     assert residual.shape == official.shape == (48, 40)
@@ -800,8 +800,8 @@ def test_fedex_float32_keeps_dtype():
     weights = [0.2, 0.3, 0.5]
 
     # Execute
-    residual = fedex_residual(Bs, As, weights)
-    B_stack, A_stack = fedex_residual_factors(Bs, As, weights)
+    residual = product_mean_residual(Bs, As, weights)
+    B_stack, A_stack = product_mean_residual_factors(Bs, As, weights)
 
     # Assert
     assert residual.dtype == B_stack.dtype == A_stack.dtype == torch.float32
@@ -820,9 +820,9 @@ def test_fedex_rejects_mismatched_clients():
 
     # Execute / Assert
     with pytest.raises(ValueError, match="client 1"):
-        fedex_residual(Bs, As, [0.5, 0.5])
+        product_mean_residual(Bs, As, [0.5, 0.5])
     with pytest.raises(ValueError, match="0 B, 0 A, 0 weights"):
-        fedex_residual_factors([], [], [])
+        product_mean_residual_factors([], [], [])
 
 
 @settings(max_examples=40, deadline=None)
@@ -838,8 +838,8 @@ def test_fedex_matches_dense_loop_property(m, n, num_clients, data, seed):
     slow = dense_target(Bs, As, weights) - B_bar @ A_bar
 
     # Execute
-    residual = fedex_residual(Bs, As, weights)
-    B_stack, A_stack = fedex_residual_factors(Bs, As, weights)
+    residual = product_mean_residual(Bs, As, weights)
+    B_stack, A_stack = product_mean_residual_factors(Bs, As, weights)
 
     # Assert
     assert residual.shape == (m, n)

@@ -376,7 +376,7 @@ def test_fedsvd_period_zero_is_ffa_bit_for_bit():
             [dict(m.content["arrays"]).keys() for m in messages_ffa]
 
 
-def test_fedsvd_refactorises_every_period_with_orthonormal_A():
+def test_refactorise_orthonormals_every_period_with_orthonormal_A():
     # Prepare: period 2, 2 of 4 clients per round
     fed = Federation("fedsvd", fedsvd={"period": 2}, clients_per_round=2)
     eye = torch.eye(RANK, dtype=F64)
