@@ -112,8 +112,14 @@ class CommLedger:
         self.recovery = dict(state.get("recovery", {"up": 0, "down": 0}))
 
 
-def expected_params(strategy_cls, layer_shapes, rank: int, head_params: int) -> dict[str, int]:
-    """Per-client parameters per round from the strategy's formula, summed over layers, + head."""
-    up = sum(strategy_cls.params_up(m, n, rank) for m, n in layer_shapes) + head_params
-    down = sum(strategy_cls.params_down(m, n, rank) for m, n in layer_shapes) + head_params
-    return {"up": up, "down": down}
+def expected_params(strategy_cls, layer_shapes, rank: int, head_params: int,
+                    server_round: int | None = None) -> dict[str, int]:
+    """Per-client parameters in a steady-state round (every client took part in the previous
+    one) from the strategy's formula, summed over layers, + head. ``server_round``: for a
+    method whose messages alternate by round (``params_in_round``); None: its
+    ``params_up``/``params_down``."""
+    per_layer = [strategy_cls.params_in_round(m, n, rank, server_round) if server_round
+                 else (strategy_cls.params_up(m, n, rank), strategy_cls.params_down(m, n, rank))
+                 for m, n in layer_shapes]
+    return {"up": sum(up for up, _ in per_layer) + head_params,
+            "down": sum(down for _, down in per_layer) + head_params}

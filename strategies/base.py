@@ -75,6 +75,12 @@ class FederatedLoRA(FedAvg):
         """Parameters one client downloads per round for one adapted m x n matrix."""
         raise NotImplementedError
 
+    @classmethod
+    def params_in_round(cls, m: int, n: int, rank: int, server_round: int) -> tuple[int, int]:
+        """(up, down) parameters for one adapted m x n matrix in training round ``server_round``
+        of the steady state; a method whose messages alternate by round overrides it."""
+        return cls.params_up(m, n, rank), cls.params_down(m, n, rank)
+
     def __init__(self, cfg, head_keys: frozenset[str]):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0,
                          min_train_nodes=cfg.clients_per_round, min_evaluate_nodes=0,

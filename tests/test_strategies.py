@@ -102,7 +102,8 @@ def test_every_strategy_states_its_parts_and_formulas(name):
         trained = trained_in(strategy, server_round)
         assert trained and set(trained) <= parts and "head" in trained, (server_round, trained)
     assert cls.one_time_parts_down <= cls.kept_parts <= parts  # sent once, so kept
-    assert cls.seeded_parts <= parts and not cls.seeded_parts & set(cls.trained_parts)
+    # A seeded part that training can change must be kept, so a client learns its new value.
+    assert cls.seeded_parts <= parts and not (cls.seeded_parts - cls.kept_parts) & set(cls.trained_parts)
     assert cls.params_up(M, N, RANK) > 0 and cls.params_down(M, N, RANK) > 0
     assert "arXiv" in sys.modules[cls.__module__].__doc__ or name == "fedavg"  # cites its paper
 
@@ -283,10 +284,11 @@ def test_payloads_hold_exactly_what_the_client_lacks(name, clients_per_round):
         for message, answer in zip(messages, replies):
             node = message.metadata.dst_node_id
             lacking = {part_of(k, HEAD_KEYS) for k, v in state.items()
-                       if part_of(k, HEAD_KEYS) not in trained
-                       and not (k in held[node] and torch.equal(held[node][k], v))}
-            expected = trained | lacking | ({"residual"} if differs(base_delta_held[node], base_delta)
-                                            else set())
+                       if not (k in held[node] and torch.equal(held[node][k], v))}
+            # a trained part is its starting point: sent, unless the node keeps its current value
+            starts = {p for p in trained if p not in cls.kept_parts}
+            expected = starts | lacking | ({"residual"} if differs(base_delta_held[node], base_delta)
+                                           else set())
             sent = {message_part(k, HEAD_KEYS) for k in message.content["arrays"]}
             assert sent == expected, (fed.round, node)
             assert not one_time_sent[node] & sent, "a one-time part travelled twice"
@@ -321,7 +323,7 @@ def test_measured_parameters_equal_the_formulas(name):
     fed = Federation(name)
     fed.run_round()
     cls = STRATEGIES[name]
-    formula = expected_params(cls, [(M, N)] * len(LAYERS), RANK, HEAD_PARAMS)
+    formula = expected_params(cls, [(M, N)] * len(LAYERS), RANK, HEAD_PARAMS, server_round=2)
     ledger = CommLedger(lambda key: message_part(key, HEAD_KEYS))
 
     # Execute
