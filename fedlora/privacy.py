@@ -10,6 +10,12 @@ node's ``Context.state``, travels in reply metrics, and the server keeps a copy 
 Planning (``plan_noise_multiplier``): sigma_k is the smallest noise multiplier (to 0.01) such
 that the client's epsilon after the *most* steps it can take in the run stays within the target
 at ``delta_k = min(delta, 1/n_k)``. Client sampling is not credited as amplification.
+
+Release log. The history alone merges mechanisms and cannot say which entry is Fed-SB's init
+release; a client's *release log* keeps one entry per release, ``{"kind": "init"|"train",
+"round", "noise_multiplier", "sample_rate", "steps"}``, from which the history (and so epsilon)
+is recomputed (``history_from_releases``), and which ``privacy.json`` publishes per client so an
+independent accountant can recompute every epsilon from the file alone.
 """
 
 from __future__ import annotations
@@ -131,23 +137,101 @@ def longer_history(*histories: History) -> History:
     return max(histories, key=total_steps)
 
 
+# --------------------------------------------------------------------------------------------
+# The release log: every Gaussian release a client made, in order, and what travels of it.
+
+RELEASE_KINDS = ("train", "init")  # a MetricRecord holds no strings: a kind travels as its index
+Release = dict  # {"kind", "round", "noise_multiplier", "sample_rate", "steps"}
+
+
+def add_release(releases: list[Release], kind: str, server_round: int, noise_multiplier: float,
+                rate: float, steps: int) -> list[Release]:
+    """The log after one more release: ``steps`` Poisson-sampled Gaussian steps at
+    ``(noise_multiplier, rate)`` in ``server_round``. ``kind`` is ``"init"`` (Fed-SB's
+    privatised init gradient) or ``"train"`` (a round of local DP-SGD steps)."""
+    if kind not in RELEASE_KINDS:
+        raise ValueError(f"release kind must be one of {RELEASE_KINDS}, got {kind!r}")
+    releases = [dict(release) for release in releases]
+    if steps <= 0:
+        return releases
+    return releases + [{"kind": kind, "round": int(server_round),
+                        "noise_multiplier": float(noise_multiplier), "sample_rate": float(rate),
+                        "steps": int(steps)}]
+
+
+def history_from_releases(releases: list[Release]) -> History:
+    """The accountant history of a release log (consecutive equal mechanisms merged, as
+    ``add_steps`` does, so the epsilon equals the one the client computed step by step)."""
+    history: History = []
+    for release in releases:
+        history = add_steps(history, float(release["noise_multiplier"]),
+                            float(release["sample_rate"]), int(release["steps"]))
+    return history
+
+
+def release_steps(releases: list[Release]) -> int:
+    return sum(int(release["steps"]) for release in releases)
+
+
+def releases_to_record(releases: list[Release], prefix: str = "dp-release-") -> dict:
+    """A release log as five parallel lists of numbers (what a ``MetricRecord`` and a
+    ``ConfigRecord`` both hold; kinds as indices into ``RELEASE_KINDS``)."""
+    return {f"{prefix}kinds": [RELEASE_KINDS.index(r["kind"]) for r in releases],
+            f"{prefix}rounds": [int(r["round"]) for r in releases],
+            f"{prefix}sigmas": [float(r["noise_multiplier"]) for r in releases],
+            f"{prefix}rates": [float(r["sample_rate"]) for r in releases],
+            f"{prefix}steps": [int(r["steps"]) for r in releases]}
+
+
+def releases_from_record(record, prefix: str = "dp-release-") -> list[Release] | None:
+    """The release log in ``record``; None if it carries none (a client that reports only its
+    history)."""
+    if f"{prefix}steps" not in record:
+        return None
+    columns = zip(record[f"{prefix}kinds"], record[f"{prefix}rounds"], record[f"{prefix}sigmas"],
+                  record[f"{prefix}rates"], record[f"{prefix}steps"])
+    return [{"kind": RELEASE_KINDS[int(k)], "round": int(r), "noise_multiplier": float(s),
+             "sample_rate": float(q), "steps": int(t)} for k, r, s, q, t in columns]
+
+
+def longer_releases(*logs: list[Release]) -> list[Release]:
+    """The log with the most steps: a copy that missed a round never undercounts."""
+    return max(logs, key=release_steps)
+
+
+NOISE_SOURCES = ("secret", "reproducible")  # fedlora.dp_random's modes
+DP_MODES = ("record", "client")
+
+
 class PrivacyLedger:
     """The server's copy of every client's accountant (by partition id), and who has declined.
 
-    Clients report their history, noise multiplier, sample rate, delta and epsilon in every
-    reply; the server sends its copy back with each train message, so a client whose process
-    (and node state) was recreated resumes from it. Part of the strategy's ``state_dict``.
+    Clients report their release log (or, older clients, only their history), noise
+    multiplier, delta and epsilon in every reply; the server sends its copy back with each
+    train message, so a client whose process (and node state) was recreated resumes from it.
+    Part of the strategy's ``state_dict``. ``noise`` says where the clients' DP randomness came
+    from (``"secret"``: node secrets, ``"reproducible"``: seeds the server knows) and ``mode``
+    the unit of privacy (``"record"``: DP-SGD on each client, ``"client"``: DP-FedAvg); both
+    are written to ``privacy.json``.
     """
 
-    def __init__(self, target_epsilon: float, accountant: str):
+    def __init__(self, target_epsilon: float, accountant: str, noise: str = "reproducible",
+                 mode: str = "record"):
+        if noise not in NOISE_SOURCES:
+            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
+        if mode not in DP_MODES:
+            raise ValueError(f"mode must be one of {DP_MODES}, got {mode!r}")
         self.target_epsilon = target_epsilon
         self.accountant = accountant
+        self.noise = noise
+        self.mode = mode
         self.clients: dict[int, dict] = {}
         self.declined: set[int] = set()  # clients that cannot afford another round
 
     def record(self, partition_id: int, metrics) -> None:
         """Keep a client's reported accountant (if it has at least the steps we know of)."""
-        history = history_from_record(metrics)
+        releases = releases_from_record(metrics)
+        history = history_from_releases(releases) if releases is not None else history_from_record(metrics)
         known = self.clients.get(partition_id)
         if known is not None and total_steps(history) < total_steps(known["history"]):
             return
@@ -155,7 +239,7 @@ class PrivacyLedger:
             "noise_multiplier": float(metrics["dp-noise-multiplier"]),
             "sample_rate": float(metrics["dp-sample-rate"]),
             "delta": float(metrics["dp-delta"]), "epsilon": float(metrics["dp-epsilon"]),
-            "history": history}
+            "history": history, "releases": releases}
 
     def decline(self, partition_id: int) -> None:
         self.declined.add(partition_id)
@@ -165,24 +249,38 @@ class PrivacyLedger:
         known = self.clients.get(partition_id)
         if known is None:
             return {}
+        releases = known.get("releases")
         return {"dp-known-noise-multiplier": known["noise_multiplier"],
-                **history_to_record(known["history"], prefix="dp-known-")}
+                **history_to_record(known["history"], prefix="dp-known-"),
+                **(releases_to_record(releases, prefix="dp-known-release-")
+                   if releases is not None else {})}
 
     def max_epsilon(self) -> float:
         """The headline epsilon: the most any client has spent so far (0 before any step)."""
         return max((c["epsilon"] for c in self.clients.values()), default=0.0)
 
     def report(self) -> dict:
-        """``privacy.json``: per client what an independent accountant needs to recompute
-        epsilon (the history), and the summary fields."""
-        return {"target_epsilon": self.target_epsilon, "accountant": self.accountant,
-                "max_epsilon": self.max_epsilon(), "declined": sorted(self.declined),
-                "clients": {str(p): {"noise_multiplier": c["noise_multiplier"],
-                                     "sample_rate": c["sample_rate"],
-                                     "steps": total_steps(c["history"]), "delta": c["delta"],
-                                     "epsilon": c["epsilon"], "accountant": self.accountant,
-                                     "history": [list(e) for e in c["history"]]}
-                            for p, c in sorted(self.clients.items())}}
+        """``privacy.json``: per client its release log (all an independent accountant needs
+        to recompute epsilon: compose each release's ``steps`` Poisson-sampled Gaussian steps
+        at ``(noise_multiplier, sample_rate)`` and read epsilon at the client's ``delta``),
+        and the run-level summary. Also per client, both derived from the log and consistent
+        with it: ``history`` (the merged accountant history) and ``steps`` (every Gaussian
+        step, Fed-SB's init release included). A client that reported no release log (an
+        older client) has no ``releases``; its history recomputes epsilon just as well but
+        cannot say which step was which release. There is no flat ``sample_rate``: a Fed-SB
+        client has two (init and training), and one number cannot recompute epsilon."""
+        clients = {}
+        for partition, c in sorted(self.clients.items()):
+            entry = {"accountant": self.accountant, "delta": c["delta"], "epsilon": c["epsilon"],
+                     "noise_multiplier": c["noise_multiplier"],
+                     "history": [list(e) for e in c["history"]],
+                     "steps": total_steps(c["history"])}
+            if c.get("releases") is not None:
+                entry["releases"] = [dict(r) for r in c["releases"]]
+            clients[str(partition)] = entry
+        return {"noise": self.noise, "mode": self.mode, "target_epsilon": self.target_epsilon,
+                "accountant": self.accountant, "max_epsilon": self.max_epsilon(),
+                "declined": sorted(self.declined), "clients": clients}
 
     def state_dict(self) -> dict:
         return {"clients": [[p, {**c, "history": [list(e) for e in c["history"]]}]
@@ -190,6 +288,14 @@ class PrivacyLedger:
                 "declined": sorted(self.declined)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.clients = {int(p): {**c, "history": [tuple(e) for e in c["history"]]}
+        self.clients = {int(p): {"releases": None, **c,
+                                 "history": [tuple(e) for e in c["history"]]}
                         for p, c in state["clients"]}
         self.declined = set(state["declined"])
+
+
+def epsilon_from_report_entry(entry: dict, accountant: str | None = None) -> float:
+    """Recompute a client's epsilon from its ``privacy.json`` entry (fedlora's accountant)."""
+    history = (history_from_releases(entry["releases"]) if "releases" in entry
+               else [tuple(e) for e in entry["history"]])
+    return epsilon_spent(history, float(entry["delta"]), accountant or entry["accountant"])
