@@ -4,22 +4,22 @@ It has no config of its own: every message carries the model, data and training 
 its ConfigRecord. The pretrained model is built once per process and kept
 (``fedlora.models.cached_model``); each message loads the full adapter state it needs into it,
 so virtual clients sharing a Ray worker never see each other's tensors. That state is, key by
-key, what the server sent, else what the node kept from an earlier round (``keep-parts``:
-Fed-SB's B and A, FedSVD's latest A, in ``Context.state``), else the shared-seed init
-(``seeded-parts``: FFA-LoRA's and FedSVD's A_0). FedEx-LoRA's residuals are added to the base
-delta the node keeps in ``Context.state``, and every adapted base weight is set to the
-pretrained W0 plus this node's delta before training (W0 for the other methods).
+key, what the server sent, else what the node kept from an earlier round (``keep-parts``,
+in ``Context.state``), else the shared-seed init (``seeded-parts``). The app names no method:
+what a method's clients do beyond this (a set-up step, node state of their own such as a base
+delta added to the pretrained W0) is its client hooks' (``fedlora.clients.hooks``), looked up
+by the ``strategy`` of each message's config.
 
 A message may also carry a ``restore`` record: what a node lost when the server restarted (its
-kept parts, which take the place of the ``arrays`` ones; FedEx-LoRA's base delta as it held
-it, with ``restore-base-held`` rounds, to which the message's residuals are then added).
+kept parts, which take the place of the ``arrays`` ones, and the method's own node state,
+which its hooks take back).
 ``crash-prob`` > 0 makes a training round fail on purpose (``faults.crash_prob``): the
 client answers with an error reply instead of training.
 
 Handlers (message types):
   query.describe     partition id, number of examples and label histogram of this node
   train              local steps on the parts named in ``trained-parts``; reply with them
-  train.fedsb_init   the summed base-weight gradients for LoRA-SB's initialisation
+  train.setup        a method's one-time set-up step (``ClientHooks.setup``)
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedlora import models
-from fedlora.adapters import part_of, split_residual_key
+from fedlora.adapters import part_of
 from fedlora.comm import RESTORE, STATE_LOST
 from fedlora.config import partition_from_client_config, specs_from_client_config
 from fedlora.data import Batches, client_partitions, load_dataset
-from fedlora.clients.dp import ClientPrivacy, poisson_batches, private_gradient_sum
-from fedlora.clients.train import base_gradient_sum, client_update
+from fedlora.clients.dp import ClientPrivacy, poisson_batches
+from fedlora.clients.hooks import ClientHooks
+from fedlora.clients.train import client_update
+from fedlora.registry import get_method
 
 app = ClientApp()
 NODE_MARK = "fedlora-node"  # a ConfigRecord in Context.state: this node has trained in this run
@@ -58,6 +60,8 @@ class ClientSetup:
         local_path = context.node_config.get("data.path")
         if local_path:  # a SuperNode's own copy of the data: --node-config 'data.path="..."'
             self.data_spec = dataclasses.replace(self.data_spec, path=str(local_path), name=None)
+        method = get_method(str(cfg["strategy"]))
+        self.hooks: ClientHooks = (method.client or ClientHooks)()
         self.bundle = models.cached_model(self.model_spec, self.device)
         self.batches = _tokenised_train(self.model_spec, self.data_spec, int(cfg["max-length"]),
                                         self.device)
@@ -73,7 +77,9 @@ class ClientSetup:
         torch.manual_seed(self.seed)
 
     def reply(self, message: Message, arrays: dict[str, torch.Tensor], metrics: dict) -> Message:
-        metrics = {**metrics, "num-examples": len(self.indices), "partition-id": self.partition_id,
+        # num-examples: the examples the reply stands for (a hook may report a sample's)
+        metrics = {**metrics, "num-examples": metrics.get("num-examples", len(self.indices)),
+                   "partition-id": self.partition_id,
                    "pid": os.getpid(), "model-builds": models.BUILD_COUNT}
         content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=message)
@@ -102,65 +108,11 @@ def describe(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
-def residual_increments(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """FedEx-LoRA's base-weight increment per layer from a message's residual tensors: the
-    dense sum as sent, or the product of the stacked factors ``B_stack @ A_stack``."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in arrays.items():
-        layer, factor = split_residual_key(key)
-        parts.setdefault(layer, {})[factor] = tensor
-    return {layer: f[""] if "" in f else f["_B"] @ f["_A"] for layer, f in parts.items()}
-
-
-def update_base_delta(delta: dict[str, torch.Tensor], held: int, start: int, end: int,
-                      residuals: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """A node's base delta after the residual rounds ``start..end`` the server sent, given
-    that it has added ``held`` rounds so far. Returns ``(delta, rounds held)``.
-
-    ``start = 0`` is every residual so far: the delta starts afresh (the server resends all
-    after a lost reply, not knowing whether the node added the last ones)."""
-    if end == held:  # nothing new (or already added before a lost reply)
-        return delta, held
-    if start == 0:
-        delta = {}
-    elif held != start:
-        raise RuntimeError(f"the node holds the residuals of {held} rounds but the server sent "
-                           f"rounds {start}..{end}")
-    delta = dict(delta)
-    for layer, increment in residual_increments(residuals).items():
-        delta[layer] = delta[layer] + increment if layer in delta else increment.clone()
-    return delta, end
-
-
-def restored_base_delta(config: ConfigRecord, restore: dict[str, torch.Tensor]
-                        ) -> tuple[dict[str, torch.Tensor], int] | None:
-    """FedEx-LoRA: the base delta this node held before a server restart and the residual
-    rounds it covers, taken out of a ``restore`` record; None if the record carries none."""
-    if "restore-base-held" not in config:
-        return None
-    residuals = {k: restore.pop(k) for k in list(restore) if split_residual_key(k)}
-    return residual_increments(residuals), int(config["restore-base-held"])
-
-
-def node_base_delta(context: Context, config: ConfigRecord,
-                    residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """This node's accumulated base delta (FedEx-LoRA), updated in ``Context.state``."""
-    records = context.state
-    held = int(records["base-delta-rounds"]["rounds"]) if "base-delta-rounds" in records.config_records else 0
-    delta = records["base-delta"].to_torch_state_dict() if held else {}
-    delta, now_held = update_base_delta(delta, held, int(config.get("residual-from", 0)),
-                                        int(config.get("residual-to", 0)), residuals)
-    if now_held != held:
-        records["base-delta"] = ArrayRecord(delta)
-        records["base-delta-rounds"] = ConfigRecord({"rounds": now_held})
-    return delta or None
-
-
 def check_state_kept(config: ConfigRecord, has_state: bool) -> None:
     """Fail with ``STATE_LOST`` if the server expects this node to hold state from earlier
     rounds (``expect-state``: it has trained before, and the method keeps parts or a base
     delta) but its Context.state is empty: a SuperNode restarted under the same node id (node
-    authentication). Training on would silently use the wrong factors (e.g. FedSVD's A_0)."""
+    authentication). Training on would silently use the wrong factors (e.g. a seeded A_0)."""
     if int(config.get("expect-state", 0)) and not has_state:
         raise RuntimeError(f"{STATE_LOST}: the server expects this node to hold what it kept "
                            "from earlier rounds but its Context.state is empty (restarted?); the "
@@ -200,17 +152,12 @@ def train(message: Message, context: Context) -> Message:
     received = message.content["arrays"].to_torch_state_dict()
     restore = (message.content[RESTORE].to_torch_state_dict()
                if RESTORE in message.content.array_records else {})
-    lost_base = restored_base_delta(cfg, restore)
-    if lost_base:
-        context.state["base-delta"] = ArrayRecord(lost_base[0])
-        context.state["base-delta-rounds"] = ConfigRecord({"rounds": lost_base[1]})
-    received.update(restore)
-    residuals = {k: received.pop(k) for k in list(received) if split_residual_key(k)}
-    bundle.set_base_delta(node_base_delta(context, cfg, residuals))
+    received.update(setup.hooks.restore(setup, context, restore))
+    received = setup.hooks.before_training(setup, context, received)
     keep, seeded = _parts(cfg, "keep-parts"), _parts(cfg, "seeded-parts")
     kept = context.state["kept"].to_torch_state_dict() if "kept" in context.state.array_records else {}
     delivered = {k: v for k, v in received.items() if part_of(k, bundle.head_keys) in keep}
-    if delivered:  # the latest value of tensors this node keeps (Fed-SB's B and A, FedSVD's A)
+    if delivered:  # the latest value of the tensors this node keeps
         kept = {**kept, **delivered}
         context.state["kept"] = ArrayRecord(kept)
     initial = {k: v for k, v in bundle.initial_state.items() if part_of(k, bundle.head_keys) in seeded}
@@ -235,33 +182,9 @@ def train(message: Message, context: Context) -> Message:
     return setup.reply(message, bundle.state(trained), metrics)
 
 
-@app.train("fedsb_init")
-def fedsb_init(message: Message, context: Context) -> Message:
-    setup = ClientSetup(message, context)
-    bundle = setup.bundle
-    bundle.set_base_delta(None)  # the pretrained W0, whatever a previous client left
-    bundle.load(message.content["arrays"].to_torch_state_dict())  # the global head
-    layers = dict(bundle.model.named_modules())
-    with torch.no_grad():
-        for name in bundle.adapted:  # R = 0: the adapters add nothing, so W0's gradient is
-            layers[name].lora_R.weight.zero_()  # that of the plain pretrained model
-    weights = {f"{name}.base.weight": layers[name].base.weight for name in bundle.adapted}
-    share = int(message.content["config"]["init-samples"])
-    privacy = ClientPrivacy.for_node(setup.config, context.state, len(setup.indices))
-    if privacy is None:
-        chosen = setup.rng.sample(list(setup.indices), min(share, len(setup.indices)))
-        grads = base_gradient_sum(bundle.model, weights,
-                                  setup.batches.epoch(chosen, int(setup.config["batch-size"])),
-                                  setup.device)
-        metrics = {}
-    else:  # one Poisson-sampled Gaussian release (rate share / n_k), charged to the accountant
-        rate = min(1.0, share / len(setup.indices))
-        chosen = [i for i in setup.indices if setup.rng.random() < rate]
-        grads = private_gradient_sum(bundle.model, weights, setup.batches, chosen, privacy.clip,
-                                     privacy.noise_multiplier, setup.seed, setup.device)
-        privacy.spend(1, context.state, rate=rate)
-        metrics = privacy.metrics()
-    reply = setup.reply(message, grads, metrics)
-    # Under DP the Poisson sample's size is private: report the expected one.
-    reply.content["metrics"]["num-examples"] = len(chosen) if privacy is None else share
-    return reply
+@app.train("setup")  # SETUP_MESSAGE_TYPE
+def setup(message: Message, context: Context) -> Message:
+    """A method's one-time set-up step: its client hooks' ``setup`` answers it."""
+    node = ClientSetup(message, context)
+    arrays, metrics = node.hooks.setup(node, message, context)
+    return node.reply(message, arrays, metrics)

@@ -3,7 +3,7 @@
 What a DP client does differently from ``client_update``'s plain loop, all here:
 
 * its noise multiplier sigma_k is planned from the target epsilon over the most steps it can
-  take in the run (``fedlora.privacy.plan_noise_multiplier``; Fed-SB's init release counted);
+  take in the run (``fedlora.privacy.plan_noise_multiplier``; a set-up release counted);
 * its batches are Poisson samples of its own examples at rate ``q_k = b / n_k`` (possibly
   empty: DP-SGD still takes that step, pure noise);
 * per message, the shared model is wrapped in Opacus' ``GradSampleModule`` (only the trained
@@ -15,8 +15,9 @@ What a DP client does differently from ``client_update``'s plain loop, all here:
   rounds and reported in every reply; the server sends its own copy back, and the longer one
   wins, so a recreated client process never undercounts. A client whose next round would
   exceed the target declines (a metric, not an error).
-* Fed-SB's init gradient: per-example gradients of the base weights clipped to C, summed,
-  plus Gaussian noise sigma_k C: one Poisson-sampled Gaussian release, charged to the same
+* a gradient sum of base weights (a method's set-up step, ``fedlora.clients.hooks``):
+  per-example gradients clipped to C, summed, plus Gaussian noise sigma_k C
+  (``private_gradient_sum``): one Poisson-sampled Gaussian release, charged to the same
   accountant.
 """
 
@@ -93,6 +94,15 @@ class ClientPrivacy:
         context_state[STATE_KEY] = ConfigRecord(
             {"dp-noise-multiplier": self.noise_multiplier, **privacy.history_to_record(self.history)})
 
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """``(model, optimizer)`` wrapped for DP-SGD at this client's sigma_k, C and expected
+        batch size, for ``client_update``'s loop (see ``private``)."""
+        return private(model, optimizer, self.noise_multiplier, self.clip, self.batch_size)
+
+    @staticmethod
+    def empty_step(optimizer, trainable: list[torch.nn.Parameter]) -> None:
+        empty_step(optimizer, trainable)
+
     def metrics(self) -> dict:
         """What the reply reports, for the server's ledger and ``privacy.json``."""
         return {"dp-noise-multiplier": self.noise_multiplier, "dp-sample-rate": self.sample_rate,
@@ -144,11 +154,11 @@ def empty_step(optimizer, trainable: list[torch.nn.Parameter]) -> None:
 def private_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter], batches,
                          indices, clip: float, noise_multiplier: float, seed: int,
                          device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Fed-SB's init release under DP: ``sum_i clip_C(grad_W loss_i) + N(0, (sigma C)^2)`` for
-    each base weight W, with each example's gradient clipped jointly over all W.
+    """``base_gradient_sum``'s DP release: ``sum_i clip_C(grad_W loss_i) + N(0, (sigma C)^2)``
+    for each base weight W, with each example's gradient clipped jointly over all W.
 
-    Example by example (a batch of one is exact: eval mode, no padding); the init touches each
-    client's data once, so per-example loops cost little."""
+    Example by example (a batch of one is exact: eval mode, no padding); a set-up step touches
+    each client's data once, so per-example loops cost little."""
     sums = {key: torch.zeros_like(w, device="cpu") for key, w in weights.items()}
     for index in indices:
         grads = base_gradient_sum(model, weights, [batches.collate([index])], device)

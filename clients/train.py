@@ -15,23 +15,20 @@ def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], b
                   lr: float, device: str = "cpu", privacy=None) -> dict[str, float]:
     """AdamW on ``trainable`` over every batch of ``batches``; a fresh optimiser each round.
 
-    ``privacy``: a ``fedlora.clients.dp.ClientPrivacy`` for DP-SGD (Opacus: per-example clipping and
-    noise; ``batches`` are then Poisson samples, where None is an empty one), else None."""
+    ``privacy``: None, or what makes the loop DP-SGD (``fedlora.clients.dp.ClientPrivacy``):
+    ``privacy.wrap(model, optimizer)``, a context manager giving the wrapped pair (per-example
+    clipping and noise), and ``privacy.empty_step(optimizer, trainable)`` for a ``None`` batch
+    (``batches`` are then Poisson samples, where None is an empty one). Passed in, not
+    imported, so this loop depends on no DP code."""
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     model.train()  # before wrapping: Opacus computes per-example gradients in train mode
-    if privacy is None:
-        wrapping = nullcontext((model, optimizer))
-    else:
-        from fedlora.clients.dp import empty_step, private
-
-        wrapping = private(model, optimizer, privacy.noise_multiplier, privacy.clip,
-                           privacy.batch_size)
+    wrapping = nullcontext((model, optimizer)) if privacy is None else privacy.wrap(model, optimizer)
     losses, steps = [], 0
     with wrapping as (model, optimizer):
         for batch in batches:
             steps += 1
             if batch is None:  # an empty Poisson batch (DP only): a noise-only step
-                empty_step(optimizer, trainable)
+                privacy.empty_step(optimizer, trainable)
                 optimizer.zero_grad(set_to_none=True)
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}

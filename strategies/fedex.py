@@ -12,7 +12,7 @@ sampled client every residual it missed since it last took part (`fedex.residual
 sum, m x n per layer, the official behaviour; `factored`: the stacked factors of each missed
 round, (K+1) r (m + n) per layer and round; K+2 pairs when FedAU or a server learning rate
 adds the previous global pair as a term). The client adds them to the base delta it keeps in
-its Context.state (``fedlora.clients.app``); a client whose reply was lost gets every residual
+its Context.state (``FedExClient``); a client whose reply was lost gets every residual
 again and starts its delta afresh. The server's own model adds the global sum before
 evaluation (``global_base_delta``). After a server restart the nodes' deltas are lost; the server
 rebuilds each one from the residual messages it accepted, exactly as the node summed them, and
@@ -22,10 +22,11 @@ sends it back once (``restore_down``).
 from dataclasses import dataclass
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from fedlora.adapters import factor_key, layer_names, residual_key
+from fedlora.adapters import factor_key, layer_names, residual_key, split_residual_key
 from fedlora.aggregation import product_mean_residual_factors, single_threaded
-from fedlora.clients.app import update_base_delta
+from fedlora.clients.hooks import ClientHooks
 from fedlora.registry import register_strategy
 from fedlora.settings import setting
 from fedlora.strategies.fedavg import FedIT
@@ -149,4 +150,75 @@ class FedEx(FedIT):
         self._catch_up = {}
 
 
-register_strategy("fedex", FedEx, FedExSettings)
+def residual_increments(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base-weight increment per layer from a message's residual tensors: the dense sum
+    as sent, or the product of the stacked factors ``B_stack @ A_stack``."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in arrays.items():
+        layer, factor = split_residual_key(key)
+        parts.setdefault(layer, {})[factor] = tensor
+    return {layer: f[""] if "" in f else f["_B"] @ f["_A"] for layer, f in parts.items()}
+
+
+def update_base_delta(delta: dict[str, torch.Tensor], held: int, start: int, end: int,
+                      residuals: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """A node's base delta after the residual rounds ``start..end`` the server sent, given
+    that it has added ``held`` rounds so far. Returns ``(delta, rounds held)``.
+
+    ``start = 0`` is every residual so far: the delta starts afresh (the server resends all
+    after a lost reply, not knowing whether the node added the last ones)."""
+    if end == held:  # nothing new (or already added before a lost reply)
+        return delta, held
+    if start == 0:
+        delta = {}
+    elif held != start:
+        raise RuntimeError(f"the node holds the residuals of {held} rounds but the server sent "
+                           f"rounds {start}..{end}")
+    delta = dict(delta)
+    for layer, increment in residual_increments(residuals).items():
+        delta[layer] = delta[layer] + increment if layer in delta else increment.clone()
+    return delta, end
+
+
+def restored_base_delta(config: ConfigRecord, restore: dict[str, torch.Tensor]
+                        ) -> tuple[dict[str, torch.Tensor], int] | None:
+    """The base delta this node held before a server restart and the residual rounds it
+    covers, taken out of a ``restore`` record; None if the record carries none."""
+    if "restore-base-held" not in config:
+        return None
+    residuals = {k: restore.pop(k) for k in list(restore) if split_residual_key(k)}
+    return residual_increments(residuals), int(config["restore-base-held"])
+
+
+def node_base_delta(context: Context, config: ConfigRecord,
+                    residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """This node's accumulated base delta, updated in ``Context.state``."""
+    records = context.state
+    held = int(records["base-delta-rounds"]["rounds"]) if "base-delta-rounds" in records.config_records else 0
+    delta = records["base-delta"].to_torch_state_dict() if held else {}
+    delta, now_held = update_base_delta(delta, held, int(config.get("residual-from", 0)),
+                                        int(config.get("residual-to", 0)), residuals)
+    if now_held != held:
+        records["base-delta"] = ArrayRecord(delta)
+        records["base-delta-rounds"] = ConfigRecord({"rounds": now_held})
+    return delta or None
+
+
+class FedExClient(ClientHooks):
+    """A FedEx-LoRA client trains on W0 plus its base delta: the sum of the residuals the
+    server sent it, kept in its Context.state (``base-delta``, ``base-delta-rounds``)."""
+
+    def restore(self, node, context, restore):
+        lost = restored_base_delta(node.config, restore)  # takes the residual keys out
+        if lost:
+            context.state["base-delta"] = ArrayRecord(lost[0])
+            context.state["base-delta-rounds"] = ConfigRecord({"rounds": lost[1]})
+        return restore
+
+    def before_training(self, node, context, received):
+        residuals = {k: received.pop(k) for k in list(received) if split_residual_key(k)}
+        node.bundle.set_base_delta(node_base_delta(context, node.config, residuals))
+        return received
+
+
+register_strategy("fedex", FedEx, FedExSettings, client=FedExClient)

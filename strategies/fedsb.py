@@ -20,6 +20,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedlora.aggregation import lora_sb_init, single_threaded
+from fedlora.clients.dp import ClientPrivacy, private_gradient_sum
+from fedlora.clients.hooks import SETUP_MESSAGE_TYPE, ClientHooks
+from fedlora.clients.train import base_gradient_sum
 from fedlora.registry import register_strategy
 from fedlora.settings import POSITIVE, setting
 from fedlora.strategies.base import FederatedLoRA
@@ -94,7 +97,7 @@ class FedSB(FederatedLoRA):
                         "arrays": ArrayRecord(head),
                         "config": ConfigRecord({**exchange.client_config, "server-round": 0,
                                                 "init-samples": share})}),
-                            message_type="train.fedsb_init", dst_node_id=node) for node in nodes]
+                            message_type=SETUP_MESSAGE_TYPE, dst_node_id=node) for node in nodes]
         replies = [r for r in self.record_privacy(exchange(0, messages)) if not r.has_error()]
         if not replies:
             raise RuntimeError("Fed-SB initialisation failed: no init client replied")
@@ -112,4 +115,36 @@ class FedSB(FederatedLoRA):
         return ArrayRecord(state)
 
 
-register_strategy("fedsb", FedSB, FedSBSettings)
+class FedSBClient(ClientHooks):
+    """A Fed-SB client's set-up step: its round-0 gradient for the LoRA-SB initialisation."""
+
+    def setup(self, node, message, context):
+        """``G_k``: the summed gradients of the adapted base weights over ``init-samples`` of
+        this node's examples (a uniform sample; under DP a Poisson sample at rate
+        ``init-samples / n_k`` and one clipped, noised release charged to the accountant)."""
+        bundle = node.bundle
+        bundle.set_base_delta(None)  # the pretrained W0, whatever a previous client left
+        bundle.load(message.content["arrays"].to_torch_state_dict())  # the global head
+        layers = dict(bundle.model.named_modules())
+        with torch.no_grad():
+            for name in bundle.adapted:  # R = 0: the adapters add nothing, so W0's gradient is
+                layers[name].lora_R.weight.zero_()  # that of the plain pretrained model
+        weights = {f"{name}.base.weight": layers[name].base.weight for name in bundle.adapted}
+        share = int(node.config["init-samples"])
+        privacy = ClientPrivacy.for_node(node.config, context.state, len(node.indices))
+        if privacy is None:
+            chosen = node.rng.sample(list(node.indices), min(share, len(node.indices)))
+            grads = base_gradient_sum(bundle.model, weights,
+                                      node.batches.epoch(chosen, int(node.config["batch-size"])),
+                                      node.device)
+            return grads, {"num-examples": len(chosen)}
+        rate = min(1.0, share / len(node.indices))
+        chosen = [i for i in node.indices if node.rng.random() < rate]
+        grads = private_gradient_sum(bundle.model, weights, node.batches, chosen, privacy.clip,
+                                     privacy.noise_multiplier, node.seed, node.device)
+        privacy.spend(1, context.state, rate=rate)
+        # The Poisson sample's size is private: report the expected one.
+        return grads, {**privacy.metrics(), "num-examples": share}
+
+
+register_strategy("fedsb", FedSB, FedSBSettings, client=FedSBClient)

@@ -12,11 +12,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.adapters import factor_key, part_of, split_residual_key
-from fedlora.clients.app import (check_state_kept, full_adapter_state, restored_base_delta,
-                                 update_base_delta)
+from fedlora.clients.app import check_state_kept, full_adapter_state
 from fedlora.config import RunConfig
 from fedlora.participation import FedAUWeights
 from fedlora.strategies import get_strategy
+from fedlora.strategies.fedex import restored_base_delta, update_base_delta
 
 F64 = torch.float64
 M, N, RANK, ALPHA = 6, 5, 2, 4.0  # base weights are m x n = out x in, non-square on purpose

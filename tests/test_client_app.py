@@ -14,12 +14,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedlora import models
 from fedlora.adapters import part_of
-from fedlora.clients.app import (describe, full_adapter_state, residual_increments, train,
-                                 update_base_delta)
+from fedlora.clients.app import describe, full_adapter_state, setup, train
+from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig, client_config
 from fedlora.config import PartitionConfig
 from fedlora.data import DataSpec, client_partitions
 from fedlora.strategies import get_strategy
+from fedlora.strategies.fedex import residual_increments, update_base_delta
 
 F64 = torch.float64
 
@@ -227,3 +228,44 @@ def test_a_supernode_reads_its_own_copy_of_the_data_from_node_config(client_mode
     histogram = list(metrics["label-histogram"])
     assert len(histogram) == 21 and sum(histogram) == len(expected)
     assert sum(histogram[:2]) == len(expected)  # only the local file's 2 labels
+
+
+def setup_message(strategy: str, bundle, **config) -> tuple[Message, Context]:
+    cfg = RunConfig.from_dict({"strategy": strategy, "clients": 4, "rank": 2, "seed": 0,
+                               "max_length": 16, "batch_size": 4})
+    head = {k: v for k, v in bundle.initial_state.items() if part_of(k, bundle.head_keys) == "head"}
+    message = Message(content=RecordDict({"arrays": ArrayRecord(head), "config": ConfigRecord(
+                          {**client_config(cfg, 21), "server-round": 0, **config})}),
+                      dst_node_id=10, message_type=SETUP_MESSAGE_TYPE)
+    context = Context(run_id=1, node_id=10, state=RecordDict(), run_config={},
+                      node_config={"partition-id": 1, "num-partitions": 4})
+    return message, context
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_fedsb_setup_replies_the_base_weight_gradients_of_its_share(client_model):
+    # Prepare
+    message, context = setup_message("fedsb", client_model, **{"init-samples": 3})
+
+    # Execute
+    answer = setup(message, context)
+
+    # Assert: one m x n gradient per adapted base weight, over exactly its 3 examples
+    arrays = answer.content["arrays"].to_torch_state_dict()
+    assert sorted(arrays) == sorted(f"{name}.base.weight" for name in client_model.adapted)
+    for name in client_model.adapted:
+        base = client_model.model.get_submodule(name).base.weight
+        assert arrays[f"{name}.base.weight"].shape == base.shape
+        assert arrays[f"{name}.base.weight"].abs().sum() > 0
+    assert answer.content["metrics"]["num-examples"] == 3
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_setup_message_to_a_method_without_a_setup_step_is_a_clear_error(client_model):
+    # Prepare
+    message, context = setup_message("fedavg", client_model)
+
+    # Execute / Assert
+    with pytest.raises(RuntimeError, match="strategy 'fedavg' has no set-up step, but the node "
+                                           "got a 'train.setup' message"):
+        setup(message, context)

@@ -17,6 +17,7 @@ import torch
 from flwr.app import Error, Message
 
 from fedlora.checkpoint import CHECKPOINT, FINAL_ADAPTER, load_checkpoint
+from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig
 from fedlora.results import read_results
 from fedlora.data import TextDataset, TextSplit
@@ -46,7 +47,7 @@ class SeededGrid(FakeGrid):
     def send_and_receive(self, messages, timeout=None):
         if not messages or messages[0].metadata.message_type == "query.describe":
             return super().send_and_receive(messages, timeout)
-        if messages[0].metadata.message_type == "train.fedsb_init":
+        if messages[0].metadata.message_type == SETUP_MESSAGE_TYPE:
             return [self.gradients(m) for m in messages]
         replies = []
         for message in messages:
