@@ -25,13 +25,8 @@ cached model), ``batches``, ``indices`` (its examples), ``rng``, ``seed`` and ``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from flwr.app import Context, Message
-
-if TYPE_CHECKING:
-    from fedlora.clients.app import ClientSetup
 
 SETUP_MESSAGE_TYPE = "train.setup"  # the one-time set-up message a server may send first
 

@@ -182,6 +182,8 @@ class RunConfig:
         method = get_method(strategy)
         nested = {}
         for name, section_class in SECTIONS.items():
+            if name == "dp":
+                continue  # its own rules (``_dp``)
             section = raw.get(name)
             if isinstance(section, str):  # partition=dirichlet, participation=markov
                 section = {"name": section}

@@ -130,7 +130,7 @@ def test_ledger_keeps_the_longer_history_and_round_trips():
     ({"epsilon": 3, "delta": 1}, "dp.delta=1.0 must be < 1"),
     ({"epsilon": 3, "clip": 0}, "dp.clip=0.0 must be > 0"),
     ({"epsilon": 3, "accountant": "gdp"}, "dp.accountant 'gdp' is unknown; choose one of: rdp, prv"),
-    ({"epsilon": 3, "mode": "client"}, "dp.mode=client (client-level DP-FedAvg) is not implemented"),
+    ({"epsilon": 3, "mode": "client"}, "dp.mode=client (client-level DP, McMahan et al. 2018) is not"),
 ])
 def test_invalid_dp_settings_are_one_line_errors(section, message):
     with pytest.raises(ConfigError) as error:
