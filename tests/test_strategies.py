@@ -418,14 +418,18 @@ def test_bad_updates_are_rejected_and_never_reach_the_global_state(name, kind):
     before = copy.deepcopy(fed.strategy.state_dict())
 
     # Execute
-    with_bad = fed.strategy.aggregate_train(1, replies[:-1] + [bad])[0].to_torch_state_dict()
-    good_only = twin.aggregate_train(1, replies[:-1])[0].to_torch_state_dict()
+    with_bad_report = fed.strategy.aggregate_train(1, replies[:-1] + [bad])
+    good_report = twin.aggregate_train(1, replies[:-1])
+    with_bad, good_only = (r.arrays.to_torch_state_dict() for r in (with_bad_report, good_report))
     all_bad = copy.deepcopy(twin).aggregate_train(2, [bad])
 
     # Assert
     assert states_equal(with_bad, good_only)
-    assert fed.strategy.client_reports == twin.client_reports and len(twin.client_reports) == 3
-    assert all_bad == (None, None)
+    assert with_bad_report.client_reports == good_report.client_reports
+    assert len(good_report.client_reports) == 3
+    bad_node = bad_message.metadata.dst_node_id
+    assert [node for node, _ in with_bad_report.rejected] == [bad_node] and not good_report.rejected
+    assert tuple(all_bad) == (None, None) and [node for node, _ in all_bad.rejected] == [bad_node]
     assert before["partition_of"] == fed.strategy.state_dict()["partition_of"]
 
 
