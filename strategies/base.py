@@ -56,7 +56,7 @@ from fedlora.aggregation import (sample_weights, server_step_weights, single_thr
                                  weighted_mean_states)
 from fedlora.comm import RESTORE, STATE_LOST
 from fedlora.config import round_lr
-from fedlora.participation import ClientSampler, ClientWeighting
+from fedlora.participation import ClientSampler, ClientWeighting, FedAUWeights
 from fedlora.privacy import PrivacyLedger, ServerPrivacy
 
 log = logging.getLogger("fedlora")
@@ -196,10 +196,23 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
 
     # Read-only views of the parts, for reports and tests.
-    partition_of = property(lambda self: self.nodes.partition_of)
-    restoring = property(lambda self: self.nodes.restoring)
-    fedau = property(lambda self: self.weighting.fedau)
-    privacy: PrivacyLedger | None = property(lambda self: self.dp.ledger if self.dp else None)
+
+    @property
+    def partition_of(self) -> dict[int, int]:
+        return self.nodes.partition_of
+
+    @property
+    def restoring(self) -> set[int]:
+        return self.nodes.restoring
+
+    @property
+    def fedau(self) -> FedAUWeights | None:
+        return self.weighting.fedau
+
+    @property
+    def privacy(self) -> PrivacyLedger | None:
+        """The DP ledger (None without DP): each client's accountant, who declined."""
+        return self.dp.ledger if self.dp is not None else None
 
     # -- hooks a method overrides -----------------------------------------------------------
 

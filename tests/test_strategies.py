@@ -621,3 +621,53 @@ def test_participation_needs_every_partitions_label_histogram():
     # Execute / Assert
     with pytest.raises(ValueError, match="participation=markov needs the label histogram of each"):
         fed.strategy.register_nodes({100: 0}, {0: [1, 2, 3]})
+
+
+# --------------------------------------------------------------------------------------------
+# Parts trained per round: a method may alternate them (e.g. B rounds and A rounds)
+
+
+class AlternatingFedIT(FedIT):
+    """FedIT's clients and aggregation, training B (and the head) in odd rounds, A in even ones."""
+
+    def trained_parts_in(self, server_round):
+        return ("B", "head") if server_round % 2 else ("A", "head")
+
+    def payload_down(self, node_id, state):
+        """The trained parts (the default) and the frozen factor the client trains against."""
+        payload = super().payload_down(node_id, state)
+        return {**payload, **{k: v for k, v in state.items() if self.part(k) in {"A", "B"}}}
+
+
+def test_trained_parts_in_decides_what_is_sent_trained_and_accepted():
+    # Prepare: a FedIT federation whose strategy alternates the trained factor
+    fed = Federation("fedavg")
+    fed.strategy = AlternatingFedIT(fed.cfg, HEAD_KEYS)
+    fed.strategy.register_nodes({node: c.partition_id for node, c in fed.clients.items()})
+    start = fed.state
+
+    # Execute: round 1 (B), then round 2 (A) with one client replying with both factors
+    messages_1, _ = fed.run_round()
+    after_1 = fed.state
+    messages_2 = fed.configure()
+    replies_2 = fed.train(messages_2)
+    odd = messages_2[0]
+    both = {**fed.clients[odd.metadata.dst_node_id].update,
+            **{k: v for k, v in after_1.items() if part_of(k, HEAD_KEYS) == "B"}}
+    report = fed.strategy.aggregate_train(2, [reply(odd, both, 10)] + replies_2[1:])
+
+    # Assert: each round asks for and accepts only its own parts; the default payload is them
+    default_payload = FederatedLoRA.payload_down(fed.strategy, odd.metadata.dst_node_id, after_1)
+    assert {part_of(k, HEAD_KEYS) for k in default_payload} == {"A", "head"}
+    for messages, parts in ((messages_1, {"B", "head"}), (messages_2, {"A", "head"})):
+        assert all(set(m.content["config"]["trained-parts"].split(",")) == parts for m in messages)
+        assert all({part_of(k, HEAD_KEYS) for k in m.content["arrays"]} == {"A", "B", "head"}
+                   for m in messages)
+    for layer in LAYERS:
+        A, B = factor_key(layer, "A"), factor_key(layer, "B")
+        assert torch.equal(after_1[A], start[A]) and not torch.equal(after_1[B], start[B])
+        new = report.arrays.to_torch_state_dict()
+        assert torch.equal(new[B], after_1[B]) and not torch.equal(new[A], after_1[A])
+    assert report.clients_trained == CLIENTS - 1
+    assert [node for node, _ in report.rejected] == [odd.metadata.dst_node_id]
+    assert report.rejected[0][1].startswith("keys differ from the trained parts (extra")
