@@ -121,6 +121,30 @@ def check_command_line(argv: list[str]) -> None:
             fail(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml for the valid keys")
 
 
+def check_paths(argv: list[str]) -> None:
+    """``out=`` must be a directory this process can create and write, ``resume=`` an existing
+    directory: checked before Hydra, which creates the run directory (a traceback if it can't).
+    A sweep (``-m``) writes under ``multirun/`` instead, so it is left to its runs."""
+    import tempfile
+
+    if {"-m", "--multirun"} & set(argv):
+        return
+    given = dict(arg.split("=", 1) for arg in argv if "=" in arg and not arg.startswith("-"))
+    resume, out = given.get("resume"), given.get("out")
+    if resume not in (None, "", "null") and not Path(resume).expanduser().is_dir():
+        fail(f"resume={resume} is not a directory; give the directory of a run that wrote a "
+             "checkpoint (its out=)")
+    if out in (None, "", "null") or "${" in out or resume not in (None, "", "null"):
+        return
+    try:
+        Path(out).expanduser().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=Path(out).expanduser()):
+            pass
+    except OSError as error:
+        fail(f"out={out} cannot be created or written ({error.strerror}); give a directory you "
+             "can write, e.g. out=outputs/my-run")
+
+
 RESUME_MAY_CHANGE = ("resume", "out", "verbose")
 
 
@@ -139,10 +163,13 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
     differ from it only if it is one of ``RESUME_MAY_CHANGE``."""
     import yaml
 
+    from fedlora.checkpoint import check_checkpoint
+
     saved_file = run_dir / "config.yaml"
     if not (run_dir / "checkpoint.pt").is_file() or not saved_file.is_file():
         raise ConfigError(f"resume={run_dir} has no checkpoint.pt and config.yaml; give the "
                           "directory of a run that wrote a checkpoint")
+    check_checkpoint(run_dir)  # a damaged one would fail only in the server, after Ray started
     saved = yaml.safe_load(saved_file.read_text())
     new = command_line.to_dict()
     for key in given:
@@ -180,6 +207,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     check_command_line(sys.argv[1:])
+    check_paths(sys.argv[1:])
     # The run directory: resume's, else out, else a dated one (oc.select takes a null for set).
     OmegaConf.register_new_resolver(
         "first_set", lambda *values: next(v for v in values if v is not None), replace=True)
