@@ -14,9 +14,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: a bad key on the command line is refused without torch
+    from fedlora.config import RunConfig
 
 CONF_DIR = Path(__file__).parent / "conf"
 
@@ -164,6 +167,7 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
     import yaml
 
     from fedlora.checkpoint import check_checkpoint
+    from fedlora.config import RunConfig
 
     saved_file = run_dir / "config.yaml"
     if not (run_dir / "checkpoint.pt").is_file() or not saved_file.is_file():
@@ -186,6 +190,10 @@ def hydra_task(conf) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from fedlora.config import RunConfig
+    from fedlora.data import load_dataset
+    from fedlora.models import model_path
+
     raw = OmegaConf.to_container(conf, resolve=True)
     hydra_config = HydraConfig.get()
     out = Path(hydra_config.runtime.output_dir)
@@ -194,6 +202,10 @@ def hydra_task(conf) -> None:
         if raw.get("resume"):
             given = [o.split("=", 1)[0] for o in hydra_config.overrides.task if "=" in o]
             cfg, out = resumed_config(Path(raw["resume"]), cfg, given), Path(raw["resume"])
+        # The data files and a local model directory are checked before Flower, Ray and
+        # transformers are imported (seconds); ``prepare`` gets the data from the cache.
+        load_dataset(cfg.data)
+        model_path(cfg.model)
         summary = run(cfg, out, resume=bool(raw.get("resume")))
     except ConfigError as error:
         fail(str(error))
