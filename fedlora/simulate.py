@@ -126,7 +126,8 @@ def check_command_line(argv: list[str]) -> None:
 
 def check_paths(argv: list[str]) -> None:
     """``out=`` must be a directory this process can create and write, ``resume=`` an existing
-    directory: checked before Hydra, which creates the run directory (a traceback if it can't).
+    directory (else ``ConfigError``): checked before Hydra, which creates the run directory (a
+    traceback if it can't).
     A sweep (``-m``) writes under ``multirun/`` instead, so it is left to its runs."""
     import tempfile
 
@@ -135,8 +136,8 @@ def check_paths(argv: list[str]) -> None:
     given = dict(arg.split("=", 1) for arg in argv if "=" in arg and not arg.startswith("-"))
     resume, out = given.get("resume"), given.get("out")
     if resume not in (None, "", "null") and not Path(resume).expanduser().is_dir():
-        fail(f"resume={resume} is not a directory; give the directory of a run that wrote a "
-             "checkpoint (its out=)")
+        raise ConfigError(f"resume={resume} has no checkpoint.pt and config.yaml; give the "
+                          "directory of a run that wrote a checkpoint")
     if out in (None, "", "null") or "${" in out or resume not in (None, "", "null"):
         return
     try:
@@ -144,8 +145,8 @@ def check_paths(argv: list[str]) -> None:
         with tempfile.TemporaryFile(dir=Path(out).expanduser()):
             pass
     except OSError as error:
-        fail(f"out={out} cannot be created or written ({error.strerror}); give a directory you "
-             "can write, e.g. out=outputs/my-run")
+        raise ConfigError(f"out={out} cannot be created or written ({error.strerror}); give a "
+                          "directory you can write, e.g. out=outputs/my-run") from error
 
 
 RESUME_MAY_CHANGE = ("resume", "out", "verbose")
@@ -173,7 +174,6 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
     if not (run_dir / "checkpoint.pt").is_file() or not saved_file.is_file():
         raise ConfigError(f"resume={run_dir} has no checkpoint.pt and config.yaml; give the "
                           "directory of a run that wrote a checkpoint")
-    check_checkpoint(run_dir)  # a damaged one would fail only in the server, after Ray started
     saved = yaml.safe_load(saved_file.read_text())
     new = command_line.to_dict()
     for key in given:
@@ -183,6 +183,7 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
         if was != now:
             raise ConfigError(f"resume: {key}={now} differs from the run's {key}={was}; a resumed "
                               f"run keeps its config (drop {key}= or set it to {was})")
+    check_checkpoint(run_dir)  # a damaged one would fail only in the server, after Ray started
     return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose)
 
 
@@ -219,7 +220,10 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     check_command_line(sys.argv[1:])
-    check_paths(sys.argv[1:])
+    try:
+        check_paths(sys.argv[1:])
+    except ConfigError as error:
+        fail(str(error))
     # The run directory: resume's, else out, else a dated one (oc.select takes a null for set).
     OmegaConf.register_new_resolver(
         "first_set", lambda *values: next(v for v in values if v is not None), replace=True)

@@ -113,7 +113,7 @@ CASES = {
                       ["out=/sys/kernel cannot be created or written",
                        "give a directory you can write"]),
     "resume missing": ({}, ["resume={tmp}/no-such-run"],
-                       ["resume={tmp}/no-such-run is not a directory", "give the directory of a run"]),
+                       ["resume={tmp}/no-such-run has no checkpoint.pt", "give the directory of a run"]),
     "resume truncated checkpoint": ({"run": real_truncated_checkpoint}, ["resume={tmp}/run"],
                                     ["resume={tmp}/run", "checkpoint.pt is damaged or cut short",
                                      "copy the file again whole"]),
