@@ -135,14 +135,16 @@ def make_files(root: Path, files: dict) -> None:
 
 def run_simulate(root: Path, args: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
     """Run the command in ``root``, where the case's files are (a writable out= unless the case
-    sets its own); return the arguments and the finished process."""
+    sets its own; ``clients=2 rounds=1`` unless it resumes); return the arguments and the
+    finished process."""
     args = [a.replace("{tmp}", str(root)) for a in args]
-    if not any(a.startswith(("out=", "resume=")) for a in args):
-        args.append(f"out={root}/out")
+    if not any(a.startswith("resume=") for a in args):  # a resumed run keeps its own config
+        args += ["clients=2", "rounds=1"]
+        if not any(a.startswith("out=") for a in args):
+            args.append(f"out={root}/out")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    return args, subprocess.run([sys.executable, "-m", "fedlora.simulate", *args, "clients=2",
-                                 "rounds=1"], cwd=root, env=env, capture_output=True, text=True,
-                                timeout=180)
+    return args, subprocess.run([sys.executable, "-m", "fedlora.simulate", *args], cwd=root,
+                                env=env, capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
