@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from fedlora.cli import CONF_DIR, check_command_line, fail, register_hydra_config, resumed_config
+from fedlora.cli import (CONF_DIR, check_command_line, check_paths, fail, register_hydra_config,
+                         resumed_config)
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 
@@ -64,6 +65,10 @@ def hydra_task(conf) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from fedlora.config import RunConfig
+    from fedlora.data import load_dataset
+    from fedlora.models import model_path
+
     raw = OmegaConf.to_container(conf, resolve=True)
     hydra_config = HydraConfig.get()
     out = Path(hydra_config.runtime.output_dir)
@@ -72,6 +77,10 @@ def hydra_task(conf) -> None:
         if raw.get("resume"):
             given = [o.split("=", 1)[0] for o in hydra_config.overrides.task if "=" in o]
             cfg, out = resumed_config(Path(raw["resume"]), cfg, given), Path(raw["resume"])
+        # The data files and a local model directory are checked before Flower, Ray and
+        # transformers are imported (seconds); ``prepare`` gets the data from the cache.
+        load_dataset(cfg.data)
+        model_path(cfg.model)
         summary = run(cfg, out, resume=bool(raw.get("resume")))
     except ConfigError as error:
         fail(str(error))
@@ -84,6 +93,10 @@ def main() -> None:
     import hydra
 
     check_command_line(sys.argv[1:])
+    try:
+        check_paths(sys.argv[1:])
+    except ConfigError as error:
+        fail(str(error))
     register_hydra_config()
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(hydra_task)()
 

@@ -238,7 +238,9 @@ def test_resume_refuses_a_changed_config_before_any_process_starts(tmp_path, cap
     import yaml
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    import torch
+
+    torch.save({}, tmp_path / "checkpoint.pt")  # a whole file: resume refuses a damaged one
     # Execute / Assert: a different node count or key is one line, exit 2, nothing started
     assert main(["local", "nodes=3", f"resume={tmp_path}"]) == 2
     assert main(["local", "nodes=2", "rounds=5", f"resume={tmp_path}"]) == 2
