@@ -68,7 +68,8 @@ def ray_head(address: str, timeout_s: float = 10.0) -> str:
     """The HOST:PORT of the Ray cluster ``ray.address`` names, checked to accept connections
     (``ray.init`` retries an unreachable head for minutes without a word). ``auto``: the head
     RAY_ADDRESS names, else the one the last ``ray start`` on this machine joined; never Ray's
-    own fallback for ``auto``, any Ray instance running here (another user's, on a shared machine)."""
+    own fallback for ``auto``: any Ray instance running here (on a shared machine, another
+    user's)."""
     import socket
 
     from ray._private.services import find_bootstrap_address
@@ -85,7 +86,8 @@ def ray_head(address: str, timeout_s: float = 10.0) -> str:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as error:
         raise ConfigError(f"ray.address={address}: no Ray head answers at {head} ({error}); "
-                          "start it with `ray start --head --port=PORT` or fix the address") from None
+                          "start it with `ray start --head --port=PORT` or fix the "
+                          "address") from None
     return head
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
+from fedlora.cli import resumed_config
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.simulate import ray_head
@@ -60,6 +63,24 @@ def test_auto_follows_ray_address_and_checks_that_head(monkeypatch):
     with pytest.raises(ConfigError, match=rf"^ray\.address=auto: no Ray head answers at "
                                           rf"127\.0\.0\.1:{port} "):
         ray_head("auto")
+
+
+def test_a_resumed_run_may_go_on_elsewhere_but_keeps_what_it_computes(tmp_path):
+    # Prepare: a run that was started on a cluster and wrote a checkpoint
+    saved = RunConfig.from_dict({"strategy": "fedavg", "rounds": 7,
+                                 "ray": {"address": "10.0.0.5:6379"}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**saved.to_dict(), "out": str(tmp_path)}))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    here = RunConfig.from_dict({"ray": {"address": "10.0.0.9:6379"}})
+
+    # Execute: resume=DIR ray.address=10.0.0.9:6379 (the old head is gone)
+    resumed = resumed_config(tmp_path, here, ["resume", "ray.address"])
+
+    # Assert: the new placement, the saved computation
+    assert resumed.ray.address == "10.0.0.9:6379"
+    assert (resumed.strategy, resumed.rounds) == ("fedavg", 7)
+    assert resumed == RunConfig.from_dict({"strategy": "fedavg", "rounds": 7,
+                                           "ray": {"address": "10.0.0.9:6379"}})
 
 
 def test_unreachable_head_is_one_line_and_exit_code_2_not_a_hang(tmp_path):
