@@ -160,7 +160,7 @@ def keys_markdown() -> str:
     return "\n".join(lines)
 
 
-RESUME_MAY_CHANGE = ("resume", "out", "verbose")
+RESUME_MAY_CHANGE = ("resume", "out", "verbose", "ray")  # where a run goes on, not what it computes
 
 
 def _saved_value(saved: dict, key: str):
@@ -192,7 +192,8 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
             raise ConfigError(f"resume: {key}={now} differs from the run's {key}={was}; a resumed "
                               f"run keeps its config (drop {key}= or set it to {was})")
     check_checkpoint(run_dir)  # a damaged one would fail only in the server, after Ray started
-    return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose)
+    return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose,
+                               ray=command_line.ray)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
     from fedlora.server import prepare, run_server
 
     out = Path(out)
+    ray_address = ray_head(cfg.ray.address) if cfg.ray.address else "local"  # before data loads
     data, bundle = prepare(cfg)
     quiet = not cfg.verbose
     setup_logging(out, quiet)
@@ -51,14 +52,44 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
     def main(grid: Grid, context: Context) -> None:
         result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume)
 
+    # "local" even for null: Ray's own default would join whatever cluster RAY_ADDRESS or the
+    # last `ray start` on this machine names, which on a shared machine is someone else's.
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
-               "init_args": {"include_dashboard": False, "log_to_driver": not quiet,
+               "init_args": {"address": ray_address,
+                             "include_dashboard": False, "log_to_driver": not quiet,
                              "logging_level": logging.WARNING if quiet else logging.INFO}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
                    backend_config=backend, verbose_logging=cfg.verbose)
     if "summary" not in result:
         raise RuntimeError(f"the simulation ended without finishing its rounds; rows so far are in {out}")
     return result["summary"]
+
+
+def ray_head(address: str, timeout_s: float = 10.0) -> str:
+    """The HOST:PORT of the Ray cluster ``ray.address`` names, checked to accept connections
+    (``ray.init`` retries an unreachable head for minutes without a word). ``auto``: the head
+    RAY_ADDRESS names, else the one the last ``ray start`` on this machine joined; never Ray's
+    own fallback for ``auto``: any Ray instance running here (on a shared machine, another
+    user's)."""
+    import socket
+
+    from ray._private.services import find_bootstrap_address
+
+    head = address
+    if address == "auto":
+        head = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+        if not head:
+            raise ConfigError("ray.address=auto but `ray start` has not made this machine part of "
+                              "a Ray cluster; run it first (ray start --head, or ray start "
+                              "--address=HEAD:PORT) or give the head as ray.address=HOST:PORT")
+    host, _, port = head.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"ray.address={address}: no Ray head answers at {head} ({error}); "
+                          "start it with `ray start --head --port=PORT` or fix the "
+                          "address") from None
+    return head
 
 
 def hydra_task(conf) -> None:
