@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import yaml
 
@@ -70,7 +71,7 @@ def test_a_resumed_run_may_go_on_elsewhere_but_keeps_what_it_computes(tmp_path):
     saved = RunConfig.from_dict({"strategy": "fedavg", "rounds": 7,
                                  "ray": {"address": "10.0.0.5:6379"}})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**saved.to_dict(), "out": str(tmp_path)}))
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    torch.save({}, tmp_path / "checkpoint.pt")  # a whole (empty) checkpoint file
     here = RunConfig.from_dict({"ray": {"address": "10.0.0.9:6379"}})
 
     # Execute: resume=DIR ray.address=10.0.0.9:6379 (the old head is gone)
