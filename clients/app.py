@@ -39,6 +39,7 @@ from fedlora.adapters import part_of
 from fedlora.comm import RESTORE, STATE_LOST
 from fedlora.config import partition_from_client_config, specs_from_client_config
 from fedlora.data import Batches, client_partitions, load_dataset
+from fedlora.dp_random import client_seed
 from fedlora.clients.dp import ClientPrivacy, poisson_batches
 from fedlora.clients.hooks import ClientHooks
 from fedlora.clients.train import client_update
@@ -71,8 +72,9 @@ class ClientSetup:
                                        partition_from_client_config(cfg), int(cfg["seed"]))
         self.indices = partitions[self.partition_id]
         server_round = int(cfg.get("server-round", 0))
-        # One seed per (run, round, client): the batches and dropout masks are reproducible.
-        self.seed = (int(cfg["seed"]) * 1_000_003 + server_round) * 1_000_003 + self.partition_id
+        # One seed per (run, round, client): the batches and dropout masks are reproducible
+        # (DP's samples and noise come from ``ClientPrivacy.rng``: secret unless reproducible).
+        self.seed = client_seed(int(cfg["seed"]), server_round, self.partition_id)
         self.rng = random.Random(self.seed)
         torch.manual_seed(self.seed)
 
@@ -173,11 +175,12 @@ def train(message: Message, context: Context) -> Message:
         return setup.reply(message, {}, {"dp-declined": 1, **privacy.metrics()})
     else:
         steps = poisson_batches(setup.batches, setup.indices, privacy.sample_rate, local_steps,
-                                setup.rng)
+                                privacy.rng("poisson", setup, context.state))
+        privacy.noise_generator = privacy.rng("noise", setup, context.state, setup.device)
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
                             privacy)
     if privacy is not None:
-        privacy.spend(local_steps, context.state)
+        privacy.spend(local_steps, context.state, "train", int(cfg["server-round"]))
         metrics = {**metrics, **privacy.metrics()}
     return setup.reply(message, bundle.state(trained), metrics)
 

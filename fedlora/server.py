@@ -36,7 +36,7 @@ from fedlora.adapters import PARTS
 from fedlora.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
                                 set_rng_states)
 from fedlora.comm import CommLedger, expected_params, message_part
-from fedlora.config import RunConfig, client_config
+from fedlora.config import RunConfig, client_config, resolve_noise
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.errors import ConfigError
 from fedlora.models import AdaptedModel, build_model, evaluate
@@ -323,6 +323,11 @@ def main(grid: Grid, context: Context) -> None:
     from fedlora.cli import setup_logging
 
     cfg, out = config_from_run_config(dict(context.run_config))
+    cfg = resolve_noise(cfg, deployment=True)  # null: secret DP noise on real SuperNodes
     setup_logging(out, quiet=not cfg.verbose)  # DIR/run.log, as in a simulation
+    if cfg.dp.enabled and cfg.dp.noise == "reproducible":
+        log.warning("dp.reproducible_noise=true: the clients seed their DP noise and sampling "
+                    "with what this server knows, so it can remove the noise; unsafe outside "
+                    "experiments")
     data, bundle = prepare(cfg)
     run_server(grid, cfg, out, bundle, data, resume=bool(context.run_config.get("resume")))

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fedlora.cli import CONF_DIR, check_command_line, fail, register_hydra_config, resumed_config
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, resolve_noise
 from fedlora.errors import ConfigError
 
 # Flower must not try to install the app's dependencies itself (it would pull a CUDA torch).
@@ -39,6 +39,7 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
     from fedlora.server import prepare, run_server
 
     out = Path(out)
+    cfg = resolve_noise(cfg, deployment=False)  # null: reproducible DP noise in simulation
     data, bundle = prepare(cfg)
     quiet = not cfg.verbose
     setup_logging(out, quiet)
