@@ -4,8 +4,9 @@ FedAU (Wang & Ji, "A Lightweight Method for Tackling Unknown Participation Stati
 Federated Averaging", ICLR 2024, arXiv 2306.03401) estimates each client's inverse participation
 probability online, as the running mean of the intervals between its participations, and the
 server scales each delta by that weight while dividing by *all* N clients. This module holds
-its estimator (:class:`FedAUWeights`), its server update (:func:`fedau_update`) and the
-participation models it is evaluated under, transcribed from the official code
+its estimator (:class:`FedAUWeights`) and the participation models it is evaluated under (its
+server step ``x <- x + eta/N sum_k omega_k (x_k - x)`` is the shared delta rule,
+``fedlora.aggregation.server_step_weights`` with ``c_k = omega_k / N``), transcribed from the official code
 (``IBM/fedau``: ``main.py`` for the estimator, ``util/util.py`` ``WorkerSampler`` and
 ``data_participation_each_node`` for the models and probabilities). Spec:
 ``docs/algorithms.md`` ("Client weighting", "Participation patterns", and the FedAU
@@ -15,8 +16,8 @@ Written by hand: no maintained library provides FedAU or its participation model
 strategies sample a fixed fraction uniformly). Clients are identified by their index
 ``0 .. num_clients - 1`` (the partition id), never by a Flower node id.
 
-Every random draw comes from a ``numpy.random.Generator`` seeded explicitly; the global numpy
-RNG is never touched. A participation model called as ``active(0), active(1), ...`` yields
+Every random draw comes from a generator seeded explicitly (``numpy.random.Generator``;
+``random.Random`` for :class:`Uniform`); the global RNGs are never touched. A participation model called as ``active(0), active(1), ...`` yields
 exactly the rows of ``matrix(num_rounds)`` of a model built with the same arguments, so the same
 seed gives the same participation matrix. Everything that must survive a restart has a
 JSON-serialisable ``state_dict()`` / ``load_state_dict()`` pair.
@@ -26,13 +27,13 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from fedlora.aggregation import weighted_sum
+from fedlora.aggregation import sample_weights
 
 # --------------------------------------------------------------------------------------------
 # FedAU: online weight estimator and server update
@@ -143,38 +144,6 @@ class FedAUWeights:
         self.rounds_absent = arrays["rounds_absent"]
         self.interval_sum = arrays["interval_sum"]
         self.interval_count = arrays["interval_count"]
-
-
-def fedau_update(deltas: Sequence[torch.Tensor], omegas: Sequence[float], num_clients: int,
-                 server_lr: float) -> torch.Tensor:
-    """FedAU's server step ``eta * (1/N) * sum_k omega_k * delta_k`` (arXiv 2306.03401, eq. (3)).
-
-    The caller adds the result to the current server value (``x <- x + update``). N counts *all*
-    clients, not the round's participants, and omega is never renormalised: both would turn
-    FedAU back into participation-biased FedAvg (notes, sec. 3.3).
-
-    Args:
-        deltas: one update ``y_k - x`` per participant, all of one shape (never absolute factors).
-        omegas: each participant's weight from :meth:`FedAUWeights.step`.
-        num_clients: N, all clients in the federation.
-        server_lr: eta, the server learning rate (1 in the paper's FedAU runs).
-
-    Returns:
-        The update, in the deltas' dtype.
-    """
-    if not deltas:
-        raise ValueError("fedau_update needs at least one participant's delta; skip the update "
-                         "in a round nobody took part in")
-    if len(deltas) != len(omegas):
-        raise ValueError(f"need one omega per delta, got {len(deltas)} deltas, {len(omegas)} omegas")
-    if num_clients < len(deltas):
-        raise ValueError(f"num_clients={num_clients} is fewer than the {len(deltas)} participants")
-    shapes = {tuple(delta.shape) for delta in deltas}
-    if len(shapes) != 1:
-        raise ValueError(f"deltas differ in shape: {sorted(shapes)}")
-    if not all(math.isfinite(w) and w > 0 for w in omegas):
-        raise ValueError(f"FedAU weights must be finite and positive, got {list(omegas)}")
-    return weighted_sum(deltas, omegas) * (server_lr / num_clients)
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +371,9 @@ class Uniform(ParticipationModel):
     """fedlora's default: exactly ``per_round`` distinct clients per round, sampled uniformly
     without replacement, independently across rounds (Flower's FedAvg sampling).
 
+    Its stream is Python's ``random.Random(seed)`` (``random.sample``), not numpy's: the one
+    uniform sampler of the strategy, whose draws (the set-up round 0 included, and a smaller
+    eligible set once DP clients decline, ``draw``) every recorded run reproduces.
     ``probabilities`` holds every client's participation rate ``per_round / num_clients``.
     """
 
@@ -415,10 +387,28 @@ class Uniform(ParticipationModel):
         self.probabilities = np.full(self.num_clients, self.per_round / self.num_clients)
         super().__init__(seed)
 
-    def _advance(self, rng: np.random.Generator) -> np.ndarray:
+    def _restart(self) -> None:
+        self._rng = random.Random(self.seed)
+        self.next_round = 0
+
+    def draw(self, eligible: Sequence[int]) -> list[int]:
+        """``min(per_round, len(eligible))`` distinct ones of ``eligible`` (in its order's
+        positions: the caller passes a fixed order), outside the round count of ``active``."""
+        return self._rng.sample(list(eligible), min(self.per_round, len(eligible)))
+
+    def _advance(self, rng) -> np.ndarray:
         mask = np.zeros(self.num_clients, dtype=bool)
-        mask[rng.choice(self.num_clients, size=self.per_round, replace=False)] = True
+        mask[self.draw(range(self.num_clients))] = True
         return mask
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self._rng.getstate()
+        return {"next_round": self.next_round, "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self.next_round = int(state["next_round"])
 
 
 def write_participation_csv(path, matrix) -> None:
@@ -431,3 +421,119 @@ def write_participation_csv(path, matrix) -> None:
     for round_index, row in enumerate(active.astype(bool)):
         lines.append(f"{round_index}," + ",".join("1" if flag else "0" for flag in row))
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# The strategy's parts: who takes part in a round, and how much each reply weighs
+
+
+class ClientSampler:
+    """This round's clients, by partition id: ``clients_per_round`` of the eligible ones
+    uniformly (``participation=uniform``, and always in the set-up round 0), or those the
+    participation model marks active (bernoulli, markov, cyclic; possibly none). Keeps the
+    partitions sampled in training rounds 1, 2, ... (``participation.csv``).
+
+    Args:
+        settings: the run's ``participation`` section (``name`` and the model's parameters).
+        num_clients, per_round, seed: the run's ``clients``, ``clients_per_round`` and ``seed``.
+    """
+
+    def __init__(self, settings, num_clients: int, per_round: int, seed: int):
+        self.settings = settings
+        self.num_clients = num_clients
+        self.seed = seed
+        self.uniform = Uniform(num_clients, min(per_round, num_clients), seed)
+        self.model: ParticipationModel | None = None  # None: uniform in every round
+        self.participants: list[list[int]] = []
+
+    def use_label_histograms(self, label_histograms: dict[int, list[int]] | None) -> None:
+        """Build the participation model from each partition's label histogram (FedAU's
+        probabilities correlate with the label mix); nothing to do under uniform sampling."""
+        settings = self.settings
+        if settings.name == "uniform":
+            return
+        if label_histograms is None or set(label_histograms) != set(range(self.num_clients)):
+            raise ValueError(f"participation={settings.name} needs the label histogram of each of "
+                             f"the {self.num_clients} partitions")
+        probabilities = participation_probabilities(
+            [label_histograms[p] for p in range(self.num_clients)], self.seed,
+            alpha_part=settings.alpha_part, mean_p=settings.mean_p, p_min=settings.p_min)
+        seed = self.seed + 1  # not the probabilities' seed: an independent stream
+        self.model = {
+            "bernoulli": lambda: Bernoulli(probabilities, seed),
+            "markov": lambda: Markov(probabilities, seed, a=settings.a),
+            "cyclic": lambda: Cyclic(probabilities, seed, cycle_length=settings.length),
+        }[settings.name]()
+
+    def sample(self, server_round: int, eligible: list[int]) -> list[int]:
+        """The sorted partitions of round ``server_round`` among ``eligible`` (sorted partition
+        ids: those with a node, less the clients out of privacy budget)."""
+        if self.model is None or server_round == 0:
+            chosen = self.uniform.draw(eligible)
+        else:
+            active = set(self.model.active(server_round - 1))
+            chosen = [p for p in eligible if p in active]
+        chosen = sorted(chosen)
+        if server_round > 0:
+            self.participants.append(chosen)
+        return chosen
+
+    def participation_matrix(self) -> np.ndarray:
+        """Boolean [rounds, clients]: which partitions were sampled in rounds 1, 2, ..."""
+        matrix = np.zeros((len(self.participants), self.num_clients), dtype=bool)
+        for row, partitions in enumerate(self.participants):
+            matrix[row, partitions] = True
+        return matrix
+
+    def state_dict(self) -> dict:
+        state = {"uniform": self.uniform.state_dict(),
+                 "participants": [list(p) for p in self.participants]}
+        if self.model is not None:
+            state["model"] = self.model.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.uniform.load_state_dict(state["uniform"])
+        self.participants = [list(p) for p in state["participants"]]
+        if self.model is not None:
+            self.model.load_state_dict(state["model"])
+
+
+WEIGHTINGS = ("samples", "uniform", "fedau")
+
+
+class ClientWeighting:
+    """The coefficients ``c_k`` of a round's valid replies (ALGORITHMS.md, "Weighting"):
+    ``n_k / sum n`` (samples), ``1/K`` (uniform) or ``omega_k / N`` (FedAU: never
+    renormalised, and its estimator steps every round, also one without replies)."""
+
+    def __init__(self, rule: str, num_clients: int, fedau_cutoff: int | None = None):
+        if rule not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {rule!r}")
+        self.rule = rule
+        self.num_clients = num_clients
+        self.fedau = FedAUWeights(num_clients, fedau_cutoff) if rule == "fedau" else None
+
+    @property
+    def normalised(self) -> bool:
+        """The coefficients sum to 1 by construction (samples, uniform; not FedAU)."""
+        return self.fedau is None
+
+    def coefficients(self, partition_ids: list[int], num_examples: list[int]) -> list[float]:
+        """``c_k`` per reply, in the order given (FedAU: advances the estimator one round)."""
+        if self.fedau is not None:
+            omega = self.fedau.step(partition_ids)
+            return [omega[p] / self.num_clients for p in partition_ids]
+        if not partition_ids:
+            return []
+        if self.rule == "uniform":
+            return [1.0 / len(partition_ids)] * len(partition_ids)
+        return sample_weights(num_examples)
+
+    def state_dict(self) -> dict:
+        return {"fedau": self.fedau.state_dict()} if self.fedau is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.fedau is not None:
+            self.fedau.load_state_dict(state["fedau"])
+

@@ -299,3 +299,55 @@ def epsilon_from_report_entry(entry: dict, accountant: str | None = None) -> flo
     history = (history_from_releases(entry["releases"]) if "releases" in entry
                else [tuple(e) for e in entry["history"]])
     return epsilon_spent(history, float(entry["delta"]), accountant or entry["accountant"])
+
+
+# --------------------------------------------------------------------------------------------
+# The strategy's privacy part, shaped like Flower's DP strategy wrappers: it touches only what
+# goes out (configs) and what comes in (replies), around the strategy's own round.
+
+
+class ServerPrivacy:
+    """The server's side of client-level accounting for record-level DP-SGD on each client.
+
+    Like Flower's ``DifferentialPrivacy*`` strategy wrappers it works on the messages around
+    the round: ``outgoing`` adds the server's copy of each client's accountant to its train
+    config (a client whose node state was lost resumes from it); ``incoming`` copies each
+    reply's accountant into the ledger and takes out the clients that declined for lack of
+    budget before the replies are validated and aggregated (declining is no failure). Clients
+    that declined are never eligible again (``eligible``).
+    """
+
+    def __init__(self, target_epsilon: float, accountant: str):
+        self.ledger = PrivacyLedger(target_epsilon, accountant)
+
+    def eligible(self, partition_ids: list[int]) -> list[int]:
+        """``partition_ids`` less the clients out of budget (order kept)."""
+        return [p for p in partition_ids if p not in self.ledger.declined]
+
+    def outgoing(self, partition_id: int) -> dict:
+        """The config values a train message to ``partition_id`` carries."""
+        return self.ledger.config_for(partition_id)
+
+    def incoming(self, replies, partition_of: dict[int, int]) -> tuple[list, list[int]]:
+        """``(replies to aggregate, partitions that declined now)``. A reply without an
+        accountant (an error, a stranger) is kept: the reply check says what is wrong with it."""
+        kept, declined = [], []
+        for reply in replies:
+            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            partition_id = partition_of.get(reply.metadata.src_node_id)
+            if metrics is None or partition_id is None or "dp-epsilon" not in metrics:
+                kept.append(reply)
+                continue
+            self.ledger.record(partition_id, metrics)
+            if metrics.get("dp-declined"):
+                self.ledger.decline(partition_id)
+                declined.append(partition_id)
+            else:
+                kept.append(reply)
+        return kept, declined
+
+    def state_dict(self) -> dict:
+        return self.ledger.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ledger.load_state_dict(state)

@@ -136,3 +136,34 @@ def read_results(run_dir) -> list[dict]:
 
 def elapsed(since: float) -> float:
     return round(time.time() - since, 3)
+
+
+def build_summary(cfg, rows: list[dict], ledger, progress, *, params_per_client_formula,
+                  adapted_layers: int, head_params: int, wall_s: float) -> dict:
+    """``summary.json``: the final and best metrics of ``rows``, the byte totals of the
+    ``ledger`` (``fedlora.comm.CommLedger``; one-time, wire and recovery bytes apart), the
+    loop's totals (``progress``: failures, rounds not aggregated, resumptions, client
+    processes, evaluation times), the per-client parameter formula, the resolved config and
+    the package versions."""
+    eval_seconds = progress.eval_seconds
+    return {
+        "strategy": cfg.strategy, "rounds": cfg.rounds, "seed": cfg.seed,
+        "final_accuracy": rows[-1]["accuracy"], "final_loss": rows[-1]["loss"],
+        "best_accuracy": max(r["accuracy"] for r in rows), "initial_accuracy": rows[0]["accuracy"],
+        "bytes_up_total": ledger.total("up"), "bytes_down_total": ledger.total("down"),
+        "one_time_bytes_up": ledger.one_time["up"], "one_time_bytes_down": ledger.one_time["down"],
+        "wire_bytes_up_total": ledger.wire["up"], "wire_bytes_down_total": ledger.wire["down"],
+        "recovery_bytes_down": ledger.recovery["down"],
+        "params_up_per_client": rows[-1]["params_up_per_client"],
+        "epsilon": rows[-1]["epsilon"],  # DP: the most any client spent (privacy.json: each)
+        "params_per_client_formula": params_per_client_formula,
+        "adapted_layers": adapted_layers, "head_params": head_params,
+        "clients_failed_total": progress.failed_total,
+        "rounds_not_aggregated": progress.rounds_not_aggregated,
+        "resumed_after_rounds": progress.resumed_at,
+        "client_processes": {str(pid): builds for pid, builds in
+                             sorted(progress.client_processes.items())},
+        "eval_s_total": round(sum(eval_seconds), 3), "evaluations": len(eval_seconds),
+        "wall_s": wall_s, "config": cfg.to_dict(), "versions": package_versions(),
+    }
+

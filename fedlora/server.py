@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -41,8 +42,9 @@ from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.errors import ConfigError
 from fedlora.models import AdaptedModel, build_model, evaluate
 from fedlora.participation import write_participation_csv
-from fedlora.results import ResultsWriter, elapsed, package_versions
+from fedlora.results import ResultsWriter, build_summary, elapsed
 from fedlora.strategies import get_strategy
+from fedlora.strategies.base import RoundReport
 
 log = logging.getLogger("fedlora")
 
@@ -122,6 +124,52 @@ def rejoined_nodes(grid, known: set[int], config: dict, clients: int, server_rou
     return joined
 
 
+@dataclass
+class LoopProgress:
+    """The round loop's bookkeeping, checkpointed with the strategy: what the next results row
+    sums (since ``last_row_round``) and the run's totals for ``summary.json``."""
+
+    last_row_round: int = -1
+    trained: int = 0  # clients aggregated since the last row
+    failed: int = 0  # clients missing or rejected since the last row
+    train_losses: list[float] = field(default_factory=list)  # per aggregated round since then
+    client_processes: dict[int, int] = field(default_factory=dict)  # pid -> model builds seen
+    eval_seconds: list[float] = field(default_factory=list)
+    failed_total: int = 0
+    rounds_not_aggregated: int = 0  # rounds with messages but no aggregation
+    resumed_at: list[int] = field(default_factory=list)  # checkpoint rounds resumed after
+
+    def add_round(self, report: RoundReport, sent: int, answered: int) -> None:
+        """One training round: ``sent`` messages, ``answered`` replies, the strategy's report.
+        Declining for lack of DP budget is no failure (neither missing nor rejected)."""
+        for client in report.client_reports:
+            pid = int(client["pid"])
+            self.client_processes[pid] = max(self.client_processes.get(pid, 0),
+                                             int(client["model-builds"]))
+        failed = sent - answered + len(report.rejected)
+        self.trained += report.clients_trained
+        self.failed += failed
+        self.failed_total += failed
+        if report.arrays is not None:
+            self.train_losses.append(float(report.train_loss))
+        elif sent:
+            self.rounds_not_aggregated += 1
+
+    def mean_train_loss(self) -> float | None:
+        return sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
+
+    def row_written(self, server_round: int) -> None:
+        self.last_row_round, self.trained, self.failed, self.train_losses = server_round, 0, 0, []
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.client_processes = {int(pid): builds for pid, builds in self.client_processes.items()}
+
+
 def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                resume: bool = False) -> dict:
     """Run all rounds of ``cfg`` on ``grid``; write the run directory; return the summary.
@@ -150,15 +198,13 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
     writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
 
     test = Batches(bundle.tokenizer, data.test.texts, data.test.labels, cfg.max_length)
-    progress = {"last_row_round": -1, "trained": 0, "failed": 0, "train_losses": [],
-                "client_processes": {},  # pid -> model builds seen in that process
-                "eval_seconds": [], "failed_total": 0, "rounds_not_aggregated": 0, "resumed_at": []}
+    progress = LoopProgress()
     if checkpoint:
         strategy.load_state_dict(checkpoint["strategy"])
         strategy.nodes_restarted(partition_of)  # new node ids, empty Context.state
         ledger.load_state_dict(checkpoint["ledger"])
-        progress = checkpoint["progress"]
-        progress["resumed_at"].append(checkpoint["round"])
+        progress.load_state_dict(checkpoint["progress"])
+        progress.resumed_at.append(checkpoint["round"])
         arrays, first_round = ArrayRecord(checkpoint["arrays"]), checkpoint["round"] + 1
         set_rng_states(checkpoint["rng"])
         log.warning("resuming %s after round %d", out, checkpoint["round"])
@@ -170,16 +216,15 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
         bundle.set_base_delta(strategy.global_base_delta())
         bundle.load(arrays.to_torch_state_dict())
         metrics = evaluate(bundle, test, device=cfg.device)
-        progress["eval_seconds"].append(time.time() - begin)
+        progress.eval_seconds.append(time.time() - begin)
         return metrics
 
     def add_row(server_round: int, metrics: dict) -> None:
-        rounds = range(progress["last_row_round"] + 1, server_round + 1)
-        losses = progress["train_losses"]
+        rounds = range(progress.last_row_round + 1, server_round + 1)
         writer.row({
             "round": server_round, "strategy": cfg.strategy, **metrics,
-            "train_loss": sum(losses) / len(losses) if losses else None,
-            "clients_trained": progress["trained"], "clients_failed": progress["failed"],
+            "train_loss": progress.mean_train_loss(),
+            "clients_trained": progress.trained, "clients_failed": progress.failed,
             "bytes_up": sum(ledger.round_bytes(r, "up") for r in rounds),
             "bytes_down": sum(ledger.round_bytes(r, "down") for r in rounds),
             "bytes_up_cum": ledger.total("up", server_round),
@@ -189,14 +234,14 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             "wall_s": elapsed(started)})
         if strategy.privacy is not None:  # rewritten every row: an independent recomputation
             writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file
-        progress.update(last_row_round=server_round, trained=0, failed=0, train_losses=[])
+        progress.row_written(server_round)
 
     def save_checkpoint(server_round: int) -> None:
         if cfg.checkpoint_every and (server_round % cfg.checkpoint_every == 0
                                      or server_round == cfg.rounds):
             save_atomic({"round": server_round, "arrays": arrays.to_torch_state_dict(),
                          "strategy": strategy.state_dict(), "ledger": ledger.state_dict(),
-                         "rows": writer.rows, "progress": progress, "rng": rng_states(),
+                         "rows": writer.rows, "progress": progress.state_dict(), "rng": rng_states(),
                          "wall_s": elapsed(started), "config": cfg.to_dict()}, out / CHECKPOINT)
 
     try:
@@ -209,26 +254,14 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                 strategy.nodes_restarted(joined)
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(config), grid))
             replies = exchange(server_round, messages) if messages else []
-            new_arrays, metrics = strategy.aggregate_train(server_round, replies)
-            for report in strategy.client_reports:
-                pid = int(report["pid"])
-                builds = progress["client_processes"]
-                builds[pid] = max(builds.get(pid, 0), int(report["model-builds"]))
+            report = strategy.aggregate_train(server_round, replies)
             if len(replies) < len(messages):
                 log.warning("round %d: %d of %d clients sent no reply within round_timeout=%g s",
                             server_round, len(messages) - len(replies), len(messages),
                             cfg.round_timeout)
-            # Declining for lack of DP budget is no failure (neither missing nor rejected).
-            failed = len(messages) - len(replies) + len(strategy.rejected)
-            progress["trained"] += int(metrics["clients_trained"]) if metrics else 0
-            progress["failed"] += failed
-            progress["failed_total"] += failed
-            if metrics:
-                progress["train_losses"].append(float(metrics["train_loss"]))
-            if new_arrays is not None:
-                arrays = new_arrays
-            elif messages:
-                progress["rounds_not_aggregated"] += 1
+            progress.add_round(report, len(messages), len(replies))
+            if report.arrays is not None:
+                arrays = report.arrays
             if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
                 add_row(server_round, evaluate_global(arrays))
             save_checkpoint(server_round)
@@ -240,29 +273,11 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                  "base_delta": strategy.global_base_delta()}, out / FINAL_ADAPTER)
     layers = [tuple(bundle.model.get_submodule(name).base.weight.shape) for name in bundle.adapted]
     head_params = sum(int(v.numel()) for k, v in bundle.state(("head",)).items())
-    rows = writer.rows
-    eval_seconds = progress["eval_seconds"]
-    summary = {
-        "strategy": cfg.strategy, "rounds": cfg.rounds, "seed": cfg.seed,
-        "final_accuracy": rows[-1]["accuracy"], "final_loss": rows[-1]["loss"],
-        "best_accuracy": max(r["accuracy"] for r in rows), "initial_accuracy": rows[0]["accuracy"],
-        "bytes_up_total": ledger.total("up"), "bytes_down_total": ledger.total("down"),
-        "one_time_bytes_up": ledger.one_time["up"], "one_time_bytes_down": ledger.one_time["down"],
-        "wire_bytes_up_total": ledger.wire["up"], "wire_bytes_down_total": ledger.wire["down"],
-        "recovery_bytes_down": ledger.recovery["down"],
-        "params_up_per_client": rows[-1]["params_up_per_client"],
-        "epsilon": rows[-1]["epsilon"],  # DP: the most any client spent (privacy.json: each)
-        "params_per_client_formula": expected_params(type(strategy), layers, cfg.rank,
-                                                     head_params),
-        "adapted_layers": len(layers), "head_params": head_params,
-        "clients_failed_total": progress["failed_total"],
-        "rounds_not_aggregated": progress["rounds_not_aggregated"],
-        "resumed_after_rounds": progress["resumed_at"],
-        "client_processes": {str(pid): builds for pid, builds in
-                             sorted(progress["client_processes"].items())},
-        "eval_s_total": round(sum(eval_seconds), 3), "evaluations": len(eval_seconds),
-        "wall_s": elapsed(started), "config": cfg.to_dict(), "versions": package_versions(),
-    }
+    summary = build_summary(cfg, writer.rows, ledger, progress,
+                            params_per_client_formula=expected_params(type(strategy), layers,
+                                                                      cfg.rank, head_params),
+                            adapted_layers=len(layers), head_params=head_params,
+                            wall_s=elapsed(started))
     writer.write_json("summary.json", summary)
     return summary
 

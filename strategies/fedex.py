@@ -65,18 +65,21 @@ class FedEx(FedIT):
         if held not in self._catch_up:
             self._catch_up[held] = self.missed_residuals(self.residuals[held:])
         payload.update(self._catch_up[held])
-        self.pending[node_id] = len(self.residuals)
         return payload
+
+    def sent_down(self, node_id) -> int:
+        """The rounds of residuals the node has added once it accepts this round's message."""
+        return len(self.residuals)
 
     def config_down(self, node_id):
         return {"residual-from": self.residuals_held.get(node_id, 0),
                 "residual-to": len(self.residuals)}
 
-    def accepted(self, node_id, sent):
+    def accepted(self, node_id, sent: int):
         self.delivered.setdefault(node_id, []).append((self.residuals_held.get(node_id, 0), sent))
         self.residuals_held[node_id] = sent
 
-    def not_accepted(self, node_id, sent):
+    def not_accepted(self, node_id, sent: int):
         # It may have added the residuals before its reply was lost: resend all from round 1
         # next time, which the client adds to a fresh delta (``residual-from`` = 0).
         if sent != self.residuals_held.get(node_id, 0):

@@ -70,10 +70,13 @@ class FedSB(FederatedLoRA):
         parts = set(self.trained_parts)
         if node_id not in self.has_factors:  # B and A travel once per client
             parts |= self.one_time_parts_down
-            self.pending[node_id] = True
         return {k: v for k, v in state.items() if self.part(k) in parts}
 
-    def accepted(self, node_id, sent):
+    def sent_down(self, node_id) -> bool | None:
+        """True: this round's message carries B and A (the node holds them once it accepts)."""
+        return True if node_id not in self.has_factors else None
+
+    def accepted(self, node_id, sent: bool | None):
         if sent:
             self.has_factors.add(node_id)
 

@@ -50,10 +50,13 @@ class FedSVD(FFA):
         payload = super().payload_down(node_id, state)
         if self.a_version_held.get(node_id, 0) != self.a_version:
             payload.update({k: v for k, v in state.items() if self.part(k) == "A"})
-        self.pending[node_id] = self.a_version
         return payload
 
-    def accepted(self, node_id, sent):
+    def sent_down(self, node_id) -> int:
+        """The version of A the node holds once it accepts this round's message."""
+        return self.a_version
+
+    def accepted(self, node_id, sent: int):
         self.a_version_held[node_id] = sent
 
     def aggregate(self, state, updates, weights):

@@ -198,12 +198,15 @@ def test_seeded_crash_is_an_error_reply(client_model):
     cfg, server, contexts = federation("fedavg", bundle, faults={"crash_prob": 0.999})
 
     # Execute
-    messages, replies, new_arrays = run_round(server, contexts, cfg, ArrayRecord(bundle.initial_state), 1)
+    messages = server.configure_train(1, ArrayRecord(bundle.initial_state),
+                                      ConfigRecord(client_config(cfg, 21)), None)
+    replies = [train(m, contexts[m.metadata.dst_node_id]) for m in messages]
+    report = server.aggregate_train(1, replies)
 
     # Assert
     assert len(replies) == 2 and all(r.has_error() for r in replies)
     assert "simulated crash of partition" in replies[0].error.reason
-    assert new_arrays is None and len(server.rejected) == 2
+    assert report.arrays is None and len(report.rejected) == 2
 
 
 @pytest.mark.usefixtures("flower_task")

@@ -18,7 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.participation import (Bernoulli, Cyclic, FedAUWeights, Markov, Uniform, fedau_update,
+from fedlora.aggregation import server_step_weights, weighted_sum
+from fedlora.participation import (Bernoulli, ClientWeighting, Cyclic, FedAUWeights, Markov, Uniform,
                                    participation_probabilities, write_participation_csv)
 
 F64 = torch.float64
@@ -259,57 +260,73 @@ def test_fedau_load_rejects_other_configuration():
 # FedAU server update (invariant 16)
 
 
-def test_fedau_update_full_participation_with_unit_weights_is_scaled_mean():
-    # Prepare
+def fedau_server_step(x, client_values, coefficients, server_lr):
+    """fedlora's one FedAU server step: ``c_k = omega_k / N`` into the shared delta rule
+    (``server_step_weights``, the previous value as one more weighted term)."""
+    weights, previous = server_step_weights(coefficients, server_lr, normalised=False)
+    return weighted_sum(list(client_values) + [x], weights + [previous])
+
+
+def test_fedau_step_full_participation_with_unit_weights_is_scaled_mean():
+    # Prepare: in FedAU's first round every omega is 1
     gen = torch.Generator().manual_seed(0)
     num_clients, server_lr = 5, 0.7
+    x = torch.randn(6, 4, generator=gen, dtype=F64)
     deltas = [torch.randn(6, 4, generator=gen, dtype=F64) for _ in range(num_clients)]
+    weighting = ClientWeighting("fedau", num_clients)
 
     # Execute
-    update = fedau_update(deltas, [1.0] * num_clients, num_clients, server_lr)
+    coefficients = weighting.coefficients(list(range(num_clients)), [1] * num_clients)
+    update = fedau_server_step(x, [x + d for d in deltas], coefficients, server_lr) - x
 
     # Assert
     expected = server_lr * torch.stack(deltas).mean(dim=0)
+    assert coefficients == [1 / num_clients] * num_clients
     assert update.dtype == F64 and update.shape == (6, 4)
-    assert (update - expected).abs().max().item() <= 1e-15
+    assert (update - expected).abs().max().item() <= 1e-14
 
 
-def test_fedau_update_single_participant_divides_by_all_clients():
-    # Prepare
-    delta = torch.randn(3, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
-    omega, num_clients, server_lr = 2.5, 10, 1.3
+def test_fedau_step_single_participant_divides_by_all_clients():
+    # Prepare: client 3 took part in rounds 1 and 4, so omega_3 = (1 + 3) / 2 = 2 in round 7
+    gen = torch.Generator().manual_seed(1)
+    x, delta = torch.randn(3, 8, generator=gen, dtype=F64), torch.randn(3, 8, generator=gen, dtype=F64)
+    num_clients, server_lr = 10, 1.3
+    weighting = ClientWeighting("fedau", num_clients)
+    for participants in ([3], [], [], [3], [], []):
+        weighting.coefficients(participants, [1] * len(participants))
 
     # Execute
-    update = fedau_update([delta], [omega], num_clients, server_lr)
+    coefficients = weighting.coefficients([3], [1])
+    update = fedau_server_step(x, [x + delta], coefficients, server_lr) - x
 
     # Assert: eta * omega * delta / N, not renormalised to omega = 1, not divided by 1
-    assert (update - server_lr * omega * delta / num_clients).abs().max().item() <= 1e-15
+    assert coefficients == [2.0 / num_clients]
+    assert (update - server_lr * 2.0 * delta / num_clients).abs().max().item() <= 1e-14
 
 
 @settings(max_examples=50, deadline=None)
 @given(participants=st.integers(1, 6), extra_clients=st.integers(0, 10),
        omegas=st.lists(st.floats(1.0, 50.0), min_size=6, max_size=6),
        server_lr=st.floats(0.01, 10.0), seed=st.integers(0, 2**31 - 1))
-def test_fedau_update_equals_literal_formula(participants, extra_clients, omegas, server_lr, seed):
+def test_fedau_step_equals_literal_formula(participants, extra_clients, omegas, server_lr, seed):
     gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3, generator=gen, dtype=F64)
     deltas = [torch.randn(4, 3, generator=gen, dtype=F64) for _ in range(participants)]
     omegas = omegas[:participants]
     num_clients = participants + extra_clients
-    update = fedau_update(deltas, omegas, num_clients, server_lr)
+    update = fedau_server_step(x, [x + d for d in deltas], [w / num_clients for w in omegas],
+                               server_lr) - x
     literal = server_lr * (1 / num_clients) * sum(w * d for w, d in zip(omegas, deltas))
-    assert torch.allclose(update, literal, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(update, literal, rtol=1e-10, atol=1e-10)
 
 
-def test_fedau_update_validates_inputs():
-    delta = torch.zeros(2, 2, dtype=F64)
-    with pytest.raises(ValueError, match="at least one"):
-        fedau_update([], [], 4, 1.0)
-    with pytest.raises(ValueError, match="fewer than"):
-        fedau_update([delta, delta], [1.0, 1.0], 1, 1.0)
-    with pytest.raises(ValueError, match="differ in shape"):
-        fedau_update([delta, torch.zeros(2, dtype=F64)], [1.0, 1.0], 4, 1.0)
-    with pytest.raises(ValueError, match="finite and positive"):
-        fedau_update([delta], [float("nan")], 4, 1.0)
+def test_client_weighting_validates_inputs():
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        ClientWeighting("fedprox", 4)
+    with pytest.raises(ValueError, match="appears twice"):
+        ClientWeighting("fedau", 4).coefficients([1, 1], [5, 5])
+    with pytest.raises(ValueError, match=r"outside 0\.\.3"):
+        ClientWeighting("fedau", 4).coefficients([4], [5])
 
 
 # --------------------------------------------------------------------------------------------

@@ -467,14 +467,18 @@ def test_bad_updates_are_rejected_and_never_reach_the_global_state(name, kind):
     before = copy.deepcopy(fed.strategy.state_dict())
 
     # Execute
-    with_bad = fed.strategy.aggregate_train(1, replies[:-1] + [bad])[0].to_torch_state_dict()
-    good_only = twin.aggregate_train(1, replies[:-1])[0].to_torch_state_dict()
+    with_bad_report = fed.strategy.aggregate_train(1, replies[:-1] + [bad])
+    good_report = twin.aggregate_train(1, replies[:-1])
+    with_bad, good_only = (r.arrays.to_torch_state_dict() for r in (with_bad_report, good_report))
     all_bad = copy.deepcopy(twin).aggregate_train(2, [bad])
 
     # Assert
     assert states_equal(with_bad, good_only)
-    assert fed.strategy.client_reports == twin.client_reports and len(twin.client_reports) == 3
-    assert all_bad == (None, None)
+    assert with_bad_report.client_reports == good_report.client_reports
+    assert len(good_report.client_reports) == 3
+    bad_node = bad_message.metadata.dst_node_id
+    assert [node for node, _ in with_bad_report.rejected] == [bad_node] and not good_report.rejected
+    assert tuple(all_bad) == (None, None) and [node for node, _ in all_bad.rejected] == [bad_node]
     assert before["partition_of"] == fed.strategy.state_dict()["partition_of"]
 
 
@@ -674,3 +678,53 @@ def test_participation_needs_every_partitions_label_histogram():
     # Execute / Assert
     with pytest.raises(ValueError, match="participation=markov needs the label histogram of each"):
         fed.strategy.register_nodes({100: 0}, {0: [1, 2, 3]})
+
+
+# --------------------------------------------------------------------------------------------
+# Parts trained per round: a method may alternate them (e.g. B rounds and A rounds)
+
+
+class AlternatingFedIT(FedIT):
+    """FedIT's clients and aggregation, training B (and the head) in odd rounds, A in even ones."""
+
+    def trained_parts_in(self, server_round):
+        return ("B", "head") if server_round % 2 else ("A", "head")
+
+    def payload_down(self, node_id, state):
+        """The trained parts (the default) and the frozen factor the client trains against."""
+        payload = super().payload_down(node_id, state)
+        return {**payload, **{k: v for k, v in state.items() if self.part(k) in {"A", "B"}}}
+
+
+def test_trained_parts_in_decides_what_is_sent_trained_and_accepted():
+    # Prepare: a FedIT federation whose strategy alternates the trained factor
+    fed = Federation("fedavg")
+    fed.strategy = AlternatingFedIT(fed.cfg, HEAD_KEYS)
+    fed.strategy.register_nodes({node: c.partition_id for node, c in fed.clients.items()})
+    start = fed.state
+
+    # Execute: round 1 (B), then round 2 (A) with one client replying with both factors
+    messages_1, _ = fed.run_round()
+    after_1 = fed.state
+    messages_2 = fed.configure()
+    replies_2 = fed.train(messages_2)
+    odd = messages_2[0]
+    both = {**fed.clients[odd.metadata.dst_node_id].update,
+            **{k: v for k, v in after_1.items() if part_of(k, HEAD_KEYS) == "B"}}
+    report = fed.strategy.aggregate_train(2, [reply(odd, both, 10)] + replies_2[1:])
+
+    # Assert: each round asks for and accepts only its own parts; the default payload is them
+    default_payload = FederatedLoRA.payload_down(fed.strategy, odd.metadata.dst_node_id, after_1)
+    assert {part_of(k, HEAD_KEYS) for k in default_payload} == {"A", "head"}
+    for messages, parts in ((messages_1, {"B", "head"}), (messages_2, {"A", "head"})):
+        assert all(set(m.content["config"]["trained-parts"].split(",")) == parts for m in messages)
+        assert all({part_of(k, HEAD_KEYS) for k in m.content["arrays"]} == {"A", "B", "head"}
+                   for m in messages)
+    for layer in LAYERS:
+        A, B = factor_key(layer, "A"), factor_key(layer, "B")
+        assert torch.equal(after_1[A], start[A]) and not torch.equal(after_1[B], start[B])
+        new = report.arrays.to_torch_state_dict()
+        assert torch.equal(new[B], after_1[B]) and not torch.equal(new[A], after_1[A])
+    assert report.clients_trained == CLIENTS - 1
+    assert [node for node, _ in report.rejected] == [odd.metadata.dst_node_id]
+    assert report.rejected[0][1].startswith("keys differ from the trained parts (extra")
