@@ -17,7 +17,8 @@ which its hooks take back).
 client answers with an error reply instead of training.
 
 Handlers (message types):
-  query.describe     partition id, number of examples and label histogram of this node
+  query.describe     partition id, number of examples and (without DP) label histogram of
+                     this node
   train              local steps on the parts named in ``trained-parts``; reply with them
   train.setup        a method's one-time set-up step (``ClientHooks.setup``)
 """
@@ -102,11 +103,12 @@ def _parts(config: ConfigRecord, key: str) -> set[str]:
 @app.query("describe")
 def describe(message: Message, context: Context) -> Message:
     setup = ClientSetup(message, context)
-    labels = setup.batches.labels[list(setup.indices)]
-    histogram = torch.bincount(labels, minlength=setup.model_spec.num_labels).tolist()
-    content = RecordDict({"metrics": MetricRecord({"partition-id": setup.partition_id,
-                                                   "num-examples": len(setup.indices),
-                                                   "label-histogram": histogram})})
+    metrics = {"partition-id": setup.partition_id, "num-examples": len(setup.indices)}
+    if float(setup.config.get("dp-epsilon", 0.0)) <= 0:  # under DP: nothing unaccounted
+        labels = setup.batches.labels[list(setup.indices)]
+        metrics["label-histogram"] = torch.bincount(
+            labels, minlength=setup.model_spec.num_labels).tolist()
+    content = RecordDict({"metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=message)
 
 
@@ -179,9 +181,9 @@ def train(message: Message, context: Context) -> Message:
         privacy.noise_generator = privacy.rng("noise", setup, context.state, setup.device)
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
                             privacy)
-    if privacy is not None:
+    if privacy is not None:  # the un-noised loss and step count stay on the node
         privacy.spend(local_steps, context.state, "train", int(cfg["server-round"]))
-        metrics = {**metrics, **privacy.metrics()}
+        metrics = privacy.metrics()
     return setup.reply(message, bundle.state(trained), metrics)
 
 

@@ -296,6 +296,16 @@ def resolve_noise(cfg: RunConfig, deployment: bool) -> RunConfig:
     return replace(cfg, dp=replace(cfg.dp, reproducible_noise=reproducible))
 
 
+def check_deployment(cfg: RunConfig) -> None:
+    """What a deployment cannot do (a one-line ``ConfigError`` before any process starts): a
+    label-correlated participation model under DP, since DP clients send no label histogram
+    and the server does not hold their data to count it."""
+    if cfg.dp.enabled and cfg.participation.name != "uniform":
+        raise ConfigError(f"participation={cfg.participation.name} needs each client's label "
+                          "histogram, which DP clients do not send on real SuperNodes; use "
+                          "participation=uniform or drop dp.epsilon")
+
+
 # --------------------------------------------------------------------------------------------
 # What a client needs to know travels in every message's ConfigRecord, so the same ClientApp
 # serves simulation and deployment without a config of its own.

@@ -49,7 +49,8 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume)
+        result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume,
+                                       owns_partitions=True)
 
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
                "init_args": {"include_dashboard": False, "log_to_driver": not quiet,

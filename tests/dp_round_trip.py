@@ -4,6 +4,8 @@ with no Ray and no grid; every message and reply is kept for inspection."""
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedlora import models
@@ -35,8 +37,6 @@ class DPFederation:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.bundle = models.cached_model(cfg.model_spec(NUM_LABELS))
-        self.server = get_strategy(cfg.strategy)(cfg, self.bundle.head_keys)
-        self.server.register_nodes({10 + p: p for p in range(CLIENTS)})
         self.client_config = client_config(cfg, NUM_LABELS)
         self.contexts = {10 + p: Context(run_id=1, node_id=10 + p, state=RecordDict(),
                                          run_config={},
@@ -45,6 +45,13 @@ class DPFederation:
                          for p in range(CLIENTS)}
         self.sent: list[tuple[str, Message]] = []
         self.replies: list[tuple[str, Message]] = []
+
+    @cached_property
+    def server(self):
+        """The method's server strategy (uniform sampling: it needs no label histograms)."""
+        server = get_strategy(self.cfg.strategy)(self.cfg, self.bundle.head_keys)
+        server.register_nodes({10 + p: p for p in range(CLIENTS)})
+        return server
 
     def __call__(self, server_round: int, messages: list[Message]) -> list[Message]:
         """The exchange a strategy's ``initialize`` sends through (and the train rounds)."""
