@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedlora.errors import ConfigError
+
 CHECKPOINT = "checkpoint.pt"
 FINAL_ADAPTER = "final_adapter.pt"
 
@@ -33,11 +35,31 @@ def save_atomic(payload, path: Path) -> None:
     tmp.replace(path)
 
 
+def check_checkpoint(run_dir: Path) -> None:
+    """Raise ``ConfigError`` unless ``run_dir/checkpoint.pt`` is a whole ``torch.save`` archive
+    (a zip file: its central directory is at the end, and every member's CRC must match), so a
+    file cut short by a copy is refused before anything starts, without unpickling it."""
+    import zipfile
+
+    path = Path(run_dir) / CHECKPOINT
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+        damaged = None if bad_member is None else f"member {bad_member} fails its CRC check"
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        damaged = f"{type(error).__name__}: {error}"
+    if damaged is not None:
+        raise ConfigError(f"resume={run_dir}: {path} is damaged or cut short ({damaged}); the "
+                          "run cannot continue from it: copy the file again whole, or start a "
+                          "new run")
+
+
 def load_checkpoint(run_dir: Path) -> dict:
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the run wrote no checkpoint "
                                 "(checkpoint_every=0, or it died before round 0 ended)")
+    check_checkpoint(run_dir)
     return torch.load(path, weights_only=False)  # our own file: RNG states are numpy objects
 
 

@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fedlora.checkpoint import check_checkpoint
 from fedlora.config import RunConfig, hydra_tree
 from fedlora.errors import ConfigError
 
@@ -81,6 +82,31 @@ def check_command_line(argv: list[str]) -> None:
             fail(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml for the valid keys")
 
 
+def check_paths(argv: list[str]) -> None:
+    """``out=`` must be a directory this process can create and write, ``resume=`` an existing
+    directory (else ``ConfigError``): checked before Hydra, which creates the run directory (a
+    traceback if it can't).
+    A sweep (``-m``) writes under ``multirun/`` instead, so it is left to its runs."""
+    import tempfile
+
+    if {"-m", "--multirun"} & set(argv):
+        return
+    given = dict(arg.split("=", 1) for arg in argv if "=" in arg and not arg.startswith("-"))
+    resume, out = given.get("resume"), given.get("out")
+    if resume not in (None, "", "null") and not Path(resume).expanduser().is_dir():
+        raise ConfigError(f"resume={resume} has no checkpoint.pt and config.yaml; give the "
+                          "directory of a run that wrote a checkpoint")
+    if out in (None, "", "null") or "${" in out or resume not in (None, "", "null"):
+        return
+    try:
+        Path(out).expanduser().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=Path(out).expanduser()):
+            pass
+    except OSError as error:
+        raise ConfigError(f"out={out} cannot be created or written ({error.strerror}); give a "
+                          "directory you can write, e.g. out=outputs/my-run") from error
+
+
 def setup_logging(out: Path, quiet: bool) -> None:
     """fedlora's and Flower's log lines go to ``out/run.log``; the console gets warnings only
     (and the progress lines) unless ``verbose=true``."""
@@ -134,7 +160,7 @@ def keys_markdown() -> str:
     return "\n".join(lines)
 
 
-RESUME_MAY_CHANGE = ("resume", "out", "verbose")
+RESUME_MAY_CHANGE = ("resume", "out", "verbose", "ray")  # where a run goes on, not what it computes
 
 
 def _saved_value(saved: dict, key: str):
@@ -165,7 +191,9 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
         if was != now:
             raise ConfigError(f"resume: {key}={now} differs from the run's {key}={was}; a resumed "
                               f"run keeps its config (drop {key}= or set it to {was})")
-    return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose)
+    check_checkpoint(run_dir)  # a damaged one would fail only in the server, after Ray started
+    return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose,
+                               ray=command_line.ray)
 
 
 if __name__ == "__main__":

@@ -105,9 +105,28 @@ class DPConfig:
         return "reproducible" if self.reproducible_noise is True else "secret"
 
 
+@dataclass(frozen=True)
+class RayConfig:
+    """Where ``python -m fedlora.simulate`` runs its clients (README: multi-node simulation)."""
+
+    address: str | None = setting(None, "simulation only. null: start a local Ray instance | "
+                                  "auto: join the cluster `ray start` made this machine part of | "
+                                  "HOST:PORT: join the cluster whose head listens there")
+
+    def __post_init__(self):
+        if self.address is None or self.address == "auto":
+            return
+        host, _, port = self.address.rpartition(":")
+        if not host or "://" in host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"ray.address={self.address!r} is not auto or HOST:PORT; give the "
+                              "head's address as `ray start --head --port=PORT` prints it "
+                              "(e.g. ray.address=10.0.0.5:6379)")
+
+
 # The sections of RunConfig that are dataclasses of their own (besides data and the methods').
 SECTIONS = {"partition": PartitionConfig, "participation": ParticipationConfig,
-            "fedau": FedAUConfig, "faults": FaultsConfig, "dp": DPConfig}
+            "fedau": FedAUConfig, "faults": FaultsConfig, "dp": DPConfig,
+            "ray": RayConfig}
 # Where a run writes, not what it computes (``fedlora.cli``): accepted, never part of RunConfig.
 PLACEMENT_KEYS = ("out", "resume")
 
@@ -158,6 +177,7 @@ class RunConfig:
     fedau: FedAUConfig = field(default_factory=FedAUConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     data: DataSpec = field(default_factory=DataSpec)
     # Every registered method's settings by name (each method's ``<name>.*`` section).
     methods: dict = field(default_factory=dict)

