@@ -17,7 +17,8 @@ which its hooks take back).
 client answers with an error reply instead of training.
 
 Handlers (message types):
-  query.describe     partition id, number of examples and label histogram of this node
+  query.describe     partition id, number of examples and (without DP) label histogram of
+                     this node
   train              local steps on the parts named in ``trained-parts``; reply with them
   train.setup        a method's one-time set-up step (``ClientHooks.setup``)
 """
@@ -39,6 +40,7 @@ from fedlora.adapters import part_of
 from fedlora.comm import RESTORE, STATE_LOST
 from fedlora.config import partition_from_client_config, specs_from_client_config
 from fedlora.data import Batches, client_partitions, load_dataset
+from fedlora.dp_random import client_seed
 from fedlora.clients.dp import ClientPrivacy, poisson_batches
 from fedlora.clients.hooks import ClientHooks
 from fedlora.clients.train import client_update
@@ -71,8 +73,9 @@ class ClientSetup:
                                        partition_from_client_config(cfg), int(cfg["seed"]))
         self.indices = partitions[self.partition_id]
         server_round = int(cfg.get("server-round", 0))
-        # One seed per (run, round, client): the batches and dropout masks are reproducible.
-        self.seed = (int(cfg["seed"]) * 1_000_003 + server_round) * 1_000_003 + self.partition_id
+        # One seed per (run, round, client): the batches and dropout masks are reproducible
+        # (DP's samples and noise come from ``ClientPrivacy.rng``: secret unless reproducible).
+        self.seed = client_seed(int(cfg["seed"]), server_round, self.partition_id)
         self.rng = random.Random(self.seed)
         torch.manual_seed(self.seed)
 
@@ -100,11 +103,12 @@ def _parts(config: ConfigRecord, key: str) -> set[str]:
 @app.query("describe")
 def describe(message: Message, context: Context) -> Message:
     setup = ClientSetup(message, context)
-    labels = setup.batches.labels[list(setup.indices)]
-    histogram = torch.bincount(labels, minlength=setup.model_spec.num_labels).tolist()
-    content = RecordDict({"metrics": MetricRecord({"partition-id": setup.partition_id,
-                                                   "num-examples": len(setup.indices),
-                                                   "label-histogram": histogram})})
+    metrics = {"partition-id": setup.partition_id, "num-examples": len(setup.indices)}
+    if float(setup.config.get("dp-epsilon", 0.0)) <= 0:  # under DP: nothing unaccounted
+        labels = setup.batches.labels[list(setup.indices)]
+        metrics["label-histogram"] = torch.bincount(
+            labels, minlength=setup.model_spec.num_labels).tolist()
+    content = RecordDict({"metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=message)
 
 
@@ -173,12 +177,13 @@ def train(message: Message, context: Context) -> Message:
         return setup.reply(message, {}, {"dp-declined": 1, **privacy.metrics()})
     else:
         steps = poisson_batches(setup.batches, setup.indices, privacy.sample_rate, local_steps,
-                                setup.rng)
+                                privacy.rng("poisson", setup, context.state))
+        privacy.noise_generator = privacy.rng("noise", setup, context.state, setup.device)
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
                             privacy)
-    if privacy is not None:
-        privacy.spend(local_steps, context.state)
-        metrics = {**metrics, **privacy.metrics()}
+    if privacy is not None:  # the un-noised loss and step count stay on the node
+        privacy.spend(local_steps, context.state, "train", int(cfg["server-round"]))
+        metrics = privacy.metrics()
     return setup.reply(message, bundle.state(trained), metrics)
 
 

@@ -85,10 +85,24 @@ class DPConfig:
     accountant: str = setting("rdp", "rdp | prv (Opacus)", choices=ACCOUNTANTS)
     mode: str = setting("record", "record: DP-SGD on each client's examples",
                         choices=("record", "client"))
+    secure_rng: bool = setting(False, "Opacus' secure_mode Gaussian (2n-sample draw against "
+                               "floating-point attacks) from each node's secret; implies secret "
+                               "noise")
+    reproducible_noise: bool | None = setting(None, "null: reproducible DP noise in simulation, "
+                                              "secret on real SuperNodes; true: seeded by what "
+                                              "the server knows (unsafe outside experiments); "
+                                              "false: secret")
 
     @property
     def enabled(self) -> bool:
         return self.epsilon is not None
+
+    @property
+    def noise(self) -> str:
+        """Where the clients' DP randomness comes from (``fedlora.dp_random``): ``"secret"``
+        unless reproducible noise was asked for, or chosen by a simulation launcher
+        (``resolve_noise``)."""
+        return "reproducible" if self.reproducible_noise is True else "secret"
 
 
 @dataclass(frozen=True)
@@ -282,10 +296,34 @@ def _dp(raw) -> DPConfig:
     dp = parse_section(DPConfig, section, "dp")
     if dp.delta >= 1:
         raise ConfigError(f"dp.delta={dp.delta} must be < 1 (usually well below 1/n: 1e-5)")
+    if dp.secure_rng and dp.reproducible_noise:
+        raise ConfigError("dp.secure_rng=true draws secret noise, but dp.reproducible_noise=true "
+                          "asks for noise the server can replay; drop one of them")
     if dp.mode == "client" and dp.enabled:
         raise ConfigError("dp.mode=client (client-level DP, McMahan et al. 2018) is not "
                           "implemented; use dp.mode=record")
     return dp
+
+
+def resolve_noise(cfg: RunConfig, deployment: bool) -> RunConfig:
+    """``cfg`` with ``dp.reproducible_noise`` decided by where the run happens (each launcher
+    calls this before the config reaches ``run_server``): left null, a simulation draws
+    reproducible noise (bit-exact reruns and resume; ``secure_rng`` excepted) and a deployment
+    secret noise. Only an explicit ``true`` gives a deployment reproducible noise."""
+    if cfg.dp.reproducible_noise is not None:
+        return cfg
+    reproducible = not deployment and not cfg.dp.secure_rng
+    return replace(cfg, dp=replace(cfg.dp, reproducible_noise=reproducible))
+
+
+def check_deployment(cfg: RunConfig) -> None:
+    """What a deployment cannot do (a one-line ``ConfigError`` before any process starts): a
+    label-correlated participation model under DP, since DP clients send no label histogram
+    and the server does not hold their data to count it."""
+    if cfg.dp.enabled and cfg.participation.name != "uniform":
+        raise ConfigError(f"participation={cfg.participation.name} needs each client's label "
+                          "histogram, which DP clients do not send on real SuperNodes; use "
+                          "participation=uniform or drop dp.epsilon")
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +364,8 @@ def dp_client_config(cfg: RunConfig) -> dict:
     setup_share = get_method(cfg.strategy).server.setup_examples_per_client(cfg)
     return {"dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,
             "dp-accountant": cfg.dp.accountant, "dp-max-steps": cfg.local_steps * cfg.rounds,
-            "dp-init-samples": setup_share}
+            "dp-init-samples": setup_share, "dp-noise": cfg.dp.noise,
+            "dp-secure-rng": int(cfg.dp.secure_rng)}
 
 
 def round_lr(cfg: RunConfig, server_round: int) -> float:

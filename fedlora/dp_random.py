@@ -24,8 +24,14 @@ nothing in privacy.
   2^63 noise draws per release on average.
 
 ``"reproducible"`` mode (simulation only, and *not* private against whoever runs the server):
-the same generators seeded from ``(seed, round, partition id, purpose)``, so a simulation
-reruns bit for bit. :func:`dp_rng` is the one entry point that picks between the two.
+the streams fedlora's clients have always drawn, from the client seed
+``(seed * 1_000_003 + round) * 1_000_003 + partition id`` (:func:`client_seed`), so a
+simulation reruns bit for bit and gives the numbers of earlier fedlora versions: the Poisson
+samplers are ``random.Random(client seed)``; the training noise comes from the process's
+default torch generator of the device, seeded with the client seed (the generator dropout
+masks draw from as well: sharing it is what keeps the old draws); Fed-SB's init noise from a
+fresh generator with the client seed. :func:`dp_rng` is the one entry point that picks
+between the two modes.
 
 Opacus 1.6 (``opacus/optimizers/optimizer.py``): ``DPOptimizer(..., generator=g)`` passes
 ``g`` to every ``torch.normal`` call in ``_generate_noise``; with ``generator=None`` those
@@ -99,8 +105,7 @@ def next_counter(state) -> int:
 
 
 def _derived_key(secret: NodeSecret, purpose: str, counter: int) -> bytes:
-    if purpose not in PURPOSES:
-        raise ValueError(f"unknown randomness purpose {purpose!r}; one of {PURPOSES}")
+    _check_purpose(purpose)
     return hmac.new(secret.key, f"fedlora-dp/{purpose}/{int(counter)}".encode(),
                     hashlib.sha256).digest()
 
@@ -159,25 +164,44 @@ def secret_torch_generator(secret: NodeSecret, purpose: str, counter: int,
     return torch.Generator(device=device).manual_seed(_seed64(_derived_key(secret, purpose, counter)))
 
 
-def _reproducible_material(purpose: str, seed: int, server_round: int, partition_id: int) -> bytes:
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """One seed per (run, round, client): a client's batches and dropout masks, and in
+    reproducible mode its DP draws (``fedlora.clients.app.ClientSetup``)."""
+    return (int(seed) * 1_000_003 + int(server_round)) * 1_000_003 + int(partition_id)
+
+
+def _check_purpose(purpose: str) -> None:
     if purpose not in PURPOSES:
         raise ValueError(f"unknown randomness purpose {purpose!r}; one of {PURPOSES}")
-    text = f"fedlora-dp/{purpose}/{int(seed)}/{int(server_round)}/{int(partition_id)}"
-    return hashlib.sha256(text.encode()).digest()
 
 
 def reproducible_random(purpose: str, seed: int, server_round: int,
                         partition_id: int) -> random.Random:
     """The Poisson stream from what the server knows: simulation's reproducible mode only."""
-    return random.Random(int.from_bytes(_reproducible_material(purpose, seed, server_round,
-                                                               partition_id), "little"))
+    _check_purpose(purpose)
+    return random.Random(client_seed(seed, server_round, partition_id))
+
+
+def _default_generator(device: str | torch.device) -> torch.Generator:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None
+                                             else torch.cuda.current_device()]
+    return torch.default_generator
 
 
 def reproducible_torch_generator(purpose: str, seed: int, server_round: int, partition_id: int,
                                  device: str | torch.device = "cpu") -> torch.Generator:
-    """The noise generator from what the server knows: simulation's reproducible mode only."""
-    material = _reproducible_material(purpose, seed, server_round, partition_id)
-    return torch.Generator(device=device).manual_seed(_seed64(material))
+    """The noise generator from what the server knows: simulation's reproducible mode only.
+
+    ``"noise"`` (DP-SGD's) is the device's default generator re-seeded with the client seed,
+    which the client has already seeded it with: the stream Opacus drew from when it was given
+    no generator, dropout masks interleaved; the other purposes get a fresh generator."""
+    _check_purpose(purpose)
+    value = client_seed(seed, server_round, partition_id)
+    if purpose == "noise":
+        return _default_generator(device).manual_seed(value)
+    return torch.Generator(device=device).manual_seed(value)
 
 
 def dp_rng(mode: str, purpose: str, kind: str, *, state=None, seed: int | None = None,
@@ -221,3 +245,16 @@ def make_dp_optimizer(optimizer: torch.optim.Optimizer, noise_multiplier: float,
     return DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
                        expected_batch_size=expected_batch_size, loss_reduction="mean",
                        generator=generator, secure_mode=bool(secure_mode))
+
+
+def gaussian_noise(std: float, shape, generator: torch.Generator, secure_mode: bool) -> torch.Tensor:
+    """``N(0, std^2)`` of ``shape`` from ``generator`` on its device, as Opacus' DPOptimizer
+    draws it: with ``secure_mode``, Opacus' own 2n-sample draw (``_generate_noise``), so a
+    release outside the optimiser (Fed-SB's init gradient) gets the same protection; without,
+    ``std * randn`` (the draw fedlora's init release has always made)."""
+    if not secure_mode:
+        return std * torch.randn(tuple(shape), generator=generator, device=generator.device)
+    from opacus.optimizers.optimizer import _generate_noise
+
+    reference = torch.empty(tuple(shape), device=generator.device)
+    return _generate_noise(std, reference, generator=generator, secure_mode=True)

@@ -317,8 +317,8 @@ class ServerPrivacy:
     that declined are never eligible again (``eligible``).
     """
 
-    def __init__(self, target_epsilon: float, accountant: str):
-        self.ledger = PrivacyLedger(target_epsilon, accountant)
+    def __init__(self, target_epsilon: float, accountant: str, noise: str = "reproducible"):
+        self.ledger = PrivacyLedger(target_epsilon, accountant, noise=noise)
 
     def eligible(self, partition_ids: list[int]) -> list[int]:
         """``partition_ids`` less the clients out of budget (order kept)."""

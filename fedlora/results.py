@@ -156,6 +156,7 @@ def build_summary(cfg, rows: list[dict], ledger, progress, *, params_per_client_
         "recovery_bytes_down": ledger.recovery["down"],
         "params_up_per_client": rows[-1]["params_up_per_client"],
         "epsilon": rows[-1]["epsilon"],  # DP: the most any client spent (privacy.json: each)
+        "noise": cfg.dp.noise if cfg.dp.enabled else None,  # DP randomness: secret | reproducible
         "params_per_client_formula": params_per_client_formula,
         "adapted_layers": adapted_layers, "head_params": head_params,
         "clients_failed_total": progress.failed_total,

@@ -2,7 +2,9 @@
 
 The loop, in this order (the same in simulation and deployment):
   0. wait until all ``clients`` nodes are connected (Flower registers them over the first
-     seconds), ask each for its partition id and label histogram (``query.describe``);
+     seconds), ask each for its partition id and label histogram (``query.describe``; under
+     DP a client sends no histogram: in simulation the server computes them from the
+     partitioner it owns, in deployment there are none);
   1. the strategy's one-time initialisation (Fed-SB: round-0 gradient upload, counted);
   2. evaluate the initial global model on the held-out test split (round 0);
   3. for each round: ``configure_train`` (sampling: possibly nobody, under a participation
@@ -37,7 +39,7 @@ from fedlora.adapters import PARTS
 from fedlora.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
                                 set_rng_states)
 from fedlora.comm import CommLedger, expected_params, message_part
-from fedlora.config import RunConfig, client_config
+from fedlora.config import RunConfig, check_deployment, client_config, resolve_noise
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.errors import ConfigError
 from fedlora.models import AdaptedModel, build_model, evaluate
@@ -88,8 +90,9 @@ def wait_for_nodes(grid, count: int, timeout_s: float = 300.0) -> list[int]:
 
 
 def describe_nodes(grid, nodes: list[int], config: dict, strict: bool = True) -> dict[int, dict]:
-    """Each node's partition id, number of examples and label histogram (``strict=False``: a
-    node that fails to answer is logged and left out)."""
+    """Each node's partition id, number of examples and label histogram (None from a DP
+    client, which does not send it; ``strict=False``: a node that fails to answer is logged
+    and left out)."""
     messages = [Message(content=RecordDict({"config": ConfigRecord(config)}),
                         message_type="query.describe", dst_node_id=node) for node in nodes]
     info = {}
@@ -103,8 +106,20 @@ def describe_nodes(grid, nodes: list[int], config: dict, strict: bool = True) ->
         metrics = reply.content["metrics"]
         info[reply.metadata.src_node_id] = {"partition_id": int(metrics["partition-id"]),
                                             "num_examples": int(metrics["num-examples"]),
-                                            "label_histogram": list(metrics["label-histogram"])}
+                                            "label_histogram": list(metrics["label-histogram"])
+                                            if "label-histogram" in metrics else None}
     return info
+
+
+def server_label_histograms(cfg: RunConfig, data) -> list[list[int]]:
+    """Each partition's label histogram from the partitioner the server owns (simulation)."""
+    counts = []
+    for indices in client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.seed):
+        histogram = [0] * data.num_labels
+        for index in indices:
+            histogram[int(data.train.labels[index])] += 1
+        counts.append(histogram)
+    return counts
 
 
 def rejoined_nodes(grid, known: set[int], config: dict, clients: int, server_round: int) -> dict[int, int]:
@@ -151,7 +166,8 @@ class LoopProgress:
         self.failed += failed
         self.failed_total += failed
         if report.arrays is not None:
-            self.train_losses.append(float(report.train_loss))
+            if report.train_loss is not None:  # None under DP: no client sends its loss
+                self.train_losses.append(float(report.train_loss))
         elif sent:
             self.rounds_not_aggregated += 1
 
@@ -171,10 +187,13 @@ class LoopProgress:
 
 
 def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
-               resume: bool = False) -> dict:
+               resume: bool = False, owns_partitions: bool = False) -> dict:
     """Run all rounds of ``cfg`` on ``grid``; write the run directory; return the summary.
 
     ``resume``: continue the run in ``out`` from ``out/checkpoint.pt`` (``fedlora.checkpoint``).
+    ``owns_partitions``: the clients' data is ``data`` split by ``fedlora.data.client_partitions``
+    (a simulation), so under DP the server computes the label histograms the clients no longer
+    send; in deployment a node's data is its own.
     """
     checkpoint = load_checkpoint(out) if resume else None
     started = time.time() - (checkpoint["wall_s"] if checkpoint else 0.0)
@@ -193,6 +212,10 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                            f"'partition-id=i num-partitions={cfg.clients}'")
     partition_of = {node: info["partition_id"] for node, info in nodes.items()}
     known_nodes = set(nodes)
+    if cfg.dp.enabled and owns_partitions:  # what DP clients do not send, from the partitioner
+        histograms = server_label_histograms(cfg, data)
+        for info in nodes.values():
+            info["label_histogram"] = histograms[info["partition_id"]]
     strategy.register_nodes(partition_of,
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()})
     writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
@@ -338,6 +361,12 @@ def main(grid: Grid, context: Context) -> None:
     from fedlora.cli import setup_logging
 
     cfg, out = config_from_run_config(dict(context.run_config))
+    cfg = resolve_noise(cfg, deployment=True)  # null: secret DP noise on real SuperNodes
+    check_deployment(cfg)
     setup_logging(out, quiet=not cfg.verbose)  # DIR/run.log, as in a simulation
+    if cfg.dp.enabled and cfg.dp.noise == "reproducible":
+        log.warning("dp.reproducible_noise=true: the clients seed their DP noise and sampling "
+                    "with what this server knows, so it can remove the noise; unsafe outside "
+                    "experiments")
     data, bundle = prepare(cfg)
     run_server(grid, cfg, out, bundle, data, resume=bool(context.run_config.get("resume")))

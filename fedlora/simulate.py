@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedlora.cli import (CONF_DIR, check_command_line, check_paths, fail, register_hydra_config,
                          resumed_config)
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, resolve_noise
 from fedlora.errors import ConfigError
 
 # Flower must not try to install the app's dependencies itself (it would pull a CUDA torch).
@@ -40,6 +40,7 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
     from fedlora.server import prepare, run_server
 
     out = Path(out)
+    cfg = resolve_noise(cfg, deployment=False)  # null: reproducible DP noise in simulation
     ray_address = ray_head(cfg.ray.address) if cfg.ray.address else "local"  # before data loads
     data, bundle = prepare(cfg)
     quiet = not cfg.verbose
@@ -50,7 +51,8 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume)
+        result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume,
+                                       owns_partitions=True)
 
     # "local" even for null: Ray's own default would join whatever cluster RAY_ADDRESS or the
     # last `ray start` on this machine names, which on a shared machine is someone else's.

@@ -71,6 +71,7 @@ class RoundReport:
 
     arrays: ArrayRecord | None = None
     train_loss: float | None = None  # the sample-weighted mean of the valid replies' loss
+    # (None under DP: a DP client reports no un-noised loss)
     clients_trained: int = 0  # valid replies aggregated
     client_weight_sum: float = 0.0  # sum of c_k (1 but for FedAU)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node id, reason)
@@ -81,7 +82,8 @@ class RoundReport:
     def metrics(self) -> MetricRecord | None:
         if self.arrays is None:
             return None
-        return MetricRecord({"train_loss": self.train_loss, "clients_trained": self.clients_trained,
+        loss = {} if self.train_loss is None else {"train_loss": self.train_loss}
+        return MetricRecord({**loss, "clients_trained": self.clients_trained,
                              "client_weight_sum": self.client_weight_sum})
 
     # Flower's pair: ``arrays, metrics = report``, ``report[0]``, ``len(report) == 2``.
@@ -197,7 +199,8 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         self.sampler = ClientSampler(cfg.participation, cfg.clients, cfg.clients_per_round, cfg.seed)
         self.weighting = ClientWeighting(cfg.weighting, cfg.clients, cfg.fedau.cutoff)
         self.nodes: NodeBook[Sent] = NodeBook()
-        self.dp = ServerPrivacy(cfg.dp.epsilon, cfg.dp.accountant) if cfg.dp.enabled else None
+        self.dp = (ServerPrivacy(cfg.dp.epsilon, cfg.dp.accountant, noise=cfg.dp.noise)
+                   if cfg.dp.enabled else None)
         self.server_round = 0
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
 
@@ -416,7 +419,9 @@ class FederatedLoRA(Strategy, Generic[Sent]):
             new_state = self.aggregate(self.current, updates, weights)
         losses = sample_weights(num_examples)  # the reported loss is always the sample mean
         report.arrays = ArrayRecord(new_state)
-        report.train_loss = sum(w * r.content["metrics"]["train_loss"] for w, r in zip(losses, valid))
+        if all("train_loss" in r.content["metrics"] for r in valid):  # none under DP
+            report.train_loss = sum(w * r.content["metrics"]["train_loss"]
+                                    for w, r in zip(losses, valid))
         report.clients_trained = len(valid)
         report.client_weight_sum = sum(coefficients)
         return report

@@ -142,10 +142,13 @@ class FedSBClient(ClientHooks):
                                       node.device)
             return grads, {"num-examples": len(chosen)}
         rate = min(1.0, share / len(node.indices))
-        chosen = [i for i in node.indices if node.rng.random() < rate]
+        sampler = privacy.rng("init-poisson", node, context.state)
+        chosen = [i for i in node.indices if sampler.random() < rate]
         grads = private_gradient_sum(bundle.model, weights, node.batches, chosen, privacy.clip,
-                                     privacy.noise_multiplier, node.seed, node.device)
-        privacy.spend(1, context.state, rate=rate)
+                                     privacy.noise_multiplier,
+                                     privacy.rng("init-noise", node, context.state),
+                                     privacy.secure_rng, node.device)
+        privacy.spend(1, context.state, "init", int(node.config.get("server-round", 0)), rate=rate)
         # The Poisson sample's size is private: report the expected one.
         return grads, {**privacy.metrics(), "num-examples": share}
 

@@ -187,7 +187,8 @@ def train_once(bundle, batches, privacy_setting, seed=0, parts=("A", "B", "head"
 
 def dp_setting(sigma: float, clip: float) -> ClientPrivacy:
     return ClientPrivacy(target_epsilon=3.0, delta=1e-5, clip=clip, accountant="rdp",
-                         noise_multiplier=sigma, sample_rate=0.1, batch_size=4)
+                         noise_multiplier=sigma, sample_rate=0.1, batch_size=4,
+                         noise_generator=torch.Generator().manual_seed(5))
 
 
 def test_zero_noise_and_huge_clip_equal_plain_training(setup):
@@ -250,9 +251,12 @@ def test_private_init_gradient_clips_each_example_and_adds_noise(setup):
 
     # Execute
     exact = base_gradient_sum(bundle.model, weights, [batches.collate([i]) for i in examples])
-    unclipped = private_gradient_sum(bundle.model, weights, batches, examples, 1e9, 0.0, seed=0)
-    clipped = private_gradient_sum(bundle.model, weights, batches, examples, 1e-3, 0.0, seed=0)
-    noisy = private_gradient_sum(bundle.model, weights, batches, examples, 1e-3, 2.0, seed=0)
+    unclipped = private_gradient_sum(bundle.model, weights, batches, examples, 1e9, 0.0,
+                                     torch.Generator().manual_seed(0))
+    clipped = private_gradient_sum(bundle.model, weights, batches, examples, 1e-3, 0.0,
+                                     torch.Generator().manual_seed(0))
+    noisy = private_gradient_sum(bundle.model, weights, batches, examples, 1e-3, 2.0,
+                                     torch.Generator().manual_seed(0))
 
     # Assert
     assert torch.allclose(unclipped["w"], exact["w"], atol=1e-5, rtol=1e-4)

@@ -176,3 +176,28 @@ def test_make_dp_optimizer_refuses_to_fall_back_on_the_global_rng():
     param = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(TypeError, match="needs a torch.Generator"):
         make_dp_optimizer(torch.optim.SGD([param], lr=0.1), 1.0, 1.0, 4, None, False)
+
+
+def test_reproducible_mode_draws_what_fedlora_clients_always_drew():
+    """The streams of earlier fedlora versions (a rerun of an old simulation gives its numbers):
+    the Poisson sample from ``random.Random(client seed)``, DP-SGD's noise from the global
+    torch RNG seeded with it, Fed-SB's init noise from a fresh generator seeded with it."""
+    # Prepare: the client seed as fedlora's ClientSetup wrote it before this module existed
+    old_seed = (SEED * 1_000_003 + ROUND) * 1_000_003 + PARTITION
+    saved = torch.get_rng_state()
+
+    # Execute
+    sample = poisson_sample(dp_rng("reproducible", "poisson", "python", seed=SEED,
+                                   server_round=ROUND, partition_id=PARTITION))
+    noise = torch.randn(50, generator=dp_rng("reproducible", "noise", "torch", seed=SEED,
+                                             server_round=ROUND, partition_id=PARTITION))
+    torch.manual_seed(old_seed)
+    global_noise = torch.randn(50)  # what Opacus drew without a generator
+    init_noise = torch.randn(50, generator=dp_rng("reproducible", "init-noise", "torch", seed=SEED,
+                                                  server_round=ROUND, partition_id=PARTITION))
+    torch.set_rng_state(saved)
+
+    # Assert
+    assert sample == poisson_sample(random.Random(old_seed))
+    assert torch.equal(noise, global_noise)
+    assert torch.equal(init_noise, torch.randn(50, generator=torch.Generator().manual_seed(old_seed)))

@@ -36,7 +36,8 @@ def step_seconds(strategy: str, steps: int, batch_size: int, max_length: int) ->
     train = Batches(bundle.tokenizer, data.train.texts, data.train.labels, cfg.max_length)
     batches = list(train.sample_steps(list(range(len(train))), batch_size, steps, random.Random(0)))
     privacy = ClientPrivacy(target_epsilon=8.0, delta=1e-5, clip=1.0, accountant="rdp",
-                            noise_multiplier=1.0, sample_rate=batch_size / 15, batch_size=batch_size)
+                            noise_multiplier=1.0, sample_rate=batch_size / 15, batch_size=batch_size,
+                            noise_generator=torch.Generator().manual_seed(0))
     trained = get_strategy(strategy).trained_parts
     timings = {}
     for label, setting in (("warm-up", None), ("plain", None), ("dp", privacy), ("plain2", None),
