@@ -196,7 +196,19 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
                                ray=command_line.ray)
 
 
+def run_config_table() -> str:
+    """pyproject.toml's ``[tool.flwr.app.config]`` entries: every generated key, "" meaning its
+    default (``python -m fedlora.cli run-config``)."""
+    def leaves(tree: dict, prefix: str = "") -> list[str]:
+        return [key for name, value in tree.items() for key in
+                (leaves(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name])]
+
+    return "\n".join(f'{key} = ""' for key in leaves(hydra_tree()))
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["keys"]:
-        fail("usage: python -m fedlora.cli keys  (prints the table of configuration keys)")
-    print(keys_markdown())
+    commands = {"keys": keys_markdown, "run-config": run_config_table}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        fail("usage: python -m fedlora.cli keys|run-config  (the key table of "
+             "docs/configuration.md | pyproject.toml's [tool.flwr.app.config] entries)")
+    print(commands[sys.argv[1]]())
