@@ -226,3 +226,141 @@ def clients_needed(target_epsilon: float, delta: float, rounds: int, total_clien
         else:
             low = middle
     return high
+
+
+# --------------------------------------------------------------------------------------------
+# The strategy's part (``dp.mode=client``): everything above, once per round, with its state.
+
+
+class ClientLevelDP:
+    """Server-side DP-FedAvg for any method: between validating the round's replies and the
+    method's own aggregation, the clients' updates (the change of their trained tensors) are
+    clipped, summed and noised into ONE pseudo-update ``x + (sum_k clip_C(delta_k) + N(0,
+    sigma^2 C^2)) / m``, which the method then aggregates as its only client (post-processing:
+    no method maths ever sees a single client's update, so LoRA-FAIR's correction and
+    FedEx-LoRA's residual, which need per-client products, are zero under client-level DP).
+
+    The server is trusted with the raw updates (as with Flower's ``ServerSide`` wrappers); the
+    guarantee covers everyone who sees the released model. Clients are Poisson-sampled at
+    ``q = clients_per_round / clients`` (``fedlora.participation.ClientSampler.use_rate``), the
+    rate the accountant assumes. A method's one-time set-up release (Fed-SB's gradient sums) is
+    the same mechanism on the set-up clients' sums, charged as one more step.
+
+    Args:
+        noise_multiplier: sigma (planned from the target epsilon, or given); with adaptive
+            clipping it is the effective sigma of the update and count queries together.
+        clip: C (adaptive: its starting value).
+        adaptive: Andrew et al.'s clipping (a noised count of unclipped updates moves C).
+        expected_clients: m = q N. sample_rate: q.
+        delta, accountant: for the epsilon reported after every round.
+        generator: the noise's source (``dp.reproducible_noise``: seeded; else from the OS).
+    """
+
+    def __init__(self, noise_multiplier: float, clip: float, adaptive: bool,
+                 expected_clients: float, sample_rate: float, delta: float, accountant: str,
+                 generator: torch.Generator, target_epsilon: float | None = None):
+        self.noise_multiplier = noise_multiplier
+        self.expected_clients = expected_clients
+        self.sample_rate = sample_rate
+        self.delta, self.accountant, self.target_epsilon = delta, accountant, target_epsilon
+        self.generator = generator
+        self.fixed_clip = clip
+        # sigma_b = m / 20 (Andrew et al.) needs sigma < 2 sigma_b; a small federation raises it.
+        self.adaptive = AdaptiveClip(expected_clients, clip=clip, clipped_count_stddev=max(
+            expected_clients * COUNT_STDDEV_PER_CLIENT, noise_multiplier)) if adaptive else None
+        self.update_sigma = (update_noise_multiplier(noise_multiplier,
+                                                     self.adaptive.clipped_count_stddev)
+                             if adaptive else noise_multiplier)
+        self.history: privacy.History = []  # (sigma, q, steps): one step per release
+        self.releases: list[dict] = []  # kind, round, clip, clients, norms' median
+
+    @property
+    def clip(self) -> float:
+        return self.adaptive.clip if self.adaptive is not None else self.fixed_clip
+
+    def private_update(self, current: dict[str, torch.Tensor], updates: list[dict],
+                       server_round: int) -> dict[str, torch.Tensor]:
+        """The round's one pseudo-update ``current + noised mean of the clipped deltas``."""
+        clip = self.clip
+        clipped, norms = [], []
+        for update in updates:
+            delta, norm = clip_update({k: update[k].double() - current[k].double() for k in update},
+                                      clip)
+            clipped.append(delta)
+            norms.append(norm)
+        mean = noised_mean(clipped, self.update_sigma, clip, self.expected_clients, self.generator)
+        if self.adaptive is not None:
+            self.adaptive.update(norms, self.generator)
+        self._charge("train", server_round, clip, norms)
+        return {k: (current[k].double() + mean[k]).to(current[k].dtype) for k in mean}
+
+    def private_sum(self, sums: list[dict[str, torch.Tensor]], server_round: int = 0
+                    ) -> dict[str, torch.Tensor]:
+        """A set-up release: ``sum_k clip_C(s_k) + N(0, sigma^2 C^2)`` over the clients' sums
+        (scale-free uses such as Fed-SB's sign(G) need no division)."""
+        clipped, norms = [], []
+        for tensors in sums:
+            tensors, norm = clip_update({k: v.double() for k, v in tensors.items()}, self.fixed_clip)
+            clipped.append(tensors)
+            norms.append(norm)
+        mean = noised_mean(clipped, self.noise_multiplier, self.fixed_clip, 1.0, self.generator)
+        self._charge("init", server_round, self.fixed_clip, norms)
+        return {k: v.to(sums[0][k].dtype) for k, v in mean.items()}
+
+    def account_empty_round(self, server_round: int) -> None:
+        """A round whose Poisson sample gave no valid update still counts (the release of
+        noise alone is skipped, which costs nothing more)."""
+        self._charge("train", server_round, self.clip, [])
+
+    def _charge(self, kind: str, server_round: int, clip: float, norms: list[float]) -> None:
+        self.history = privacy.add_steps(self.history, self.noise_multiplier, self.sample_rate, 1)
+        self.releases.append({"kind": kind, "round": server_round, "clip": clip,
+                              "clients": len(norms),
+                              "median_norm": float(torch.tensor(norms).median()) if norms else None})
+
+    def epsilon(self) -> float:
+        return privacy.epsilon_spent(self.history, self.delta, self.accountant)
+
+    def max_epsilon(self) -> float:
+        """The run's epsilon so far (one accountant for the whole federation)."""
+        return self.epsilon()
+
+    def report(self) -> dict:
+        """``privacy.json`` under client-level DP: what any accountant needs to recompute."""
+        return {"mode": "client", "target_epsilon": self.target_epsilon,
+                "accountant": self.accountant, "delta": self.delta,
+                "noise_multiplier": self.noise_multiplier, "update_noise_multiplier": self.update_sigma,
+                "sample_rate": self.sample_rate, "expected_clients": self.expected_clients,
+                "clipping": "adaptive" if self.adaptive is not None else "fixed",
+                "epsilon": self.epsilon(), "max_epsilon": self.epsilon(),
+                "history": [list(entry) for entry in self.history], "releases": self.releases}
+
+    def state_dict(self) -> dict:
+        return {"history": [list(e) for e in self.history], "releases": list(self.releases),
+                "adaptive": self.adaptive.state_dict() if self.adaptive is not None else None,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [tuple(e) for e in state["history"]]
+        self.releases = list(state["releases"])
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
+        self.generator.set_state(state["generator"])
+
+
+def client_level_dp(cfg, setup_releases: int) -> ClientLevelDP:
+    """The part for a run's config (``dp.mode=client``): sigma planned over the run's rounds
+    plus the method's set-up releases, unless ``dp.noise_multiplier`` gives it."""
+    import os
+
+    dp = cfg.dp
+    rate = client_sample_rate(cfg.clients_per_round, cfg.clients)
+    sigma = dp.noise_multiplier if dp.noise_multiplier is not None else plan_client_noise_multiplier(
+        dp.epsilon, dp.delta, cfg.clients_per_round, cfg.clients, cfg.rounds + setup_releases,
+        dp.accountant)
+    # Reproducible (simulation's default): the run's seed, so reruns and resume are bit-exact.
+    seed = (cfg.seed * 1_000_003 + 17 if dp.noise == "reproducible"
+            else int.from_bytes(os.urandom(8), "big") >> 1)
+    return ClientLevelDP(sigma, dp.clip, dp.clipping == "adaptive", rate * cfg.clients, rate,
+                         dp.delta, dp.accountant, torch.Generator().manual_seed(seed),
+                         target_epsilon=dp.epsilon)

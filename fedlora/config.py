@@ -75,16 +75,26 @@ class FaultsConfig:
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Record-level DP-SGD on each client with Opacus (docs/privacy.md)."""
+    """Differential privacy (docs/privacy.md): record-level DP-SGD on each client with Opacus,
+    or client-level DP-FedAvg on the server (``fedlora.client_dp``)."""
 
-    epsilon: float | None = setting(None, "the target epsilon no client exceeds over the run; "
-                                    "null or inf: no DP", check=POSITIVE)
-    delta: float = setting(1e-5, "the target delta; client k uses min(delta, 1/n_k)",
+    epsilon: float | None = setting(None, "the target epsilon over the run (record: no client "
+                                    "exceeds it; client: the run's); null or inf: no DP",
+                                    check=POSITIVE)
+    delta: float = setting(1e-5, "the target delta; record: client k uses min(delta, 1/n_k)",
                            check=POSITIVE)
-    clip: float = setting(1.0, "per-example clipping norm C", check=POSITIVE)
+    clip: float = setting(1.0, "record: per-example clipping norm C | client: the clipping norm "
+                          "of each client's update (adaptive: its starting value)", check=POSITIVE)
     accountant: str = setting("rdp", "rdp | prv (Opacus)", choices=ACCOUNTANTS)
-    mode: str = setting("record", "record: DP-SGD on each client's examples",
+    mode: str = setting("record", "record: DP-SGD on each client's examples | client: each "
+                        "client's whole update (McMahan et al. 2018)",
                         choices=("record", "client"))
+    clipping: str = setting("fixed", "client: fixed C, or adaptive (Andrew et al. 2021: C follows "
+                            "the median update norm, from noised per-client bits)",
+                            choices=("fixed", "adaptive"))
+    noise_multiplier: float | None = setting(None, "client: sigma itself instead of planning it "
+                                             "from epsilon (then epsilon is reported, not "
+                                             "targeted)", check=POSITIVE)
     secure_rng: bool = setting(False, "Opacus' secure_mode Gaussian (2n-sample draw against "
                                "floating-point attacks) from each node's secret; implies secret "
                                "noise")
@@ -95,7 +105,17 @@ class DPConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.epsilon is not None
+        return self.epsilon is not None or self.noise_multiplier is not None
+
+    @property
+    def record_level(self) -> bool:
+        """DP-SGD on every client (the clients plan, account and noise)."""
+        return self.enabled and self.mode == "record"
+
+    @property
+    def client_level(self) -> bool:
+        """DP-FedAvg: the server clips each client's update and noises the sum."""
+        return self.enabled and self.mode == "client"
 
     @property
     def noise(self) -> str:
@@ -258,6 +278,14 @@ class RunConfig:
         if self.client_gpus > 0 and self.device != "cuda":
             raise ConfigError(f"client_gpus={self.client_gpus} needs device=cuda; set device=cuda "
                               "or client_gpus=0")
+        if self.dp.client_level and self.participation.name != "uniform":
+            raise ConfigError(f"dp.mode=client samples each client with probability "
+                              f"clients_per_round/clients (the accounting needs it), so "
+                              f"participation={self.participation.name} cannot apply; use "
+                              "participation=uniform")
+        if self.dp.client_level and self.weighting == "fedau":
+            raise ConfigError("dp.mode=client weights every clipped update equally (its "
+                              "sensitivity); weighting=fedau cannot apply: use weighting=uniform")
         if self.min_clients > self.clients_per_round and self.participation.name == "uniform":
             raise ConfigError(f"min_clients={self.min_clients} exceeds clients_per_round="
                               f"{self.clients_per_round}; set min_clients <= {self.clients_per_round}")
@@ -299,9 +327,13 @@ def _dp(raw) -> DPConfig:
     if dp.secure_rng and dp.reproducible_noise:
         raise ConfigError("dp.secure_rng=true draws secret noise, but dp.reproducible_noise=true "
                           "asks for noise the server can replay; drop one of them")
-    if dp.mode == "client" and dp.enabled:
-        raise ConfigError("dp.mode=client (client-level DP, McMahan et al. 2018) is not "
-                          "implemented; use dp.mode=record")
+    if dp.epsilon is not None and dp.noise_multiplier is not None:
+        raise ConfigError(f"dp.epsilon={dp.epsilon:g} and dp.noise_multiplier={dp.noise_multiplier:g} "
+                          "are both set; give one (epsilon plans the noise, noise_multiplier "
+                          "fixes it)")
+    if dp.noise_multiplier is not None and dp.mode == "record":
+        raise ConfigError("dp.noise_multiplier is for dp.mode=client; record-level clients plan "
+                          "their noise from dp.epsilon")
     return dp
 
 
@@ -359,7 +391,7 @@ def dp_client_config(cfg: RunConfig) -> dict:
     """The DP settings a client needs to plan its noise multiplier on its own (0: no DP):
     the most training steps it can take in the run (local steps x rounds: participation is
     not credited) and the examples of the method's one-time set-up release, if it has one."""
-    if not cfg.dp.enabled:
+    if not cfg.dp.record_level:  # client-level DP happens on the server
         return {"dp-epsilon": 0.0}
     setup_share = get_method(cfg.strategy).server.setup_examples_per_client(cfg)
     return {"dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,

@@ -444,7 +444,15 @@ class ClientSampler:
         self.seed = seed
         self.uniform = Uniform(num_clients, min(per_round, num_clients), seed)
         self.model: ParticipationModel | None = None  # None: uniform in every round
+        self.setup_model: ParticipationModel | None = None  # Poisson sampling of round 0 too
         self.participants: list[list[int]] = []
+
+    def use_rate(self, rate: float) -> None:
+        """Poisson sampling: every client takes part in each round, the set-up round 0
+        included, with probability ``rate``, independently (client-level DP's accounting
+        assumes it)."""
+        self.model = Bernoulli([rate] * self.num_clients, self.seed + 2)
+        self.setup_model = Bernoulli([rate] * self.num_clients, self.seed + 3)
 
     def use_label_histograms(self, label_histograms: dict[int, list[int]] | None) -> None:
         """Build the participation model from each partition's label histogram (FedAU's
@@ -468,7 +476,10 @@ class ClientSampler:
     def sample(self, server_round: int, eligible: list[int]) -> list[int]:
         """The sorted partitions of round ``server_round`` among ``eligible`` (sorted partition
         ids: those with a node, less the clients out of privacy budget)."""
-        if self.model is None or server_round == 0:
+        if server_round == 0 and self.setup_model is not None:
+            active = set(self.setup_model.active(0))
+            chosen = [p for p in eligible if p in active]
+        elif self.model is None or server_round == 0:
             chosen = self.uniform.draw(eligible)
         else:
             active = set(self.model.active(server_round - 1))

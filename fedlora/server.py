@@ -320,7 +320,7 @@ def prepare(cfg: RunConfig):
     if cfg.rank > smallest:
         raise ConfigError(f"rank={cfg.rank} exceeds the smallest adapted dimension ({smallest}); "
                           f"set rank <= {smallest}")
-    if cfg.dp.enabled:  # the clients' Opacus wrapping must not fail in every worker later
+    if cfg.dp.record_level:  # the clients' Opacus wrapping must not fail in every worker later
         from fedlora.clients.dp import check_opacus_can_wrap
 
         bundle.set_trainable(get_strategy(cfg.strategy).trained_parts)

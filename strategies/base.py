@@ -13,7 +13,8 @@ that it works with every method:
 * ``reply_problem``: why a reply must be rejected (a pure function);
 * ``NodeBook``: each node's partition, who is being restored, which partitions trained, and
   what each node was sent this round (committed on a valid reply);
-* ``ServerPrivacy`` (``fedlora.privacy``): the DP ledger around the round's messages.
+* ``ServerPrivacy`` (``fedlora.privacy``): the record-level DP ledger around the round's
+  messages; ``ClientLevelDP`` (``fedlora.client_dp``): client-level DP on the round's updates.
 
 One training round, in this order (``configure_train`` then ``aggregate_train``):
   1. sample this round's clients among those still within their privacy budget: exactly
@@ -34,7 +35,10 @@ One training round, in this order (``configure_train`` then ``aggregate_train``)
   6. weight the valid replies: ``c_k = n_k / sum n`` (samples), ``1/K`` (uniform) or
      ``omega_k / N`` (FedAU, whose estimator steps every round, also a round without replies);
   7. commit what each node was sent (``accepted``; ``not_accepted`` for the others);
-  8. aggregate on deltas, ``x <- x + eta * sum_k c_k (x_k - x)`` (``aggregate``, with the
+  8. under client-level DP (``dp.mode=client``, ``fedlora.client_dp.ClientLevelDP``) the valid
+     updates become one pseudo-update, the previous value plus the noised mean of their clipped
+     deltas, with weight 1 (clients were Poisson-sampled in step 1);
+  9. aggregate on deltas, ``x <- x + eta * sum_k c_k (x_k - x)`` (``aggregate``, with the
      previous global value as one more weighted "client" where that rule needs it), and report
      the round (``RoundReport``).
 """
@@ -52,6 +56,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.adapters import part_of
+from fedlora.client_dp import ClientLevelDP, client_level_dp
 from fedlora.aggregation import (sample_weights, server_step_weights, single_threaded,
                                  weighted_mean_states)
 from fedlora.comm import RESTORE, STATE_LOST
@@ -200,7 +205,12 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         self.weighting = ClientWeighting(cfg.weighting, cfg.clients, cfg.fedau.cutoff)
         self.nodes: NodeBook[Sent] = NodeBook()
         self.dp = (ServerPrivacy(cfg.dp.epsilon, cfg.dp.accountant, noise=cfg.dp.noise)
-                   if cfg.dp.enabled else None)
+                   if cfg.dp.record_level else None)
+        # Client-level DP: the server clips and noises the round's updates (step 6a).
+        self.client_dp = (client_level_dp(cfg, setup_releases=int(self.setup_examples_per_client(cfg) > 0))
+                          if cfg.dp.client_level else None)
+        if self.client_dp is not None:
+            self.sampler.use_rate(self.client_dp.sample_rate)
         self.server_round = 0
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
 
@@ -219,9 +229,10 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         return self.weighting.fedau
 
     @property
-    def privacy(self) -> PrivacyLedger | None:
-        """The DP ledger (None without DP): each client's accountant, who declined."""
-        return self.dp.ledger if self.dp is not None else None
+    def privacy(self) -> PrivacyLedger | ClientLevelDP | None:
+        """The DP accounting (None without DP): record-level, each client's accountant and who
+        declined; client-level, the run's. Both give ``max_epsilon()`` and ``report()``."""
+        return self.dp.ledger if self.dp is not None else self.client_dp
 
     # -- hooks a method overrides -----------------------------------------------------------
 
@@ -291,6 +302,8 @@ class FederatedLoRA(Strategy, Generic[Sent]):
                  "weighting": self.weighting.state_dict()}
         if self.dp is not None:
             state["privacy"] = self.dp.state_dict()
+        if self.client_dp is not None:
+            state["client_dp"] = self.client_dp.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -299,6 +312,8 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         self.weighting.load_state_dict(state["weighting"])
         if self.dp is not None:
             self.dp.load_state_dict(state["privacy"])
+        if self.client_dp is not None:
+            self.client_dp.load_state_dict(state["client_dp"])
 
     # -- nodes ---------------------------------------------------------------------------------
 
@@ -408,10 +423,16 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         for node_id in set(self.nodes.sent) - set(nodes):
             self.not_accepted(node_id, self.nodes.sent[node_id])
         if not valid:
+            if self.client_dp is not None and server_round > 0:
+                self.client_dp.account_empty_round(server_round)
             return report
         updates = [r.content["arrays"].to_torch_state_dict() for r in valid]
+        normalised = self.weighting.normalised
+        if self.client_dp is not None:  # one noised pseudo-update; the method post-processes it
+            updates = [self.client_dp.private_update(self.current, updates, server_round)]
+            coefficients, normalised = [1.0], True
         weights, previous_weight = server_step_weights(coefficients, self.cfg.server_lr,
-                                                       normalised=self.weighting.normalised)
+                                                       normalised=normalised)
         if previous_weight != 0.0:
             updates.append({key: self.current[key] for key in updates[0]})
             weights.append(previous_weight)
@@ -419,12 +440,18 @@ class FederatedLoRA(Strategy, Generic[Sent]):
             new_state = self.aggregate(self.current, updates, weights)
         losses = sample_weights(num_examples)  # the reported loss is always the sample mean
         report.arrays = ArrayRecord(new_state)
-        if all("train_loss" in r.content["metrics"] for r in valid):  # none under DP
+        if self.client_dp is None and all("train_loss" in r.content["metrics"] for r in valid):
+            # none under DP: record-level clients send none, client-level rows release none
             report.train_loss = sum(w * r.content["metrics"]["train_loss"]
                                     for w, r in zip(losses, valid))
         report.clients_trained = len(valid)
         report.client_weight_sum = sum(coefficients)
         return report
+
+    def private_setup(self, sums: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """A method's set-up release (``initialize``) under client-level DP: the clients' sums
+        clipped and noised into one sum, charged to the run's accountant; as is otherwise."""
+        return sums if self.client_dp is None else [self.client_dp.private_sum(sums)]
 
     def record_privacy(self, replies: Iterable[Message], declined: list[int] | None = None
                        ) -> list[Message]:

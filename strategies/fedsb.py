@@ -95,7 +95,7 @@ class FedSB(FederatedLoRA):
         state = arrays.to_torch_state_dict()
         head = {k: v for k, v in state.items() if self.part(k) == "head"}
         nodes = self.sample(0)
-        share = -(-self.settings.init_samples // len(nodes))  # examples per init client
+        share = -(-self.settings.init_samples // max(1, len(nodes)))  # examples per init client
         messages = [Message(content=RecordDict({
                         "arrays": ArrayRecord(head),
                         "config": ConfigRecord({**exchange.client_config, "server-round": 0,
@@ -104,7 +104,7 @@ class FedSB(FederatedLoRA):
         replies = [r for r in self.record_privacy(exchange(0, messages)) if not r.has_error()]
         if not replies:
             raise RuntimeError("Fed-SB initialisation failed: no init client replied")
-        grads = [r.content["arrays"].to_torch_state_dict() for r in replies]
+        grads = self.private_setup([r.content["arrays"].to_torch_state_dict() for r in replies])
         with single_threaded():
             for grad_key in grads[0]:  # '<layer>.base.weight'
                 layer = grad_key[: -len(".base.weight")]

@@ -130,7 +130,12 @@ def test_ledger_keeps_the_longer_history_and_round_trips():
     ({"epsilon": 3, "delta": 1}, "dp.delta=1.0 must be < 1"),
     ({"epsilon": 3, "clip": 0}, "dp.clip=0.0 must be > 0"),
     ({"epsilon": 3, "accountant": "gdp"}, "dp.accountant 'gdp' is unknown; choose one of: rdp, prv"),
-    ({"epsilon": 3, "mode": "client"}, "dp.mode=client (client-level DP, McMahan et al. 2018) is not"),
+    ({"epsilon": 3, "mode": "client", "clipping": "nosuch"},
+     "dp.clipping 'nosuch' is unknown; choose one of: fixed, adaptive"),
+    ({"epsilon": 3, "mode": "client", "clip": -1}, "dp.clip=-1.0 must be > 0"),
+    ({"epsilon": 3, "mode": "client", "noise_multiplier": 1.0},
+     "dp.epsilon=3 and dp.noise_multiplier=1 are both set; give one"),
+    ({"noise_multiplier": 1.0}, "dp.noise_multiplier is for dp.mode=client"),
 ])
 def test_invalid_dp_settings_are_one_line_errors(section, message):
     with pytest.raises(ConfigError) as error:
