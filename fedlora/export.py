@@ -70,8 +70,8 @@ def lora_scale(model: nn.Module) -> float:
     """The one ``s = alpha / rank`` of the model's adapter layers."""
     scales = {layer.scale for layer in lora_layers(model).values()}
     if len(scales) != 1:
-        raise ValueError(f"the adapter layers have {len(scales)} different scales {sorted(scales)}; "
-                         "a peft adapter has one")
+        raise ValueError(f"the adapter layers have {len(scales)} different scales "
+                         f"{sorted(scales)}; a peft adapter has one")
     return scales.pop()
 
 
@@ -151,7 +151,8 @@ def write_merged(bundle, weights: dict[str, torch.Tensor], head: dict[str, torch
             setattr(parent, child, plain)
             swapped[layer] = (parent, child, adapter)
         state = model.state_dict()
-        state.update({key: value.to(state[key].device, state[key].dtype) for key, value in head.items()})
+        state.update({key: value.to(state[key].device, state[key].dtype)
+                      for key, value in head.items()})
         model.save_pretrained(folder, state_dict=state)
     finally:
         for parent, child, adapter in swapped.values():

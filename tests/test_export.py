@@ -237,12 +237,13 @@ def test_merge_true_adds_a_merged_model_for_fedavg_and_leaves_the_server_model_a
 
 
 def tiny_llama():
-    """A 2-block random Llama, grouped-query attention: v_proj is 64 -> 32 (non-square)."""
+    """A 2-block random Llama, grouped-query attention: v_proj is 64 -> 32 (non-square), tied
+    input and output embeddings (as SmolLM2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0)
+                         pad_token_id=0, tie_word_embeddings=True)
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
@@ -265,14 +266,16 @@ def test_causal_lm_adapter_loads_with_peft_with_equal_logits(strategy, tmp_path)
     cfg = RunConfig.from_dict({"strategy": strategy, "clients": 2, "rank": 4, "alpha": 8.0})
 
     # Execute
-    export_run(bundle, cls(cfg, frozenset()), bundle.state(("A", "B", "R")), tmp_path, merged=False)
+    export_run(bundle, cls(cfg, frozenset()), bundle.state(("A", "B", "R")), tmp_path, merged=True)
     exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
                                          tmp_path / ADAPTER_DIR)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / MERGED_DIR)
 
-    # Assert: fedlora's logits, peft's own key names, the tokenizer alongside
+    # Assert: fedlora's logits (adapter and merged), peft's own key names, the tokenizer alongside
     ids = torch.randint(1, 96, (3, 12), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert (logits(exported, batch) - logits(bundle.model, batch)).abs().max().item() < TOLERANCE
+    assert (logits(merged, batch) - logits(bundle.model, batch)).abs().max().item() < TOLERANCE
     assert adapters_change_logits(bundle.model, batch) > 100 * TOLERANCE
     config = json.loads((tmp_path / ADAPTER_DIR / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None
