@@ -143,10 +143,19 @@ class RayConfig:
                               "(e.g. ray.address=10.0.0.5:6379)")
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """The fine-tuned model a run writes at its end (``fedlora.export``, docs/results.md)."""
+
+    merge: bool = setting(False, "also write DIR/merged/: the base model with the adapter folded "
+                          "into its weights (always, instead of DIR/adapter/, when the method "
+                          "moved the base weights)")
+
+
 # The sections of RunConfig that are dataclasses of their own (besides data and the methods').
 SECTIONS = {"partition": PartitionConfig, "participation": ParticipationConfig,
             "fedau": FedAUConfig, "faults": FaultsConfig, "dp": DPConfig,
-            "ray": RayConfig}
+            "ray": RayConfig, "export": ExportConfig}
 # Where a run writes, not what it computes (``fedlora.cli``): accepted, never part of RunConfig.
 PLACEMENT_KEYS = ("out", "resume")
 
@@ -198,6 +207,7 @@ class RunConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     data: DataSpec = field(default_factory=DataSpec)
     # Every registered method's settings by name (each method's ``<name>.*`` section).
     methods: dict = field(default_factory=dict)

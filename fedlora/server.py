@@ -42,6 +42,7 @@ from fedlora.comm import CommLedger, expected_params, message_part
 from fedlora.config import RunConfig, check_deployment, client_config, resolve_noise
 from fedlora.data import Batches, client_partitions, load_dataset
 from fedlora.errors import ConfigError
+from fedlora.export import export_run
 from fedlora.models import AdaptedModel, build_model, evaluate
 from fedlora.participation import write_participation_csv
 from fedlora.results import ResultsWriter, build_summary, elapsed
@@ -294,6 +295,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
 
     save_atomic({"adapter": arrays.to_torch_state_dict(),
                  "base_delta": strategy.global_base_delta()}, out / FINAL_ADAPTER)
+    export_run(bundle, strategy, arrays.to_torch_state_dict(), out, cfg.export.merge)
     layers = [tuple(bundle.model.get_submodule(name).base.weight.shape) for name in bundle.adapted]
     head_params = sum(int(v.numel()) for k, v in bundle.state(("head",)).items())
     summary = build_summary(cfg, writer.rows, ledger, progress,

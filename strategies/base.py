@@ -55,7 +55,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.adapters import part_of
+from fedlora.adapters import factor_key, layer_names, part_of
 from fedlora.client_dp import ClientLevelDP, client_level_dp
 from fedlora.aggregation import (sample_weights, server_step_weights, single_threaded,
                                  weighted_mean_states)
@@ -288,6 +288,14 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         """What the server's model adds to each adapted layer's pretrained base weight
         (``{layer: m x n}``); None: the base weights never change (all methods but FedEx)."""
         return None
+
+    def export_factors(self, state: dict[str, torch.Tensor]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each adapted layer's plain-LoRA factors ``{layer: (B, A)}`` whose ``s B A`` (same
+        scale s = alpha / rank) is the layer's update in the global ``state``: what a peft
+        adapter holds (``fedlora.export``). By default the state's own B and A."""
+        return {layer: (state[factor_key(layer, "B")], state[factor_key(layer, "A")])
+                for layer in layer_names(state)}
 
     def initialize(self, grid, arrays: ArrayRecord, exchange) -> ArrayRecord:
         """One-time setup before round 1 (e.g. Fed-SB's gradient initialisation)."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedlora.adapters import factor_key
 from fedlora.aggregation import lora_sb_init, single_threaded
 from fedlora.clients.dp import ClientPrivacy, private_gradient_sum
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE, ClientHooks
@@ -89,6 +90,11 @@ class FedSB(FederatedLoRA):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.has_factors = set(state["has_factors"])
+
+    def export_factors(self, state):
+        """Plain LoRA with ``B' = B R`` and ``A' = A``: ``s B' A' = s B R A``, the same update."""
+        return {layer: (B @ state[factor_key(layer, "R")], A)
+                for layer, (B, A) in super().export_factors(state).items()}
 
     def initialize(self, grid, arrays, exchange):
         """Round 0: the federated LoRA-SB initialisation from the clients' summed gradients."""
