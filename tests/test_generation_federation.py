@@ -157,3 +157,38 @@ def test_a_classification_model_folder_is_refused_for_a_generative_task(tmp_path
     with pytest.raises(ConfigError, match=r"model='.*bert' is not a causal language model \(its "
                                           r"config.json names BertModel\); task=sft generates text"):
         build_model(ModelSpec(name=str(folder), task="sft"))
+
+
+def test_dp_sgd_on_the_causal_lm_with_zero_noise_and_huge_clip_equals_plain_training(
+        llama_folder, sft_data):
+    # Prepare: float64, so the order of summation (per-example sums vs the batch gradient)
+    # cannot show; Opacus computes per-example gradients of the LoRA factors from 3-D
+    # activations (batch, tokens, features) through the task's per-example loss
+    from fedlora.clients.dp import ClientPrivacy
+    from fedlora.clients.train import client_update
+
+    cfg = sft_config("fedavg", llama_folder, sft_data)
+    task = cfg.task_spec()
+    _, bundle = prepare(cfg)
+    examples = task.training_examples(bundle.tokenizer, cfg.max_length)
+    bundle.model.double()
+    batches = [examples.collate([0, 1, 2]), examples.collate([3, 4, 5])]
+
+    def train_once(privacy):
+        bundle.load({k: v.double() for k, v in bundle.initial_state.items()})
+        trainable = bundle.set_trainable(("A", "B"))
+        torch.manual_seed(0)
+        client_update(bundle.model, trainable, batches, 1e-2, privacy=privacy, loss=task.loss)
+        return bundle.state(("A", "B"))
+
+    # Execute
+    plain = train_once(None)
+    private = train_once(ClientPrivacy(target_epsilon=3.0, delta=1e-5, clip=1e9,
+                                       accountant="rdp", noise_multiplier=0.0, sample_rate=0.5,
+                                       batch_size=3))
+
+    # Assert: every factor moved, and identically with and without Opacus
+    for key in plain:
+        update = (plain[key] - bundle.initial_state[key].double()).abs().max()
+        assert update > 0, key
+        assert (private[key] - plain[key]).abs().max() <= 1e-9 * update, key

@@ -506,13 +506,18 @@ def encoded_split(tokenizer, split: PairSplit, max_length: int) -> SFTBatches:
     one-line ``ConfigError`` naming ``max_length``."""
     key = (id(split), id(tokenizer), max_length)
     if key not in _ENCODED:  # the value holds split and tokenizer, so their ids stay theirs
-        try:
-            _ENCODED[key] = (split, tokenizer, SFTBatches(tokenizer, split, max_length))
-        except ResponseTooLong as error:
-            raise ConfigError(f"max_length={max_length} is too short: {error}") from error
-        except ValueError as error:  # e.g. a prompt that renders to no tokens
-            raise ConfigError(f"{error}; fix the data (data.prompt_field) or max_length") from error
+        _ENCODED[key] = (split, tokenizer, checked_batches(tokenizer, split, max_length))
     return _ENCODED[key][2]
+
+
+def checked_batches(tokenizer, split: PairSplit, max_length: int) -> SFTBatches:
+    """``SFTBatches(...)``, with encoding errors as one-line ``ConfigError``s."""
+    try:
+        return SFTBatches(tokenizer, split, max_length)
+    except ResponseTooLong as error:
+        raise ConfigError(f"max_length={max_length} is too short: {error}") from error
+    except ValueError as error:  # e.g. a prompt that renders to no tokens
+        raise ConfigError(f"{error}; fix the data (data.prompt_field) or max_length") from error
 
 
 def _causal_lm_or_error(path: str, model_name: str, task: str) -> None:
@@ -613,7 +618,7 @@ class Generation(Task):
         test = PairSplit(tuple(p for p, _ in examples), tuple(r for _, r in examples),
                          data.test.labels[:len(examples)])
         return {"truncated_train_examples": encoded_split(tokenizer, data.train, max_length).truncated,
-                "truncated_test_examples": SFTBatches(tokenizer, test, max_length).truncated}
+                "truncated_test_examples": checked_batches(tokenizer, test, max_length).truncated}
 
 
 @dataclass(frozen=True)
@@ -671,7 +676,7 @@ def _pairs(rows: list[tuple[int, dict]], spec: DataSpec, where: str) -> tuple[li
                               "learn nothing from it: fill it in or remove the row")
         prompts.append(prompt)
         responses.append(str(response))
-        labels.append(row.get(spec.label_field, 0) if spec.label_field in row else 0)
+        labels.append(row.get(spec.label_field, 0))  # no label column: one partition label
     return prompts, responses, labels
 
 
