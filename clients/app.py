@@ -38,8 +38,9 @@ from flwr.common.constant import ErrorCode
 from fedlora import models
 from fedlora.adapters import part_of
 from fedlora.comm import RESTORE, STATE_LOST
-from fedlora.config import partition_from_client_config, specs_from_client_config
-from fedlora.data import Batches, client_partitions, load_dataset
+from fedlora.config import (partition_from_client_config, specs_from_client_config,
+                            task_from_client_config)
+from fedlora.data import ExampleBatches, client_partitions
 from fedlora.dp_random import client_seed
 from fedlora.clients.dp import ClientPrivacy, poisson_batches
 from fedlora.clients.hooks import ClientHooks
@@ -62,14 +63,15 @@ class ClientSetup:
         local_path = context.node_config.get("data.path")
         if local_path:  # a SuperNode's own copy of the data: --node-config 'data.path="..."'
             self.data_spec = dataclasses.replace(self.data_spec, path=str(local_path), name=None)
+        self.task = task_from_client_config(cfg, self.data_spec)  # the message's ``task``
         method = get_method(str(cfg["strategy"]))
         self.hooks: ClientHooks = (method.client or ClientHooks)()
         self.bundle = models.cached_model(self.model_spec, self.device)
-        self.batches = _tokenised_train(self.model_spec, self.data_spec, int(cfg["max-length"]),
+        self.batches = _tokenised_train(self.model_spec, self.task, int(cfg["max-length"]),
                                         self.device)
         self.partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config["num-partitions"])
-        partitions = client_partitions(self.data_spec, num_partitions,
+        partitions = client_partitions(self.task, num_partitions,
                                        partition_from_client_config(cfg), int(cfg["seed"]))
         self.indices = partitions[self.partition_id]
         server_round = int(cfg.get("server-round", 0))
@@ -89,11 +91,9 @@ class ClientSetup:
 
 
 @lru_cache(maxsize=2)
-def _tokenised_train(model_spec, data_spec, max_length: int, device: str) -> Batches:
-    """The tokenised training split, once per process (all partitions index into it)."""
-    train = load_dataset(data_spec).train
-    tokenizer = models.cached_model(model_spec, device).tokenizer
-    return Batches(tokenizer, train.texts, train.labels, max_length)
+def _tokenised_train(model_spec, task, max_length: int, device: str) -> ExampleBatches:
+    """The task's tokenised training split, once per process (all partitions index into it)."""
+    return task.training_examples(models.cached_model(model_spec, device).tokenizer, max_length)
 
 
 def _parts(config: ConfigRecord, key: str) -> set[str]:
@@ -180,7 +180,7 @@ def train(message: Message, context: Context) -> Message:
                                 privacy.rng("poisson", setup, context.state))
         privacy.noise_generator = privacy.rng("noise", setup, context.state, setup.device)
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
-                            privacy)
+                            privacy, loss=setup.task.loss)
     if privacy is not None:  # the un-noised loss and step count stay on the node
         privacy.spend(local_steps, context.state, "train", int(cfg["server-round"]))
         metrics = privacy.metrics()

@@ -11,15 +11,31 @@ from contextlib import nullcontext
 import torch
 
 
+def model_loss(model: torch.nn.Module):
+    """The loss ``(model, batch, reduction) -> tensor`` the model is trained on: its task's
+    (``fedlora.tasks.Task.loss``, attached by ``fedlora.models.build_model``), else, for a model
+    built elsewhere, cross-entropy of its logits against the batch's labels."""
+    return getattr(model, "task_loss", None) or logits_cross_entropy
+
+
+def logits_cross_entropy(model: torch.nn.Module, batch: dict, reduction: str = "mean"):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction=reduction)
+
+
 def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], batches,
-                  lr: float, device: str = "cpu", privacy=None) -> dict[str, float]:
+                  lr: float, device: str = "cpu", privacy=None, loss=None) -> dict[str, float]:
     """AdamW on ``trainable`` over every batch of ``batches``; a fresh optimiser each round.
+
+    ``loss``: ``(model, batch, reduction)`` (default ``model_loss(model)``), called with the
+    mean reduction on the (possibly Opacus-wrapped) model.
 
     ``privacy``: None, or what makes the loop DP-SGD (``fedlora.clients.dp.ClientPrivacy``):
     ``privacy.wrap(model, optimizer)``, a context manager giving the wrapped pair (per-example
     clipping and noise), and ``privacy.empty_step(optimizer, trainable)`` for a ``None`` batch
     (``batches`` are then Poisson samples, where None is an empty one). Passed in, not
     imported, so this loop depends on no DP code."""
+    loss_of = loss or model_loss(model)  # looked up before Opacus wraps the model
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     model.train()  # before wrapping: Opacus computes per-example gradients in train mode
     wrapping = nullcontext((model, optimizer)) if privacy is None else privacy.wrap(model, optimizer)
@@ -32,17 +48,19 @@ def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], b
                 optimizer.zero_grad(set_to_none=True)
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            loss.backward()
+            batch_loss = loss_of(model, batch, "mean")
+            batch_loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(batch_loss.item())
     return {"train_loss": sum(losses) / max(len(losses), 1), "steps": steps}
 
 
 def base_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter], batches,
-                      device: str = "cpu") -> dict[str, torch.Tensor]:
-    """``sum_i grad_W loss_i`` over every example of ``batches`` for each frozen base weight W.
+                      device: str = "cpu", loss=None) -> dict[str, torch.Tensor]:
+    """``sum_i grad_W loss_i`` over every example of ``batches`` for each frozen base weight W,
+    ``loss_i`` the task's per-example loss (``loss``, default ``model_loss(model)``, with the
+    sum reduction).
 
     A sum (not a mean) so that sums over clients equal the sum over their pooled examples;
     computed in eval mode, since dropout's random masks would break that equality.
@@ -50,6 +68,7 @@ def base_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parame
     """
     was_training = model.training
     model.eval()
+    loss_of = loss or model_loss(model)
     sums = {key: torch.zeros_like(w, device="cpu") for key, w in weights.items()}
     params = list(weights.values())
     for p in params:
@@ -57,9 +76,8 @@ def base_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parame
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-            for (key, _), grad in zip(weights.items(), torch.autograd.grad(loss, params)):
+            summed = loss_of(model, batch, "sum")
+            for (key, _), grad in zip(weights.items(), torch.autograd.grad(summed, params)):
                 sums[key] += grad.detach().cpu()
     finally:
         for p in params:

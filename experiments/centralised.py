@@ -15,8 +15,9 @@ import time
 
 import torch
 
-from fedlora.data import Batches, DataSpec, load_dataset
-from fedlora.models import ModelSpec, build_model, evaluate
+from fedlora.data import DataSpec
+from fedlora.tasks.classification import Batches, evaluate, load_dataset
+from fedlora.models import ModelSpec, build_model
 from fedlora.clients.train import client_update
 
 

@@ -7,10 +7,12 @@ over the seeds, n shown). A DIR without ``results.jsonl`` whose sub-directories 
 Hydra multirun directory) stands for those runs.
 
 Writes ``OUT/comparison.md`` (the table printed on stdout), ``OUT/comparison.csv`` (the same
-numbers, unformatted), ``OUT/accuracy_vs_round.png`` and ``OUT/accuracy_vs_bytes.png``.
-Columns: final and best test accuracy; total bytes up and down (one-time costs such as Fed-SB's
-gradient upload in brackets); bytes up + down sent until the run first reached the target
-accuracy (default: 90 % of the best final accuracy among all runs); wall time.
+numbers, unformatted), ``OUT/<metric>_vs_round.png`` and ``OUT/<metric>_vs_bytes.png``.
+The metric is the runs' primary metric (``summary.json``'s ``primary_metric``, else the one the
+rows hold: ``accuracy`` for classification, ``exact_match`` for generative tasks; all runs
+compared must share it). Columns: final and best test metric; total bytes up and down
+(one-time costs such as Fed-SB's gradient upload in brackets); bytes up + down sent until the
+run first reached the target (default: 90 % of the best final value among all runs); wall time.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import yaml
 
 from fedlora import plots
 from fedlora.errors import ConfigError
-from fedlora.results import human_bytes
+from fedlora.results import human_bytes, primary_metric
 
 TARGET_FRACTION = 0.9  # default target: this share of the best final accuracy among the runs
 IGNORED_KEYS = ("seed", "out")  # config keys that do not make two runs different methods
@@ -47,12 +49,17 @@ class Run:
         return self.summary is not None
 
     @property
-    def final_accuracy(self) -> float:
-        return self.rows[-1]["accuracy"]
+    def metric(self) -> str:
+        """The run's primary metric (accuracy | exact_match)."""
+        return primary_metric(self.rows, self.summary)
 
     @property
-    def best_accuracy(self) -> float:
-        return max(row["accuracy"] for row in self.rows)
+    def final_score(self) -> float:
+        return self.rows[-1][self.metric]
+
+    @property
+    def best_score(self) -> float:
+        return max(row[self.metric] for row in self.rows)
 
     @property
     def bytes_up(self) -> int:
@@ -78,7 +85,7 @@ class Run:
     def bytes_to_target(self, target: float) -> int | None:
         """Bytes up + down sent until the first evaluated round at or above ``target``."""
         for row in self.rows:
-            if row["accuracy"] >= target:
+            if row[self.metric] >= target:
                 return row["bytes_up_cum"] + row["bytes_down_cum"]
         return None
 
@@ -151,7 +158,20 @@ def group_runs(runs: list[Run], label_by=("strategy",)) -> dict[str, list[Run]]:
 
 
 def default_target(runs: list[Run]) -> float:
-    return TARGET_FRACTION * max(run.final_accuracy for run in runs)
+    return TARGET_FRACTION * max(run.final_score for run in runs)
+
+
+def common_metric(runs: list[Run]) -> str:
+    """The primary metric all ``runs`` share; a one-line ``ConfigError`` if they differ."""
+    metrics = sorted({run.metric for run in runs})
+    if len(metrics) > 1:
+        raise ConfigError(f"the runs are scored by different metrics ({', '.join(metrics)}); "
+                          "compare runs of one kind of task at a time")
+    return metrics[0]
+
+
+def metric_words(metric: str) -> str:
+    return metric.replace("_", " ")
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None]:
@@ -161,8 +181,9 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
     return float(mean), float(std)
 
 
-def summarise(label: str, runs: list[Run], target: float) -> dict:
-    """One group's numbers (means and standard deviations over its seeds)."""
+def summarise(label: str, runs: list[Run], target: float, metric: str = "accuracy") -> dict:
+    """One group's numbers (means and standard deviations over its seeds) of their primary
+    ``metric``: ``final_<metric>``, ``best_<metric>``, ``target_<metric>``."""
     to_target = [b for b in (run.bytes_to_target(target) for run in runs) if b is not None]
     one_time_up = [run.one_time_bytes("up") for run in runs]
     one_time_down = [run.one_time_bytes("down") for run in runs]
@@ -171,8 +192,8 @@ def summarise(label: str, runs: list[Run], target: float) -> dict:
            "rounds_done": min(run.rows[-1]["round"] for run in runs),
            "rounds": runs[0].config.get("rounds"),
            "finished": sum(run.finished for run in runs)}
-    for name, values in (("final_accuracy", [r.final_accuracy for r in runs]),
-                         ("best_accuracy", [r.best_accuracy for r in runs]),
+    for name, values in ((f"final_{metric}", [r.final_score for r in runs]),
+                         (f"best_{metric}", [r.best_score for r in runs]),
                          ("bytes_up", [r.bytes_up for r in runs]),
                          ("bytes_down", [r.bytes_down for r in runs]),
                          ("one_time_bytes_up", [] if None in one_time_up else one_time_up),
@@ -182,7 +203,7 @@ def summarise(label: str, runs: list[Run], target: float) -> dict:
                          ("wall_s", [r.wall_s for r in runs])):
         row[f"{name}_mean"], row[f"{name}_std"] = _stats(values)
     row["target_reached"] = len(to_target)
-    row["target_accuracy"] = target
+    row[f"target_{metric}"] = target
     return row
 
 
@@ -215,17 +236,22 @@ def accuracy_cell(row: dict, name: str) -> str:
     return _pm(row[f"{name}_mean"], row[f"{name}_std"], lambda v: f"{v:.3f}")
 
 
-def markdown_table(rows: list[dict]) -> str:
+SHORT = {"accuracy": "acc", "exact_match": "em"}
+
+
+def markdown_table(rows: list[dict], metric: str = "accuracy") -> str:
     """The groups as a Markdown table; an ε spent column appears when a run used DP."""
-    target = rows[0]["target_accuracy"]
+    target = rows[0][f"target_{metric}"]
     private = any(row["epsilon_spent_mean"] is not None for row in rows)
-    header = ["method", "n", "rounds", "final accuracy", "best accuracy", "bytes up (one-time)",
-              "bytes down (one-time)", f"bytes to acc {target:.3f}", "wall time"]
+    words = metric_words(metric)
+    header = ["method", "n", "rounds", f"final {words}", f"best {words}", "bytes up (one-time)",
+              "bytes down (one-time)", f"bytes to {SHORT.get(metric, words)} {target:.3f}",
+              "wall time"]
     header[5:5] = ["ε spent"] if private else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["label"], str(row["n"]), rounds_cell(row), accuracy_cell(row, "final_accuracy"),
-                 accuracy_cell(row, "best_accuracy"), _bytes_cell(row, "up"), _bytes_cell(row, "down"),
+        cells = [row["label"], str(row["n"]), rounds_cell(row), accuracy_cell(row, f"final_{metric}"),
+                 accuracy_cell(row, f"best_{metric}"), _bytes_cell(row, "up"), _bytes_cell(row, "down"),
                  target_cell(row), _pm(row["wall_s_mean"], row["wall_s_std"], lambda v: f"{v:.0f} s")]
         cells[5:5] = [_pm(row["epsilon_spent_mean"], row["epsilon_spent_std"],
                           lambda v: f"{v:.2f}")] if private else []
@@ -244,25 +270,27 @@ def compare(paths, out, target: float | None = None, label_by=("strategy",)) -> 
     """Read the runs under ``paths``, write the table, CSV and plots to ``out``; return the
     group rows."""
     runs = [load_run(path) for path in run_dirs(paths)]
+    metric = common_metric(runs)
+    words = metric_words(metric)
     how = "given with --target" if target is not None else \
-        f"{TARGET_FRACTION:.0%} of the best final accuracy among the runs"
+        f"{TARGET_FRACTION:.0%} of the best final {words} among the runs"
     if target is None:
         target = default_target(runs)
     groups = group_runs(runs, label_by)
-    rows = [summarise(label, members, target) for label, members in groups.items()]
+    rows = [summarise(label, members, target, metric) for label, members in groups.items()]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows)
+    table = markdown_table(rows, metric)
     provenance = "\n".join(f"- {label}: " + ", ".join(str(run.path) for run in members)
                            for label, members in groups.items())
     (out / "comparison.md").write_text(
-        f"{table}\nMean ± standard deviation over the n seeds of each group. Target accuracy "
+        f"{table}\nMean ± standard deviation over the n seeds of each group. Target {words} "
         f"{target:.3f} ({how}); bytes to target count up + down until a run first reaches it.\n\n"
         f"Runs:\n{provenance}\n")
     write_csv(out / "comparison.csv", rows)
     curves = {label: [run.rows for run in members] for label, members in groups.items()}
-    plots.plot_accuracy_vs_round(curves, out / "accuracy_vs_round.png")
-    plots.plot_accuracy_vs_bytes(curves, out / "accuracy_vs_bytes.png")
+    plots.plot_accuracy_vs_round(curves, out / f"{metric}_vs_round.png", metric=metric)
+    plots.plot_accuracy_vs_bytes(curves, out / f"{metric}_vs_bytes.png", metric=metric)
     print(table, end="")
     return rows
 
@@ -272,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (or directories of runs)")
     parser.add_argument("--target", type=float, default=None, metavar="ACC",
-                        help="accuracy for the bytes-to-target column (default: 90%% of the best final accuracy)")
+                        help="primary metric value (accuracy or exact match) for the bytes-to-target column "
+                             "(default: 90%% of the best final value)")
     parser.add_argument("--out", default="comparison", metavar="DIR",
                         help="where comparison.md/.csv and the plots go (default: ./comparison)")
     parser.add_argument("--label-by", default="strategy", metavar="KEY[,KEY]",
@@ -280,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.target is not None and not 0 < args.target <= 1:
-            raise ConfigError(f"--target {args.target} is not an accuracy; give a number in (0, 1]")
+            raise ConfigError(f"--target {args.target} is not an accuracy or exact match; give a "
+                              "number in (0, 1]")
         compare(args.dirs, args.out, args.target, tuple(args.label_by.split(",")))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

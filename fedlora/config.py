@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from fedlora.data import DataSpec
 from fedlora.errors import ConfigError
-from fedlora.models import EMBEDDED_MODEL, ModelSpec
+from fedlora.models import ModelSpec
 from fedlora.registry import default_strategy, get_method, methods
+from fedlora.tasks import EvalSpec, Task, default_task, get_task, make_task
 from fedlora.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, defaults,
                               parse_section, setting)
 
@@ -155,7 +156,7 @@ class ExportConfig:
 # The sections of RunConfig that are dataclasses of their own (besides data and the methods').
 SECTIONS = {"partition": PartitionConfig, "participation": ParticipationConfig,
             "fedau": FedAUConfig, "faults": FaultsConfig, "dp": DPConfig,
-            "ray": RayConfig, "export": ExportConfig}
+            "ray": RayConfig, "export": ExportConfig, "eval": EvalSpec}
 # Where a run writes, not what it computes (``fedlora.cli``): accepted, never part of RunConfig.
 PLACEMENT_KEYS = ("out", "resume")
 
@@ -165,8 +166,14 @@ class RunConfig:
     strategy: str | None = setting(None, "the federated LoRA method: the name a file "
                                    "strategies/<name>.py registers (docs/algorithms.md); null: "
                                    "the strategies package's DEFAULT_STRATEGY")
-    model: str = setting(EMBEDDED_MODEL, "the embedded all-MiniLM-L6-v2, or a Hugging Face id / "
-                         "local model folder")
+    task: str | None = setting(None, "what the model learns, a file in fedlora/tasks/: topic "
+                               "(embedded classification) | classification (data.path) | "
+                               "arithmetic (embedded generation) | sft (data.path); null: "
+                               "classification if data.path/data.name is set, else topic")
+    model: str | None = setting(None, "minilm (embedded all-MiniLM-L6-v2) | smollm2 (embedded "
+                                "SmolLM2-135M-Instruct) | a Hugging Face id / local model folder; "
+                                "null: the task's default (classification: minilm, generation: "
+                                "smollm2)")
     rank: int | None = setting(None, "adapter rank; null: the method's default", check=POSITIVE)
     alpha: float | None = setting(None, "LoRA scale s = alpha / rank; null: the method's default",
                                   check=POSITIVE)
@@ -182,7 +189,9 @@ class RunConfig:
                                check=POSITIVE)
     lr_schedule: str = setting("cosine", "cosine: decays over rounds to 0.1 lr in the last round "
                                "| constant", choices=LR_SCHEDULES)
-    max_length: int = setting(32, "tokens per text (dynamic padding below that)", check=POSITIVE)
+    max_length: int | None = setting(None, "tokens per example (dynamic padding below that); "
+                                     "null: the task's default (classification 32, generation "
+                                     "192)", check=POSITIVE)
     seed: int = setting(0, "seed of sampling, partitions and initialisation")
     eval_every: int = setting(1, "server-side evaluation every this many rounds (and the last)",
                               check=POSITIVE)
@@ -209,6 +218,7 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     data: DataSpec = field(default_factory=DataSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
     # Every registered method's settings by name (each method's ``<name>.*`` section).
     methods: dict = field(default_factory=dict)
 
@@ -218,9 +228,13 @@ class RunConfig:
         return self.methods.get(self.strategy)
 
     def model_spec(self, num_labels: int) -> ModelSpec:
-        return ModelSpec(name=self.model, num_labels=num_labels, rank=self.rank, alpha=self.alpha,
-                         targets=self.targets, latent=get_method(self.strategy).server.latent,
-                         init_seed=self.seed)
+        return ModelSpec(name=self.model, num_labels=num_labels, task=self.task, rank=self.rank,
+                         alpha=self.alpha, targets=self.targets,
+                         latent=get_method(self.strategy).server.latent, init_seed=self.seed)
+
+    def task_spec(self) -> Task:
+        """The task of this run with its data and evaluation settings (``fedlora.tasks``)."""
+        return make_task(self.task, self.data, self.eval)
 
     def to_dict(self) -> dict:
         """Plain values in the command line's layout (``config.yaml``): every section nested,
@@ -263,7 +277,13 @@ class RunConfig:
             targets = tuple(t.strip() for t in targets.split(",") if t.strip())
         nested["targets"] = tuple(targets)
         top = {k: v for k, v in raw.items() if k not in sections and k not in PLACEMENT_KEYS}
-        cfg = parse_section(cls, top, "", replace={**nested, "strategy": strategy})
+        task = raw.get("task") or default_task(nested["data"])
+        task_class = get_task(str(task))
+        cfg = parse_section(cls, top, "", replace={**nested, "strategy": strategy,
+                                                     "task": task_class.name})
+        cfg = replace(cfg, model=cfg.model or task_class.default_model,
+                      max_length=cfg.max_length or task_class.default_max_length)
+        cfg.task_spec().check()
         return cfg._with_method_defaults(method.server.defaults)._checked()
 
     def _with_method_defaults(self, defaults: dict) -> "RunConfig":
@@ -375,7 +395,8 @@ def check_deployment(cfg: RunConfig) -> None:
 
 def client_config(cfg: RunConfig, num_labels: int) -> dict:
     """The flat ConfigRecord values the server sends with every message."""
-    return {"strategy": cfg.strategy, "model": cfg.model, "num-labels": num_labels,
+    return {"strategy": cfg.strategy, "task": cfg.task, "model": cfg.model,
+            "num-labels": num_labels, **to_record(cfg.eval, "eval."),
             "rank": cfg.rank, "alpha": cfg.alpha, "targets": ",".join(cfg.targets),
             "latent": cfg.model_spec(num_labels).latent, "init-seed": cfg.seed,
             **to_record(cfg.data, "data."), **to_record(cfg.partition, "partition."),
@@ -423,9 +444,14 @@ def specs_from_client_config(record) -> tuple[ModelSpec, DataSpec]:
     """The model and data a client must build, from the server's ConfigRecord."""
     targets = tuple(t for t in str(record["targets"]).split(",") if t)
     model = ModelSpec(name=record["model"], num_labels=int(record["num-labels"]),
-                      rank=int(record["rank"]), alpha=float(record["alpha"]), targets=targets,
+                      task=str(record["task"]), rank=int(record["rank"]), alpha=float(record["alpha"]), targets=targets,
                       latent=bool(record["latent"]), init_seed=int(record["init-seed"]))
     return model, from_record(DataSpec, record, "data.")
+
+
+def task_from_client_config(record, data: DataSpec) -> Task:
+    """The task a client serves, on ``data`` (the message's, or the node's own copy)."""
+    return make_task(str(record["task"]), data, from_record(EvalSpec, record, "eval."))
 
 
 def partition_from_client_config(record) -> PartitionConfig:

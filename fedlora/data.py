@@ -1,19 +1,16 @@
-"""Datasets, the fixed train/test split, client partitions and batching.
+"""Data a task reads, the fixed train/test split, client partitions and batching: the parts
+every task shares (``fedlora.tasks``: each task reads its own fields and tokenises its own way).
 
-Three sources, one shape (a list of texts and integer labels per split):
-
-* the embedded default: topic classification of the English conversations shipped in the
-  ``chatterbot-corpus`` wheel. Every utterance is labelled with the topic file it comes from
-  (21 topics). Utterances that occur in more than one topic are ambiguous and dropped; an exact
-  duplicate inside one topic is kept once. The split is fixed and independent of any seed: an
-  utterance is in the test split iff the first 8 bytes of ``sha1(text)``, as a big-endian
-  integer, mod 10 000 are below 2 000 (about 20 %; ``in_test_split``).
 * ``data.path``: a directory with ``train`` and ``test`` files (``.jsonl`` or ``.csv``), or one
-  such file that is split by ``data.test_fraction`` with the same hash rule.
+  such file that is split by ``data.test_fraction``. The split is fixed and independent of any
+  seed: an example is in the test split iff the first 8 bytes of ``sha1(key)`` (its text or
+  prompt), as a big-endian integer, mod 10 000 are below ``test_fraction * 10 000``
+  (``in_test_split``).
 * ``data.name``: a Hugging Face dataset id loaded with ``datasets`` (needs network access).
 
-Labels are read from the data (any number of classes). Partitions over clients come from
-flwr-datasets partitioners (IID, Dirichlet over labels, and pathological: k labels per client).
+Every example has an integer label that partitions split on (a classification task's class, a
+generative task's problem type). Partitions over clients come from flwr-datasets partitioners
+(IID, Dirichlet over labels, and pathological: k labels per client).
 """
 
 from __future__ import annotations
@@ -33,28 +30,6 @@ from fedlora.settings import OPEN_UNIT_INTERVAL, setting
 
 
 @dataclass(frozen=True)
-class TextSplit:
-    """One split: parallel tuples of texts and integer labels."""
-
-    texts: tuple[str, ...]
-    labels: tuple[int, ...]
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-
-@dataclass(frozen=True)
-class TextDataset:
-    train: TextSplit
-    test: TextSplit
-    label_names: tuple[str, ...]
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-
-@dataclass(frozen=True)
 class DataSpec:
     """Where the data comes from (the ``data.*`` config section); hashable so each process
     loads it once."""
@@ -63,7 +38,12 @@ class DataSpec:
                                "file split by test_fraction")
     name: str | None = setting(None, "a Hugging Face dataset id (needs network)")
     text_field: str = setting("text", "the column holding the text")
-    label_field: str = setting("label", "the column holding the label")
+    label_field: str = setting("label", "the column holding the label (generative tasks: "
+                               "optional, the partition label)")
+    prompt_field: str = setting("prompt", "generative tasks: the column holding the prompt (a "
+                                "row with a 'messages' list is a chat instead)")
+    response_field: str = setting("response", "generative tasks: the column holding the "
+                                  "response")
     test_fraction: float = setting(0.2, "share of a single file held out for testing",
                                    check=OPEN_UNIT_INTERVAL)
 
@@ -74,7 +54,8 @@ def in_test_split(text: str, test_fraction: float) -> bool:
     return bucket < round(test_fraction * 10_000)
 
 
-def _split_by_hash(texts: list[str], labels: list, test_fraction: float):
+def split_by_hash(texts: list[str], labels: list, test_fraction: float):
+    """(train, test) as (texts, labels) pairs of lists, by ``in_test_split`` of each text."""
     train, test = ([], []), ([], [])
     for text, label in zip(texts, labels):
         side = test if in_test_split(text, test_fraction) else train
@@ -83,44 +64,14 @@ def _split_by_hash(texts: list[str], labels: list, test_fraction: float):
     return train, test
 
 
-def _encode_labels(train_labels: list, test_labels: list) -> tuple[list[int], list[int], tuple[str, ...]]:
+def encode_labels(train_labels: list, test_labels: list) -> tuple[list[int], list[int], tuple[str, ...]]:
     """Map raw labels (strings or ints) to 0..C-1 in sorted order of the raw values."""
     raw = sorted(set(train_labels) | set(test_labels), key=lambda v: (isinstance(v, str), v))
     index = {value: i for i, value in enumerate(raw)}
     return [index[v] for v in train_labels], [index[v] for v in test_labels], tuple(str(v) for v in raw)
 
 
-def _make_dataset(train: tuple[list, list], test: tuple[list, list]) -> TextDataset:
-    y_train, y_test, names = _encode_labels(train[1], test[1])
-    return TextDataset(TextSplit(tuple(train[0]), tuple(y_train)),
-                       TextSplit(tuple(test[0]), tuple(y_test)), names)
-
-
-def load_chatterbot() -> TextDataset:
-    """The embedded default task: utterance -> topic file, 21 English topics."""
-    import chatterbot_corpus
-    import yaml
-
-    folder = Path(chatterbot_corpus.__file__).parent / "data" / "english"
-    topics_of: dict[str, set[str]] = {}
-    order: list[str] = []
-    for topic_file in sorted(folder.glob("*.yml")):
-        topic = topic_file.stem
-        for conversation in yaml.safe_load(topic_file.read_text(encoding="utf-8"))["conversations"]:
-            for utterance in conversation:
-                text = " ".join(str(utterance).split())
-                if not text:
-                    continue
-                if text not in topics_of:
-                    topics_of[text] = set()
-                    order.append(text)
-                topics_of[text].add(topic)
-    texts = [t for t in order if len(topics_of[t]) == 1]
-    labels = [next(iter(topics_of[t])) for t in texts]
-    return _make_dataset(*_split_by_hash(texts, labels, 0.2))
-
-
-def _read_rows(file: Path) -> list[tuple[int, dict]]:
+def read_rows(file: Path) -> list[tuple[int, dict]]:
     """The rows of a .jsonl or .csv file, each with its line number (1-based) for messages."""
     if file.suffix not in (".jsonl", ".csv"):
         raise ConfigError(f"data.path file '{file}' must end in .jsonl or .csv")
@@ -155,81 +106,28 @@ def _read_rows(file: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _columns(rows: list[tuple[int, dict]], spec: DataSpec, where: str) -> tuple[list[str], list]:
-    """Texts and raw labels; every row must hold both fields (a CSV row cut short has None)."""
-    if not rows:
-        raise ConfigError(f"data.path '{where}' has no rows; give a non-empty .jsonl or .csv file")
-    for number, row in rows:
-        for key, field in (("data.text_field", spec.text_field), ("data.label_field", spec.label_field)):
-            if row.get(field) is None:
-                if field not in rows[0][1]:  # no row has it: the key names the wrong column
-                    raise ConfigError(f"{key}='{field}' is not a column of '{where}' (columns: "
-                                      f"{', '.join(map(str, rows[0][1]))}); set {key} to one of them")
-                raise ConfigError(f"'{where}' line {number} has no '{field}' ({key}); add it to "
-                                  "that row or remove the row")
-    return ([str(row[spec.text_field]) for _, row in rows],
-            [row[spec.label_field] for _, row in rows])
-
-
-def _find_split_file(folder: Path, split: str) -> Path | None:
+def find_split_file(folder: Path, split: str) -> Path | None:
     for suffix in (".jsonl", ".csv"):
         if (folder / f"{split}{suffix}").is_file():
             return folder / f"{split}{suffix}"
     return None
 
 
-def load_from_path(spec: DataSpec) -> TextDataset:
+def split_files(spec: DataSpec) -> tuple[tuple[list, str], tuple[list, str] | None]:
+    """The rows of ``data.path``: ``((train rows, where), (test rows, where) or None)``; None:
+    one file or no test file, to be split by ``data.test_fraction``."""
     path = Path(spec.path).expanduser()
     if not path.exists():
         raise ConfigError(f"data.path='{spec.path}' does not exist; give a directory with "
                           "train/test .jsonl or .csv files, or one such file")
-    if path.is_dir():
-        train_file, test_file = _find_split_file(path, "train"), _find_split_file(path, "test")
-        if train_file is None:
-            raise ConfigError(f"data.path='{spec.path}' has no train.jsonl or train.csv; add one "
-                              "(and test.jsonl/test.csv, or it is split by data.test_fraction)")
-        train = _columns(_read_rows(train_file), spec, str(train_file))
-        if test_file is None:
-            return _make_dataset(*_split_by_hash(*train, spec.test_fraction))
-        return _make_dataset(train, _columns(_read_rows(test_file), spec, str(test_file)))
-    return _make_dataset(*_split_by_hash(*_columns(_read_rows(path), spec, str(path)),
-                                         spec.test_fraction))
-
-
-def load_from_hub(spec: DataSpec) -> TextDataset:
-    import datasets
-
-    try:
-        hub = datasets.load_dataset(spec.name)
-    except Exception as error:  # network, unknown id, auth: all one-line config errors
-        raise ConfigError(f"data.name='{spec.name}' could not be loaded ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); check the id and "
-                          "network access, or use data.path with local files") from error
-    if "train" not in hub:
-        raise ConfigError(f"data.name='{spec.name}' has no 'train' split (splits: {', '.join(hub)})")
-
-    def columns(split: str):
-        ds = hub[split]
-        for key, field in (("data.text_field", spec.text_field), ("data.label_field", spec.label_field)):
-            if field not in ds.column_names:
-                raise ConfigError(f"{key}='{field}' is not a column of {spec.name} "
-                                  f"(columns: {', '.join(ds.column_names)}); set {key}")
-        return [str(t) for t in ds[spec.text_field]], list(ds[spec.label_field])
-
-    train = columns("train")
-    if "test" in hub:
-        return _make_dataset(train, columns("test"))
-    return _make_dataset(*_split_by_hash(*train, spec.test_fraction))
-
-
-@lru_cache(maxsize=4)
-def load_dataset(spec: DataSpec) -> TextDataset:
-    """Load (once per process) the dataset named by ``spec``."""
-    if spec.path:
-        return load_from_path(spec)
-    if spec.name:
-        return load_from_hub(spec)
-    return load_chatterbot()
+    if not path.is_dir():
+        return (read_rows(path), str(path)), None
+    train_file, test_file = find_split_file(path, "train"), find_split_file(path, "test")
+    if train_file is None:
+        raise ConfigError(f"data.path='{spec.path}' has no train.jsonl or train.csv; add one "
+                          "(and test.jsonl/test.csv, or it is split by data.test_fraction)")
+    test = None if test_file is None else (read_rows(test_file), str(test_file))
+    return (read_rows(train_file), str(train_file)), test
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,42 +188,32 @@ def partition_indices(labels: tuple[int, ...], num_partitions: int, scheme: str,
 
 
 @lru_cache(maxsize=8)
-def client_partitions(spec: DataSpec, num_partitions: int, partition, seed: int
+def client_partitions(task, num_partitions: int, partition, seed: int
                       ) -> tuple[tuple[int, ...], ...]:
-    """Each client's training indices under ``partition`` (``fedlora.config.PartitionConfig``).
-    Cached per process: every virtual client on a Ray worker reuses one computation."""
-    labels = load_dataset(spec).train.labels
+    """Each client's training indices under ``partition`` (``fedlora.config.PartitionConfig``),
+    split on the labels of ``task``'s training split (``fedlora.tasks.Task``). Cached per
+    process: every virtual client on a Ray worker reuses one computation."""
+    labels = tuple(task.dataset().train.labels)
     return tuple(tuple(p) for p in partition_indices(labels, num_partitions, partition.name,
                                                       partition.alpha, seed,
                                                       partition.labels_per_client))
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenisation and batches (dynamic padding: a batch is padded to its own longest text)
+# Batches (dynamic padding: a batch is padded to its own longest example)
 
 
-class Batches:
-    """Tokenised examples of one split, batched with dynamic padding."""
+class ExampleBatches:
+    """Tokenised examples of one split; a task's subclass says how indices become a batch
+    (``collate``). ``labels``: each example's integer partition label."""
 
-    def __init__(self, tokenizer, texts, labels, max_length: int):
-        encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-        self.input_ids = [torch.tensor(ids) for ids in encoded["input_ids"]]
-        self.labels = torch.tensor(list(labels), dtype=torch.long)
-        self.pad_id = tokenizer.pad_token_id or 0
+    labels: torch.Tensor
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        raise NotImplementedError
 
     def collate(self, indices) -> dict[str, torch.Tensor]:
-        rows = [self.input_ids[i] for i in indices]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            input_ids[j, :len(row)] = row
-            attention_mask[j, :len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": self.labels[list(indices)]}
+        raise NotImplementedError
 
     def epoch(self, indices, batch_size: int, rng: random.Random | None = None):
         """Yield batches over ``indices`` (shuffled with ``rng`` if given)."""

@@ -429,9 +429,9 @@ def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
                   f"{federation.work}/superlink.log and {out}/run.log", file=sys.stderr)
             return code or 1
         summary = json.loads(summary_path.read_text())
-        print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
-              f"bytes up {summary['bytes_up_total']:,} down {summary['bytes_down_total']:,}; "
-              f"{summary['wall_s']:.0f} s; results in {out}", flush=True)
+        from fedlora.results import final_line
+
+        print(f"{final_line(summary)}; results in {out}", flush=True)
         return 0
     finally:
         for sig in previous:  # a second Ctrl-C must not cut the clean-up short

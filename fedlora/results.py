@@ -25,9 +25,25 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-ROW_FIELDS = ("round", "strategy", "accuracy", "loss", "train_loss", "clients_trained",
-              "clients_failed", "bytes_up", "bytes_down", "bytes_up_cum", "bytes_down_cum",
-              "params_up_per_client", "epsilon", "wall_s")
+# Every row's fields besides the task's metrics (``fedlora.tasks.Task.metrics``: accuracy and
+# loss for classification, exact_match and eval_loss for generation), which follow "strategy".
+ROW_FIELDS = ("round", "strategy", "train_loss", "clients_trained", "clients_failed", "bytes_up",
+              "bytes_down", "bytes_up_cum", "bytes_down_cum", "params_up_per_client", "epsilon",
+              "wall_s")
+CLASSIFICATION_METRICS = ("accuracy", "loss")
+PRIMARY_METRICS = ("accuracy", "exact_match")  # what compare/sweep look for in older runs
+SHORT_NAMES = {"accuracy": "acc", "exact_match": "em"}
+
+
+def primary_metric(rows: list[dict], summary: dict | None = None) -> str:
+    """The metric a run is judged by: its summary's ``primary_metric``, else the first of
+    ``PRIMARY_METRICS`` its rows hold (a run still going, or one from before the field)."""
+    if summary and summary.get("primary_metric"):
+        return summary["primary_metric"]
+    for name in PRIMARY_METRICS:
+        if rows and name in rows[0]:
+            return name
+    raise ValueError(f"the results rows hold none of {', '.join(PRIMARY_METRICS)}")
 
 PACKAGES = ("fedlora", "torch", "flwr", "ray", "transformers", "peft", "opacus", "numpy")
 
@@ -66,7 +82,9 @@ class ResultsWriter:
     """
 
     def __init__(self, out: Path, config: dict, total_rounds: int,
-                 resumed_rows: list[dict] | None = None):
+                 resumed_rows: list[dict] | None = None,
+                 metrics: tuple[str, str] = CLASSIFICATION_METRICS):
+        self.metrics = tuple(metrics)  # (primary metric, held-out loss)
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.total_rounds = total_rounds
@@ -95,7 +113,7 @@ class ResultsWriter:
         tmp.replace(path)  # atomic: a reader never sees half a file
 
     def row(self, row: dict) -> None:
-        missing = [f for f in ROW_FIELDS if f not in row]
+        missing = [f for f in (*ROW_FIELDS, *self.metrics) if f not in row]
         if missing:
             raise ValueError(f"results row lacks {missing}")
         self.rows.append(row)
@@ -107,13 +125,15 @@ class ResultsWriter:
             self._file.flush()
         failed = f" ({row['clients_failed']} failed)" if row["clients_failed"] else ""
         epsilon = f"  eps {row['epsilon']:.3f}" if row["epsilon"] is not None else ""
+        primary, loss = self.metrics
+        score = f"{SHORT_NAMES.get(primary, primary)} {row[primary]:.4f}"
         self.progress.console.print(
-            f"[bold]round {row['round']:>3}/{self.total_rounds}[/bold]  acc {row['accuracy']:.4f}  "
-            f"loss {row['loss']:.4f}{epsilon}  clients {row['clients_trained']}{failed}  "
+            f"[bold]round {row['round']:>3}/{self.total_rounds}[/bold]  {score}  "
+            f"{loss} {row[loss]:.4f}{epsilon}  clients {row['clients_trained']}{failed}  "
             f"up {human_bytes(row['bytes_up_cum'])}  down {human_bytes(row['bytes_down_cum'])}  "
             f"{row['wall_s']:.0f} s")
         self.progress.update(self.task, completed=row["round"],
-                             description=f"acc {row['accuracy']:.4f}  up {human_bytes(row['bytes_up_cum'])}")
+                             description=f"{score}  up {human_bytes(row['bytes_up_cum'])}")
         sys.stdout.flush()
 
     def close(self) -> None:
@@ -134,22 +154,38 @@ def read_results(run_dir) -> list[dict]:
     return rows
 
 
+def final_line(summary: dict) -> str:
+    """The line a finished run prints: its primary metric, bytes and time."""
+    metric = summary.get("primary_metric", "accuracy")
+    return (f"final {metric.replace('_', ' ')} {summary['final_' + metric]:.4f} (best "
+            f"{summary['best_' + metric]:.4f}); bytes up {summary['bytes_up_total']:,} down "
+            f"{summary['bytes_down_total']:,}; {summary['wall_s']:.0f} s")
+
+
 def elapsed(since: float) -> float:
     return round(time.time() - since, 3)
 
 
 def build_summary(cfg, rows: list[dict], ledger, progress, *, params_per_client_formula,
-                  adapted_layers: int, head_params: int, wall_s: float) -> dict:
+                  adapted_layers: int, head_params: int, wall_s: float,
+                  metrics: tuple[str, str] = CLASSIFICATION_METRICS, examples: dict | None = None
+                  ) -> dict:
     """``summary.json``: the final and best metrics of ``rows``, the byte totals of the
     ``ledger`` (``fedlora.comm.CommLedger``; one-time, wire and recovery bytes apart), the
     loop's totals (``progress``: failures, rounds not aggregated, resumptions, client
     processes, evaluation times), the per-client parameter formula, the resolved config and
-    the package versions."""
+    the package versions. ``metrics``: the task's (primary metric, held-out loss) row keys:
+    ``primary_metric`` names the first, and ``final_/best_/initial_<metric>`` and
+    ``final_<loss>`` are reported (classification: ``final_accuracy``, ``final_loss`` ...).
+    ``examples``: the task's counts about its examples (e.g. truncated ones)."""
     eval_seconds = progress.eval_seconds
+    primary, loss = metrics
     return {
-        "strategy": cfg.strategy, "rounds": cfg.rounds, "seed": cfg.seed,
-        "final_accuracy": rows[-1]["accuracy"], "final_loss": rows[-1]["loss"],
-        "best_accuracy": max(r["accuracy"] for r in rows), "initial_accuracy": rows[0]["accuracy"],
+        "strategy": cfg.strategy, "task": getattr(cfg, "task", None), "rounds": cfg.rounds,
+        "seed": cfg.seed, "primary_metric": primary,
+        f"final_{primary}": rows[-1][primary], f"final_{loss}": rows[-1][loss],
+        f"best_{primary}": max(r[primary] for r in rows), f"initial_{primary}": rows[0][primary],
+        **(examples or {}),
         "bytes_up_total": ledger.total("up"), "bytes_down_total": ledger.total("down"),
         "one_time_bytes_up": ledger.one_time["up"], "one_time_bytes_down": ledger.one_time["down"],
         "wire_bytes_up_total": ledger.wire["up"], "wire_bytes_down_total": ledger.wire["down"],

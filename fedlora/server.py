@@ -40,10 +40,10 @@ from fedlora.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_
                                 set_rng_states)
 from fedlora.comm import CommLedger, expected_params, message_part
 from fedlora.config import RunConfig, check_deployment, client_config, resolve_noise
-from fedlora.data import Batches, client_partitions, load_dataset
+from fedlora.data import client_partitions
 from fedlora.errors import ConfigError
 from fedlora.export import export_run
-from fedlora.models import AdaptedModel, build_model, evaluate
+from fedlora.models import AdaptedModel
 from fedlora.participation import write_participation_csv
 from fedlora.results import ResultsWriter, build_summary, elapsed
 from fedlora.strategies import get_strategy
@@ -115,8 +115,8 @@ def describe_nodes(grid, nodes: list[int], config: dict, strict: bool = True) ->
 def server_label_histograms(cfg: RunConfig, data) -> list[list[int]]:
     """Each partition's label histogram from the partitioner the server owns (simulation)."""
     counts = []
-    for indices in client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.seed):
-        histogram = [0] * data.num_labels
+    for indices in client_partitions(cfg.task_spec(), cfg.clients, cfg.partition, cfg.seed):
+        histogram = [0] * len(data.label_names)
         for index in indices:
             histogram[int(data.train.labels[index])] += 1
         counts.append(histogram)
@@ -191,6 +191,8 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                resume: bool = False, owns_partitions: bool = False) -> dict:
     """Run all rounds of ``cfg`` on ``grid``; write the run directory; return the summary.
 
+    ``data``: the task's dataset (``cfg.task_spec().dataset()``); its test split is scored
+    by the task's evaluator (``fedlora.tasks.Task.evaluator``) into each row's metrics.
     ``resume``: continue the run in ``out`` from ``out/checkpoint.pt`` (``fedlora.checkpoint``).
     ``owns_partitions``: the clients' data is ``data`` split by ``fedlora.data.client_partitions``
     (a simulation), so under DP the server computes the label histograms the clients no longer
@@ -199,11 +201,13 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
     checkpoint = load_checkpoint(out) if resume else None
     started = time.time() - (checkpoint["wall_s"] if checkpoint else 0.0)
     strategy = get_strategy(cfg.strategy)(cfg, bundle.head_keys)
-    config = client_config(cfg, data.num_labels)
+    config = client_config(cfg, len(data.label_names))
     ledger = CommLedger(lambda key: message_part(key, bundle.head_keys))
     exchange = Exchange(grid, ledger, config, strategy.one_time_parts_down, cfg.round_timeout)
+    task = cfg.task_spec()
     writer = ResultsWriter(out, {**cfg.to_dict(), "out": str(out)}, cfg.rounds,
-                           resumed_rows=checkpoint["rows"] if checkpoint else None)
+                           resumed_rows=checkpoint["rows"] if checkpoint else None,
+                           metrics=task.metrics)
 
     nodes = describe_nodes(grid, wait_for_nodes(grid, cfg.clients), config)
     held = sorted(info["partition_id"] for info in nodes.values())
@@ -221,7 +225,12 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()})
     writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
 
-    test = Batches(bundle.tokenizer, data.test.texts, data.test.labels, cfg.max_length)
+    score = task.evaluator(bundle, data.test, cfg.max_length, cfg.device)
+    example_report = task.example_report(bundle.tokenizer, data, cfg.max_length)
+    for key, count in example_report.items():
+        if count:
+            log.warning("%s: %d (max_length=%d; prompts lose tokens from the left)", key, count,
+                        cfg.max_length)
     progress = LoopProgress()
     if checkpoint:
         strategy.load_state_dict(checkpoint["strategy"])
@@ -239,7 +248,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
         begin = time.time()
         bundle.set_base_delta(strategy.global_base_delta())
         bundle.load(arrays.to_torch_state_dict())
-        metrics = evaluate(bundle, test, device=cfg.device)
+        metrics = score()
         progress.eval_seconds.append(time.time() - begin)
         return metrics
 
@@ -302,22 +311,25 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                             params_per_client_formula=expected_params(type(strategy), layers,
                                                                       cfg.rank, head_params),
                             adapted_layers=len(layers), head_params=head_params,
-                            wall_s=elapsed(started))
+                            wall_s=elapsed(started), metrics=task.metrics,
+                            examples=example_report)
     writer.write_json("summary.json", summary)
     return summary
 
 
 def prepare(cfg: RunConfig):
     """Load and check the data, the partitions and the model in this process (before Ray)."""
-    from fedlora.data import client_partitions, load_dataset
+    from fedlora.data import client_partitions
     from fedlora.models import build_model
 
-    data = load_dataset(cfg.data)
-    if data.num_labels < 2:
-        raise ConfigError(f"the data has {data.num_labels} label value(s); a classification task "
-                          "needs at least 2 (check data.label_field)")
-    client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.seed)
-    bundle = build_model(cfg.model_spec(data.num_labels), cfg.device)
+    task = cfg.task_spec()
+    data = task.dataset()
+    client_partitions(task, cfg.clients, cfg.partition, cfg.seed)
+    bundle = build_model(cfg.model_spec(len(data.label_names)), cfg.device)
+    # Tokenise here what the clients and the evaluation will: a response that cannot fit
+    # max_length is a one-line error now, not a failure in every worker later.
+    task.training_examples(bundle.tokenizer, cfg.max_length)
+    task.example_report(bundle.tokenizer, data, cfg.max_length)
     smallest = min(min(bundle.model.get_submodule(n).base.weight.shape) for n in bundle.adapted)
     if cfg.rank > smallest:
         raise ConfigError(f"rank={cfg.rank} exceeds the smallest adapted dimension ({smallest}); "

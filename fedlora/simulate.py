@@ -99,8 +99,8 @@ def hydra_task(conf) -> None:
     from omegaconf import OmegaConf
 
     from fedlora.config import RunConfig
-    from fedlora.data import load_dataset
     from fedlora.models import model_path
+    from fedlora.results import final_line
 
     raw = OmegaConf.to_container(conf, resolve=True)
     hydra_config = HydraConfig.get()
@@ -112,14 +112,13 @@ def hydra_task(conf) -> None:
             cfg, out = resumed_config(Path(raw["resume"]), cfg, given), Path(raw["resume"])
         # The data files and a local model directory are checked before Flower, Ray and
         # transformers are imported (seconds); ``prepare`` gets the data from the cache.
-        load_dataset(cfg.data)
-        model_path(cfg.model)
+        task = cfg.task_spec()
+        task.dataset()
+        task.check_model(model_path(cfg.model))
         summary = run(cfg, out, resume=bool(raw.get("resume")))
     except ConfigError as error:
         fail(str(error))
-    print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}); "
-          f"bytes up {summary['bytes_up_total']:,} down {summary['bytes_down_total']:,}; "
-          f"{summary['wall_s']:.0f} s; results in {out}")
+    print(f"{final_line(summary)}; results in {out}")
 
 
 def main() -> None:

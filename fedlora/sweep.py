@@ -17,8 +17,9 @@ out=DIR/runs/<name>`` subprocess, one after the other, with one status line per 
   ``<name>.failed-N`` (never deleted) and the run starts again from scratch.
 * Each run's console output goes to ``DIR/logs/<name>.log``.
 * Then ``DIR/sweep.csv`` (one row per finished run), ``DIR/sweep.md`` (mean ± std over seeds per
-  strategy × ε), ``DIR/privacy_utility.png`` (final accuracy against ε, one line per strategy;
-  ε = inf is the "no DP" point on the right) and ``DIR/accuracy_vs_bytes.png``. The ε axis is
+  strategy × ε), ``DIR/privacy_utility.png`` (final primary metric, accuracy or exact match,
+  against ε, one line per strategy; ε = inf is the "no DP" point on the right) and
+  ``DIR/<metric>_vs_bytes.png``. The ε axis is
   the ``dp.epsilon`` axis; without one every run is a single "no DP" point.
 """
 
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 from fedlora import plots
-from fedlora.compare import Run, load_run, markdown_table, summarise
+from fedlora.compare import Run, common_metric, load_run, markdown_table, summarise
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.cli import check_command_line, compose_config, fail
@@ -130,7 +131,8 @@ def execute(plan: list[dict[str, str]], fixed: list[str], out: Path) -> list[str
         code = launch(overrides(combination, fixed), run_dir, out / "logs" / f"{name}.log")
         if code == 0 and (run_dir / "summary.json").is_file():
             run = load_run(run_dir)
-            print(f" final accuracy {run.final_accuracy:.4f} (best {run.best_accuracy:.4f}), "
+            print(f" final {run.metric.replace('_', ' ')} {run.final_score:.4f} (best "
+                  f"{run.best_score:.4f}), "
                   f"{time.time() - started:.0f} s", flush=True)
         else:
             failed.append(name)
@@ -151,7 +153,7 @@ def _epsilon_label(epsilon: float) -> str:
     return "no DP" if math.isinf(epsilon) else f"ε={epsilon:g}"
 
 
-CSV_FIELDS = ("strategy", "epsilon_target", "seed", "final_accuracy", "best_accuracy",
+CSV_FIELDS = ("strategy", "epsilon_target", "seed", "final_{metric}", "best_{metric}",
               "epsilon_spent", "bytes_up", "bytes_down", "wall_s", "run_dir")
 
 
@@ -164,13 +166,15 @@ def write_report(out: Path, plan: list[dict[str, str]], fixed: list[str]) -> lis
     if not finished:
         return []
     other_axes = [key for key in plan[0] if key not in ("strategy", EPSILON_KEY, "seed")]
+    metric = common_metric([run for _, _, run in finished])
+    fields = [name.format(metric=metric) for name in CSV_FIELDS]
     with (out / "sweep.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*CSV_FIELDS[:3], *other_axes, *CSV_FIELDS[3:]])
+        writer = csv.DictWriter(f, fieldnames=[*fields[:3], *other_axes, *fields[3:]])
         writer.writeheader()
         for combination, epsilon, run in finished:
             writer.writerow({"strategy": run.config["strategy"], "epsilon_target": epsilon,
                              "seed": run.config["seed"], **{k: combination[k] for k in other_axes},
-                             "final_accuracy": run.final_accuracy, "best_accuracy": run.best_accuracy,
+                             f"final_{metric}": run.final_score, f"best_{metric}": run.best_score,
                              "epsilon_spent": run.epsilon_spent, "bytes_up": run.bytes_up,
                              "bytes_down": run.bytes_down, "wall_s": run.wall_s,
                              "run_dir": run.path.relative_to(out)})
@@ -181,17 +185,17 @@ def write_report(out: Path, plan: list[dict[str, str]], fixed: list[str]) -> lis
     for combination, epsilon, run in finished:
         line = " ".join([run.config["strategy"], *(f"{k}={combination[k]}" for k in other_axes)])
         groups.setdefault(f"{line} {_epsilon_label(epsilon)}", []).append(run)
-        lines.setdefault(line, {}).setdefault(epsilon, []).append(run.final_accuracy)
+        lines.setdefault(line, {}).setdefault(epsilon, []).append(run.final_score)
     runs = [run for _, _, run in finished]
-    target = 0.9 * max(run.final_accuracy for run in runs)
-    rows = [summarise(label, members, target) for label, members in groups.items()]
+    target = 0.9 * max(run.final_score for run in runs)
+    rows = [summarise(label, members, target, metric) for label, members in groups.items()]
     (out / "sweep.md").write_text(
-        markdown_table(rows) + f"\nMean ± standard deviation over the n seeds of each group; "
-        f"bytes to target count up + down until a run first reaches {target:.3f} (90 % of the best "
-        "final accuracy).\n")
-    plots.plot_privacy_utility(lines, out / "privacy_utility.png")
+        markdown_table(rows, metric) + f"\nMean ± standard deviation over the n seeds of each "
+        f"group; bytes to target count up + down until a run first reaches {target:.3f} (90 % of "
+        f"the best final {metric.replace('_', ' ')}).\n")
+    plots.plot_privacy_utility(lines, out / "privacy_utility.png", metric=metric)
     plots.plot_accuracy_vs_bytes({label: [run.rows for run in members] for label, members in groups.items()},
-                                 out / "accuracy_vs_bytes.png")
+                                 out / f"{metric}_vs_bytes.png", metric=metric)
     return rows
 
 
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = write_report(out, plan, fixed)
     if rows:
         print(markdown_table(rows), end="")
-        print(f"wrote {out / 'sweep.csv'}, sweep.md, privacy_utility.png, accuracy_vs_bytes.png")
+        print(f"wrote {out / 'sweep.csv'}, sweep.md, privacy_utility.png and the "
+              "<metric>_vs_bytes.png plot")
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; run the same command "
               "again to retry them", file=sys.stderr)

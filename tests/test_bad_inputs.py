@@ -54,6 +54,18 @@ def minilm_config_only(folder: Path) -> None:
     (folder / "config.json").write_text((Path(model_path("minilm")) / "config.json").read_text())
 
 
+def tiny_llama_folder(folder: Path) -> None:
+    """A causal LM folder: a tiny random Llama with a one-token-per-character tokenizer."""
+    from tests.test_generation_task import char_tokenizer, tiny_llama
+
+    tokenizer = char_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+GOOD_SFT = "".join(f'{{"prompt": "What is {i} + {i}?", "response": "{2 * i}"}}\n' for i in range(20))
+
+
 # id: (files to create under tmp_path {name: text | bytes | None for a folder | callable(path)},
 #      command-line args ({tmp} is tmp_path), substrings the one stderr line must hold)
 CASES = {
@@ -74,6 +86,24 @@ CASES = {
     "jsonl row without label": (
         {"d.jsonl": GOOD_JSONL + '{"text": "no label here"}\n' + GOOD_JSONL},
         ["data.path={tmp}/d.jsonl"], ["'{tmp}/d.jsonl' line 21", "'label'", "add it"]),
+    "sft row without response": (
+        {"d.jsonl": GOOD_SFT + '{"prompt": "What is 1 + 2?"}\n' + GOOD_SFT},
+        ["task=sft", "data.path={tmp}/d.jsonl"],
+        ["'{tmp}/d.jsonl' line 21 has no 'response' (data.response_field)", "add it"]),
+    "sft empty response": (
+        {"d.jsonl": GOOD_SFT + '{"prompt": "What is 1 + 2?", "response": "  "}\n'},
+        ["task=sft", "data.path={tmp}/d.jsonl"],
+        ["'{tmp}/d.jsonl' line 21 has an empty response (data.response_field='response')",
+         "fill it in or remove the row"]),
+    "sft response longer than max_length": (
+        {"llama": tiny_llama_folder,
+         "d.jsonl": GOOD_SFT + '{"prompt": "Spell it", "response": "' + "x" * 40 + '"}\n'},
+        ["task=sft", "model={tmp}/llama", "data.path={tmp}/d.jsonl", "max_length=24"],
+        ["max_length=24 is too short: a response needs 41 tokens", "raise max_length to at least 42"]),
+    "generative task on a classifier folder": (
+        {"bert": minilm_config_only}, ["task=arithmetic", "model={tmp}/bert"],
+        ["is not a causal language model (its config.json names BertModel)",
+         "task=arithmetic generates text"]),
     "malformed jsonl line": ({"d.jsonl": GOOD_JSONL + '{"text": "cut", "lab\n'},
                              ["data.path={tmp}/d.jsonl"],
                              ["'{tmp}/d.jsonl' line 21 is not valid JSON", "fix that line"]),

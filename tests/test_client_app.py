@@ -19,6 +19,7 @@ from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig, client_config
 from fedlora.config import PartitionConfig
 from fedlora.data import DataSpec, client_partitions
+from fedlora.tasks import make_task
 from fedlora.strategies import get_strategy
 from fedlora.strategies.fedex import residual_increments, update_base_delta
 
@@ -226,7 +227,7 @@ def test_a_supernode_reads_its_own_copy_of_the_data_from_node_config(client_mode
     metrics = describe(message, context).content["metrics"]
     # Assert
     local = DataSpec(path=str(path))
-    expected = client_partitions(local, 2, PartitionConfig(), 0)[1]
+    expected = client_partitions(make_task("classification", local), 2, PartitionConfig(), 0)[1]
     assert metrics["num-examples"] == len(expected) > 0
     histogram = list(metrics["label-histogram"])
     assert len(histogram) == 21 and sum(histogram) == len(expected)

@@ -171,4 +171,5 @@ def test_command_line(runs, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fedlora.compare", str(runs), "--target", "45"],
                          capture_output=True, text=True)
     assert bad.returncode == 2
-    assert bad.stderr == "error: --target 45.0 is not an accuracy; give a number in (0, 1]\n"
+    assert bad.stderr == ("error: --target 45.0 is not an accuracy or exact match; give a number "
+                          "in (0, 1]\n")

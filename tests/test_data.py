@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from fedlora.data import Batches, DataSpec, in_test_split, load_dataset, partition_indices
+from fedlora.data import DataSpec, in_test_split, partition_indices
+from fedlora.tasks.classification import Batches, load_dataset
 from fedlora.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from fedlora.clients.dp import ClientPrivacy, check_opacus_can_wrap, private_gra
 from fedlora.clients.train import base_gradient_sum, client_update
 from fedlora.config import RunConfig, client_config
 from fedlora.config import PartitionConfig
-from fedlora.data import Batches, client_partitions, load_dataset
+from fedlora.data import client_partitions
+from fedlora.tasks.classification import Batches, load_dataset
 from fedlora.errors import ConfigError
 from fedlora.strategies import get_strategy
 
@@ -297,7 +298,7 @@ def test_epsilon_grows_persists_across_recreation_matches_reference_and_clients_
     cfg, server = dp_federation(bundle, rounds=2)
     contexts = {10 + p: new_context(p) for p in range(4)}
     arrays = ArrayRecord(bundle.initial_state)
-    sizes = {p: len(ix) for p, ix in enumerate(client_partitions(cfg.data, 4, PartitionConfig(), 0))}
+    sizes = {p: len(ix) for p, ix in enumerate(client_partitions(cfg.task_spec(), 4, PartitionConfig(), 0))}
     epsilons, sampled = [], []
 
     # Execute: 5 rounds of 2 clients, but the budget is planned for 2 rounds of each of the 4

@@ -13,7 +13,7 @@ import torch
 from fedlora.adapters import PARTS, lora_layers
 from fedlora.aggregation import lora_sb_init
 from fedlora.clients.train import base_gradient_sum, client_update
-from fedlora.data import Batches
+from fedlora.tasks.classification import Batches
 from fedlora.models import ModelSpec, build_model
 
 SPEC = ModelSpec(num_labels=21, rank=4, alpha=8, latent=True, init_seed=0)

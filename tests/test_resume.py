@@ -20,7 +20,7 @@ from fedlora.checkpoint import CHECKPOINT, FINAL_ADAPTER, load_checkpoint
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig
 from fedlora.results import read_results
-from fedlora.data import TextDataset, TextSplit
+from fedlora.tasks.classification import TextDataset, TextSplit
 from fedlora.server import run_server
 from fedlora.strategies import STRATEGIES
 from tests.federation import ALPHA, M, N, RANK, SIZES, FakeClient, reply

@@ -21,7 +21,7 @@ from torch import nn
 import fedlora.server
 from fedlora.adapters import inject_lora
 from fedlora.config import RunConfig
-from fedlora.data import TextDataset, TextSplit
+from fedlora.tasks.classification import TextDataset, TextSplit
 from fedlora.models import AdaptedModel
 from fedlora.participation import Bernoulli, participation_probabilities
 from fedlora.server import run_server

@@ -32,13 +32,14 @@ def bare_rounds(cfg, rounds: int, threads: int) -> float:
     """Seconds per round of the plain loop (no Flower, no Ray, no messages)."""
     from fedlora.aggregation import sample_weights, weighted_mean_states
     from fedlora.clients.train import client_update
-    from fedlora.data import Batches, client_partitions, load_dataset
+    from fedlora.data import client_partitions
+    from fedlora.tasks.classification import Batches, load_dataset
     from fedlora.models import build_model
     from fedlora.strategies import get_strategy
 
     torch.set_num_threads(threads)
     data = load_dataset(cfg.data)
-    parts = client_partitions(cfg.data, cfg.clients, cfg.partition, cfg.seed)
+    parts = client_partitions(cfg.task_spec(), cfg.clients, cfg.partition, cfg.seed)
     bundle = build_model(cfg.model_spec(data.num_labels))
     train = Batches(bundle.tokenizer, data.train.texts, data.train.labels, cfg.max_length)
     strategy = get_strategy(cfg.strategy)

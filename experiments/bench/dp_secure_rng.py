@@ -29,7 +29,7 @@ def step_seconds(strategy: str, steps: int, batch_size: int, max_length: int) ->
     from opacus import GradSampleModule
 
     from fedlora.config import RunConfig
-    from fedlora.data import Batches, load_dataset
+    from fedlora.tasks.classification import Batches, load_dataset
     from fedlora.dp_random import NodeSecret, make_dp_optimizer, secret_torch_generator
     from fedlora.models import build_model
     from fedlora.strategies import get_strategy

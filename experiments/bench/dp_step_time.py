@@ -25,7 +25,7 @@ def step_seconds(strategy: str, steps: int, batch_size: int, max_length: int) ->
     from fedlora.clients.dp import ClientPrivacy
     from fedlora.clients.train import client_update
     from fedlora.config import RunConfig
-    from fedlora.data import Batches, load_dataset
+    from fedlora.tasks.classification import Batches, load_dataset
     from fedlora.models import build_model
     from fedlora.strategies import get_strategy
 

@@ -20,14 +20,18 @@ federatedly): the model reads the prompt and is trained to produce the response 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from fedlora.data import in_test_split
+from fedlora.data import DataSpec, ExampleBatches, encode_labels, in_test_split, split_files
+from fedlora.errors import ConfigError
+from fedlora.tasks import Task, reduce_loss, register_task
 
 IGNORE_INDEX = -100  # the label of a token without loss (torch cross_entropy's ignore_index)
 
@@ -445,3 +449,292 @@ def evaluate_generation(model, tokenizer, examples: Sequence[tuple], max_length:
     return {"exact_match": exact_match(predictions, references, rule),
             "eval_loss": mean_response_loss(model, tokenizer, examples, max_length, batch_size,
                                             use_chat_template)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tasks: arithmetic (embedded) and sft (the user's prompt/response data)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairSplit:
+    """One split: prompts (strings, or chat messages as tuples of dicts), their reference
+    responses and integer partition labels."""
+
+    prompts: tuple
+    responses: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class PairDataset:
+    train: PairSplit
+    test: PairSplit
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+class SFTBatches(ExampleBatches):
+    """Encoded SFT examples of one split (``encode_example``), right-padded per batch
+    (``collate_sft``). ``truncated``: how many lost prompt tokens to fit ``max_length``."""
+
+    def __init__(self, tokenizer, split: PairSplit, max_length: int):
+        self.examples = [encode_example(tokenizer, prompt, response, max_length)
+                         for prompt, response in zip(split.prompts, split.responses)]
+        self.labels = torch.tensor(list(split.labels), dtype=torch.long)
+        self.truncated = sum(example.truncated for example in self.examples)
+        self.pad_id = pad_token_id(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def collate(self, indices) -> dict[str, torch.Tensor]:
+        return collate_sft([self.examples[i] for i in indices], self.pad_id)
+
+
+_ENCODED: dict[tuple, tuple] = {}  # (split, tokenizer, max_length) ids -> (split, tokenizer, batches)
+
+
+def encoded_split(tokenizer, split: PairSplit, max_length: int) -> SFTBatches:
+    """``SFTBatches`` of ``split``, encoded once per process; a response that cannot fit is a
+    one-line ``ConfigError`` naming ``max_length``."""
+    key = (id(split), id(tokenizer), max_length)
+    if key not in _ENCODED:  # the value holds split and tokenizer, so their ids stay theirs
+        _ENCODED[key] = (split, tokenizer, checked_batches(tokenizer, split, max_length))
+    return _ENCODED[key][2]
+
+
+def checked_batches(tokenizer, split: PairSplit, max_length: int) -> SFTBatches:
+    """``SFTBatches(...)``, with encoding errors as one-line ``ConfigError``s."""
+    try:
+        return SFTBatches(tokenizer, split, max_length)
+    except ResponseTooLong as error:
+        raise ConfigError(f"max_length={max_length} is too short: {error}") from error
+    except ValueError as error:  # e.g. a prompt that renders to no tokens
+        raise ConfigError(f"{error}; fix the data (data.prompt_field) or max_length") from error
+
+
+def _causal_lm_or_error(path: str, model_name: str, task: str) -> None:
+    """A local model folder whose config.json names no causal-LM architecture cannot generate."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return  # a Hub id: transformers' loader reports what is wrong with it
+    try:
+        architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config.json: the loader's error names it
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ConfigError(f"model='{model_name}' is not a causal language model (its config.json "
+                          f"names {', '.join(architectures)}); task={task} generates text: give "
+                          "a causal LM (an ...ForCausalLM folder or Hub id, e.g. model=smollm2), "
+                          "or use a classification task")
+
+
+def answer_rule(name: str, pattern: str | None) -> Callable[[str], object]:
+    """The answer exact match compares (``eval.answer``): ``last_number``, ``text``
+    (whitespace-normalised) or ``regex`` (the first group of ``eval.pattern``)."""
+    if name == "last_number":
+        return last_number
+    if name == "text":
+        return normalised_text
+    if not pattern:
+        raise ConfigError("eval.answer=regex needs eval.pattern, a regular expression whose first "
+                          "group is the answer; set eval.pattern")
+    try:
+        return regex_answer(pattern)
+    except ValueError as error:
+        raise ConfigError(f"eval.pattern: {error}") from error
+
+
+@dataclass(frozen=True)
+class Generation(Task):
+    """Supervised fine-tuning of a causal LM on (prompt, response) pairs, scored by exact match
+    of greedy answers (``evaluate_generation``) and the held-out response loss."""
+
+    default_model = "smollm2"  # fedlora.embedded_llm.EMBEDDED_LLM
+    default_max_length = 192
+    metrics = ("exact_match", "eval_loss")
+    default_answer = "text"
+
+    @property
+    def rule(self) -> Callable[[str], object]:
+        return answer_rule(self.evaluation.answer or self.default_answer, self.evaluation.pattern)
+
+    def check(self) -> None:
+        self.rule  # noqa: B018 (a bad eval.answer/eval.pattern fails now)
+
+    def check_model(self, path: str) -> None:
+        _causal_lm_or_error(path, path, self.name)
+
+    @classmethod
+    def load_pretrained(cls, path: str, spec) -> tuple:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _causal_lm_or_error(path, spec.name, cls.name)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if tokenizer.pad_token is None:  # padded positions are masked: any id will do
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer, frozenset()  # no head: only adapter tensors travel
+
+    def training_examples(self, tokenizer, max_length: int) -> SFTBatches:
+        return encoded_split(tokenizer, self.dataset().train, max_length)
+
+    @staticmethod
+    def loss(model, batch: dict, reduction: str = "mean"):
+        """``per_example_sft_loss`` (each example's mean response-token loss), reduced."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return reduce_loss(per_example_sft_loss(logits, batch["labels"]), reduction)
+
+    def scored(self, test: PairSplit) -> list[tuple]:
+        """The (prompt, response) pairs evaluation scores: the first ``eval.max_examples``."""
+        count = min(self.evaluation.max_examples or len(test), len(test))
+        return list(zip(test.prompts[:count], test.responses[:count]))
+
+    def evaluator(self, bundle, test: PairSplit, max_length: int, device: str):
+        examples, rule = self.scored(test), self.rule
+        return lambda: evaluate_generation(bundle.model, bundle.tokenizer, examples, max_length,
+                                           self.evaluation.max_new_tokens,
+                                           self.evaluation.batch_size, rule=rule)
+
+    def example_report(self, tokenizer, data: PairDataset, max_length: int) -> dict:
+        """Truncated examples (prompts cut from the left) of the training split and of the
+        scored test examples; checks too that the answer rule finds an answer in every scored
+        reference (else exact match would fail at the first evaluation)."""
+        examples = self.scored(data.test)
+        rule, answer = self.rule, self.evaluation.answer or self.default_answer
+        for _, response in examples:
+            if rule(response) is None:
+                raise ConfigError(f"eval.answer={answer} finds no answer in the test response "
+                                  f"{response[:60]!r}; set eval.answer (last_number | text | "
+                                  "regex with eval.pattern) to a rule that fits the data")
+        test = PairSplit(tuple(p for p, _ in examples), tuple(r for _, r in examples),
+                         data.test.labels[:len(examples)])
+        return {"truncated_train_examples": encoded_split(tokenizer, data.train, max_length).truncated,
+                "truncated_test_examples": checked_batches(tokenizer, test, max_length).truncated}
+
+
+@dataclass(frozen=True)
+class Arithmetic(Generation):
+    """The embedded generative default: ``arithmetic_problems`` (problem type = label), scored
+    by the last number of the answer."""
+
+    default_answer = "last_number"
+
+    def check(self) -> None:
+        super().check()
+        if self.data.path or self.data.name:
+            raise ConfigError(f"task={self.name} is the embedded arithmetic data; drop data.path/"
+                              "data.name, or use task=sft for your prompt/response data")
+
+    def load(self) -> PairDataset:
+        problems = arithmetic_problems()
+
+        def split(items) -> PairSplit:
+            return PairSplit(tuple(p.prompt for p in items),
+                             tuple(response_text(p.answer) for p in items),
+                             tuple(PROBLEM_TYPES.index(p.problem_type) for p in items))
+
+        return PairDataset(split(problems.train), split(problems.test), problems.problem_types)
+
+
+def _pairs(rows: list[tuple[int, dict]], spec: DataSpec, where: str) -> tuple[list, list, list]:
+    """Prompts, responses and raw labels of rows: a ``messages`` list (a chat ending in the
+    assistant's response) or the ``data.prompt_field``/``data.response_field`` columns."""
+    if not rows:
+        raise ConfigError(f"data.path '{where}' has no rows; give a non-empty .jsonl or .csv file")
+    prompts, responses, labels = [], [], []
+    for number, row in rows:
+        if isinstance(row.get("messages"), list):
+            try:
+                prompt, response = split_messages(row["messages"])
+            except (ValueError, KeyError, AttributeError) as error:
+                raise ConfigError(f"'{where}' line {number}: its messages {error}; end each chat "
+                                  "with an assistant message") from error
+            prompt = tuple(prompt)
+        else:
+            for key, field in (("data.prompt_field", spec.prompt_field),
+                               ("data.response_field", spec.response_field)):
+                if row.get(field) is None:
+                    if field not in rows[0][1]:
+                        raise ConfigError(f"{key}='{field}' is not a column of '{where}' (columns: "
+                                          f"{', '.join(map(str, rows[0][1]))}); set {key} to one "
+                                          "of them, or give chat 'messages' lists")
+                    raise ConfigError(f"'{where}' line {number} has no '{field}' ({key}); add it "
+                                      "to that row or remove the row")
+            prompt, response = str(row[spec.prompt_field]), row[spec.response_field]
+        if not str(response).strip():
+            raise ConfigError(f"'{where}' line {number} has an empty response "
+                              f"(data.response_field='{spec.response_field}'); the model would "
+                              "learn nothing from it: fill it in or remove the row")
+        prompts.append(prompt)
+        responses.append(str(response))
+        labels.append(row.get(spec.label_field, 0))  # no label column: one partition label
+    return prompts, responses, labels
+
+
+def _split_key(prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(list(prompt), sort_keys=True)
+
+
+def _pair_dataset(train: tuple[list, list, list], test: tuple[list, list, list] | None,
+                  test_fraction: float) -> PairDataset:
+    if test is None:  # one file: the fixed hash split on the prompt
+        sides = ([], [], []), ([], [], [])
+        for example in zip(*train):
+            side = sides[1] if in_test_split(_split_key(example[0]), test_fraction) else sides[0]
+            for column, value in zip(side, example):
+                column.append(value)
+        train, test = sides
+    y_train, y_test, names = encode_labels(train[2], test[2])
+    if not test[0]:
+        raise ConfigError("the test split is empty; give a test file or raise data.test_fraction")
+    return PairDataset(PairSplit(tuple(train[0]), tuple(map(str, train[1])), tuple(y_train)),
+                       PairSplit(tuple(test[0]), tuple(map(str, test[1])), tuple(y_test)), names)
+
+
+@dataclass(frozen=True)
+class SFT(Generation):
+    """The user's prompt/response data (``data.path`` JSONL/CSV or ``data.name``), scored by
+    the whitespace-normalised response by default."""
+
+    def check(self) -> None:
+        super().check()
+        if not (self.data.path or self.data.name):
+            raise ConfigError(f"task={self.name} reads your prompt/response data: set data.path "
+                              "(or data.name), or use task=arithmetic for the embedded data")
+
+    def load(self) -> PairDataset:
+        spec = self.data
+        if spec.path:
+            (rows, where), test = split_files(spec)
+            return _pair_dataset(_pairs(rows, spec, where),
+                                 None if test is None else _pairs(test[0], spec, test[1]),
+                                 spec.test_fraction)
+        import datasets
+
+        try:
+            hub = datasets.load_dataset(spec.name)
+        except Exception as error:  # network, unknown id, auth: all one-line config errors
+            raise ConfigError(f"data.name='{spec.name}' could not be loaded ({type(error).__name__}"
+                              f"); check the id and network access, or use data.path") from error
+        if "train" not in hub:
+            raise ConfigError(f"data.name='{spec.name}' has no 'train' split (splits: {', '.join(hub)})")
+
+        def rows(split: str):
+            return _pairs(list(enumerate(hub[split].to_list(), start=1)), spec,
+                          f"{spec.name}[{split}]")
+
+        return _pair_dataset(rows("train"), rows("test") if "test" in hub else None,
+                             spec.test_fraction)
+
+
+register_task("arithmetic", Arithmetic)
+register_task("sft", SFT)
