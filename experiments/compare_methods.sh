@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's committed comparison: FedIT, FFA-LoRA, Fed-SB, FedSVD, LoRA-FAIR and FedEx-LoRA, 3 seeds
+# The committed comparison: FedIT, FFA-LoRA, Fed-SB, FedSVD, LoRA-FAIR, FedEx-LoRA and RoLoRA, 3 seeds
 # each, on a Dirichlet(0.1) label split with FedAU's Bernoulli participation, then one table and two
 # plots. Writes experiments/results/methods/<strategy>-seed<seed>/ (one run each),
 # comparison.md/.csv, accuracy_vs_round.png and accuracy_vs_bytes.png.
@@ -17,6 +17,6 @@ OUT=experiments/results/methods
 SETTING=(clients=20 partition=dirichlet partition.alpha=0.1 participation=bernoulli
          participation.mean_p=0.3 rounds=8 local_steps=6)
 
-python -m fedlora.simulate -m seed=0,1,2 strategy=fedavg,ffa,fedsb,fedsvd,lorafair,fedex \
+python -m fedlora.simulate -m seed=0,1,2 strategy=fedavg,ffa,fedsb,fedsvd,lorafair,fedex,rolora \
     "${SETTING[@]}" "hydra.sweep.dir=$OUT" 'hydra.sweep.subdir=${strategy}-seed${seed}'
 python -m fedlora.compare "$OUT" --out "$OUT"
