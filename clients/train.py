@@ -10,6 +10,8 @@ from contextlib import nullcontext
 
 import torch
 
+from fedlora.models import autocast
+
 
 def model_loss(model: torch.nn.Module):
     """The loss ``(model, batch, reduction) -> tensor`` the model is trained on: its task's
@@ -36,6 +38,7 @@ def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], b
     (``batches`` are then Poisson samples, where None is an empty one). Passed in, not
     imported, so this loop depends on no DP code."""
     loss_of = loss or model_loss(model)  # looked up before Opacus wraps the model
+    precision = autocast(model)  # precision=bf16: autocast around forward and backward
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     model.train()  # before wrapping: Opacus computes per-example gradients in train mode
     wrapping = nullcontext((model, optimizer)) if privacy is None else privacy.wrap(model, optimizer)
@@ -48,8 +51,9 @@ def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], b
                 optimizer.zero_grad(set_to_none=True)
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
-            batch_loss = loss_of(model, batch, "mean")
-            batch_loss.backward()
+            with precision:
+                batch_loss = loss_of(model, batch, "mean")
+                batch_loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(batch_loss.item())
@@ -69,6 +73,10 @@ def base_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parame
     was_training = model.training
     model.eval()
     loss_of = loss or model_loss(model)
+    packed = [key for key, w in weights.items() if not w.is_floating_point()]
+    if packed:  # bitsandbytes 4-bit weights have no gradient of their own
+        raise ValueError(f"{packed[0]} is quantised (quantization=4): the method needs gradients "
+                         "of the base weights; set quantization=null")
     sums = {key: torch.zeros_like(w, device="cpu") for key, w in weights.items()}
     params = list(weights.values())
     for p in params:

@@ -38,9 +38,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)
         self.lora_R = nn.Linear(rank, rank, bias=False) if latent else None
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        # A bitsandbytes 4-bit base (an nn.Linear subclass) stores packed uint8: its factors are fp32.
+        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
         for factor in (self.lora_A, self.lora_R, self.lora_B):
             if factor is not None:
-                factor.to(device=base.weight.device, dtype=base.weight.dtype)
+                factor.to(device=base.weight.device, dtype=dtype)
         self.reset_lora()
 
     @torch.no_grad()

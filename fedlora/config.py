@@ -25,6 +25,8 @@ PARTICIPATIONS = ("uniform", "bernoulli", "markov", "cyclic")
 WEIGHTINGS = ("samples", "uniform", "fedau")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+QUANTIZATIONS = (4,)
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -200,6 +202,16 @@ class RunConfig:
                                  check=POSITIVE)
     client_gpus: float = setting(0.0, "Ray GPUs per client, fractional (device=cuda)",
                                  check=NONNEGATIVE)
+    precision: str = setting("fp32", "fp32 | bf16: torch.autocast to bfloat16 around the "
+                             "clients' forward/backward and the server's evaluation (weights "
+                             "and optimiser state stay fp32; also runs on CPU)",
+                             choices=PRECISIONS)
+    grad_checkpointing: bool = setting(False, "recompute activations in the backward pass "
+                                       "(Hugging Face gradient checkpointing, non-reentrant): "
+                                       "less memory, about one more forward per step")
+    quantization: int | None = setting(None, "4: the base model's Linear weights in 4-bit NF4 "
+                                       "(bitsandbytes, device=cuda only; adapters stay fp32); "
+                                       "null: full precision", choices=QUANTIZATIONS)
     weighting: str = setting("samples", "client weights: samples (n_k / sum n) | uniform (1/K) | "
                              "fedau (omega_k / N)", choices=WEIGHTINGS)
     server_lr: float = setting(1.0, "eta in x <- x + eta sum_k c_k (x_k - x)", check=POSITIVE)
@@ -230,7 +242,9 @@ class RunConfig:
     def model_spec(self, num_labels: int) -> ModelSpec:
         return ModelSpec(name=self.model, num_labels=num_labels, task=self.task, rank=self.rank,
                          alpha=self.alpha, targets=self.targets,
-                         latent=get_method(self.strategy).server.latent, init_seed=self.seed)
+                         latent=get_method(self.strategy).server.latent, init_seed=self.seed,
+                         precision=self.precision, grad_checkpointing=self.grad_checkpointing,
+                         quantization=self.quantization)
 
     def task_spec(self) -> Task:
         """The task of this run with its data and evaluation settings (``fedlora.tasks``)."""
@@ -308,6 +322,7 @@ class RunConfig:
         if self.client_gpus > 0 and self.device != "cuda":
             raise ConfigError(f"client_gpus={self.client_gpus} needs device=cuda; set device=cuda "
                               "or client_gpus=0")
+        self._check_gpu_settings()
         if self.dp.client_level and self.participation.name != "uniform":
             raise ConfigError(f"dp.mode=client samples each client with probability "
                               f"clients_per_round/clients (the accounting needs it), so "
@@ -320,6 +335,39 @@ class RunConfig:
             raise ConfigError(f"min_clients={self.min_clients} exceeds clients_per_round="
                               f"{self.clients_per_round}; set min_clients <= {self.clients_per_round}")
         return self
+
+    def _check_gpu_settings(self) -> None:
+        """Precision, checkpointing and quantisation against the device, DP and the method."""
+        if self.dp.record_level and self.precision != "fp32":
+            raise ConfigError(f"precision={self.precision} is not supported with record-level DP "
+                              "(dp.epsilon: Opacus' per-example gradients run in fp32 here); set "
+                              "precision=fp32 or dp.mode=client")
+        if self.dp.record_level and self.grad_checkpointing:
+            raise ConfigError("grad_checkpointing=true with record-level DP (dp.epsilon): "
+                              "Opacus' hooks would see every recomputed forward twice; set "
+                              "grad_checkpointing=false or dp.mode=client")
+        if self.quantization is None:
+            return
+        import importlib.util
+
+        if self.device != "cuda":
+            raise ConfigError(f"quantization={self.quantization} loads the base weights through "
+                              "bitsandbytes, which needs a CUDA GPU; set device=cuda "
+                              "client_gpus=<share> on a GPU machine, or quantization=null")
+        from fedlora.strategies.base import FederatedLoRA  # imports this module: not at the top
+
+        server = get_method(self.strategy).server
+        if server.global_base_delta is not FederatedLoRA.global_base_delta:
+            raise ConfigError(f"quantization={self.quantization}: strategy={self.strategy} adds "
+                              "to the base weights, which are frozen 4-bit; set "
+                              "quantization=null or choose another strategy")
+        if self.export.merge:
+            raise ConfigError(f"quantization={self.quantization}: export.merge=true would fold "
+                              "the adapter into 4-bit base weights; set export.merge=false (the "
+                              "adapter folder applies to the full-precision base model)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"quantization={self.quantization} needs the bitsandbytes package; "
+                              "pip install bitsandbytes, or set quantization=null")
 
     @classmethod
     def from_saved(cls, saved: dict) -> "RunConfig":
@@ -401,6 +449,8 @@ def client_config(cfg: RunConfig, num_labels: int) -> dict:
             "latent": cfg.model_spec(num_labels).latent, "init-seed": cfg.seed,
             **to_record(cfg.data, "data."), **to_record(cfg.partition, "partition."),
             "seed": cfg.seed, "max-length": cfg.max_length, "device": cfg.device,
+            "precision": cfg.precision, "grad-checkpointing": int(cfg.grad_checkpointing),
+            "quantization": cfg.quantization or 0,
             "client-cpus": cfg.client_cpus, "local-steps": cfg.local_steps,
             "batch-size": cfg.batch_size, "lr": cfg.lr, "crash-prob": cfg.faults.crash_prob,
             **dp_client_config(cfg)}
@@ -445,7 +495,10 @@ def specs_from_client_config(record) -> tuple[ModelSpec, DataSpec]:
     targets = tuple(t for t in str(record["targets"]).split(",") if t)
     model = ModelSpec(name=record["model"], num_labels=int(record["num-labels"]),
                       task=str(record["task"]), rank=int(record["rank"]), alpha=float(record["alpha"]), targets=targets,
-                      latent=bool(record["latent"]), init_seed=int(record["init-seed"]))
+                      latent=bool(record["latent"]), init_seed=int(record["init-seed"]),
+                      precision=str(record.get("precision", "fp32")),
+                      grad_checkpointing=bool(int(record.get("grad-checkpointing", 0))),
+                      quantization=int(record.get("quantization", 0)) or None)
     return model, from_record(DataSpec, record, "data.")
 
 

@@ -11,6 +11,7 @@ Face model id or a local directory.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +41,40 @@ class ModelSpec:
     targets: tuple[str, ...] = ()  # empty: peft's default for the architecture
     latent: bool = False  # LoRA-SB's r x r matrix R between A and B
     init_seed: int = 0  # adapter and head init, identical on server and every client
+    precision: str = "fp32"  # fp32 | bf16 (autocast around forward/backward and evaluation)
+    grad_checkpointing: bool = False
+    quantization: int | None = None  # 4: bitsandbytes NF4 base weights (CUDA only)
+
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def pretrained_options(spec: ModelSpec) -> dict:
+    """The keyword arguments of a task's ``from_pretrained`` call (``Task.load_pretrained``):
+    fp32 weights, or, for ``quantization=4``, bitsandbytes' 4-bit NF4 Linear weights placed on
+    this process's CUDA device (a quantised model cannot be moved afterwards) with the rest
+    fp32. The compute dtype of the 4-bit matmuls follows ``precision``."""
+    options = {"dtype": torch.float32}
+    if spec.quantization is None:
+        return options
+    from transformers import BitsAndBytesConfig
+
+    compute = AUTOCAST_DTYPES[spec.precision] or torch.float32
+    options["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    options["device_map"] = {"": torch.cuda.current_device()}
+    return options
+
+
+def autocast(model: torch.nn.Module):
+    """The mixed-precision context of ``model``'s forward (and backward) passes: ``torch.autocast``
+    to the dtype ``build_model`` attached (``precision=bf16``), on the device the model lives
+    on; a no-op for fp32 or a model built elsewhere."""
+    dtype = getattr(model, "autocast_dtype", None)
+    if dtype is None:
+        return nullcontext()
+    device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def model_path(name: str) -> str:
@@ -104,8 +139,11 @@ class AdaptedModel:
         recording its initial adapter state and pretrained base weights."""
         bundle = cls(model, tokenizer, adapted, head_keys)
         bundle.initial_state = bundle.state(("A", "B", "R", "head"))
-        bundle.pretrained_base = {name: model.get_submodule(name).base.weight.detach().clone()
-                                  for name in adapted}
+        # A quantised (bitsandbytes 4-bit) base weight is packed integers: not kept, so that
+        # ``set_base_delta`` and the merged export refuse it instead of adding to it.
+        bases = {name: model.get_submodule(name).base.weight for name in adapted}
+        bundle.pretrained_base = {name: weight.detach().clone() for name, weight in bases.items()
+                                  if weight.is_floating_point()}
         bundle.set_trainable(("A", "B", "R", "head"))
         return bundle
 
@@ -136,6 +174,9 @@ class AdaptedModel:
         """Set each adapted layer's base weight to its pretrained value plus ``delta[layer]``
         (in the weight's own layout; layers not in ``delta``, or all for None, get W0 back)."""
         delta = delta or {}
+        if delta and len(self.pretrained_base) < len(self.adapted):
+            raise ConfigError("the base weights are quantised (quantization=4): a method that "
+                              "adds to them cannot run; set quantization=null")
         unknown = set(delta) - set(self.adapted)
         if unknown:
             raise KeyError(f"base deltas for layers that are not adapted: {sorted(unknown)[:3]}")
@@ -148,6 +189,12 @@ class AdaptedModel:
                 if name in delta:
                     weight.add_(delta[name].to(device=weight.device, dtype=weight.dtype))
         self.base_is_pretrained = not delta
+
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of each adapted layer's base weight, in ``adapted`` order (from the
+        Linear's features: a 4-bit weight tensor holds packed bytes, not that shape)."""
+        layers = [self.model.get_submodule(name).base for name in self.adapted]
+        return [(layer.out_features, layer.in_features) for layer in layers]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.model.state_dict().items()
@@ -173,8 +220,18 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
         raise ConfigError(f"model='{spec.name}' could not be loaded ({_first_line(error)}); "
                           "give a Hugging Face model id (needs network) or a local model directory"
                           ) from error
-    # Opacus issue 820: the model must be on its device before adapters are attached.
-    model.to(device)
+    # Opacus issue 820: the model must be on its device before adapters are attached (a 4-bit
+    # model was placed there by from_pretrained, and cannot be moved).
+    if spec.quantization is None:
+        model.to(device)
+    if spec.grad_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"grad_checkpointing=true: model '{spec.name}' "
+                              f"({type(model).__name__}) does not support gradient "
+                              "checkpointing; set grad_checkpointing=false")
+        # Non-reentrant: gradients reach the adapters although the layer inputs (frozen
+        # embeddings) do not require grad; the reentrant variant would give them none.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = spec.targets or default_targets(model.config)
     torch.manual_seed(spec.init_seed)  # A's init, identical wherever the model is built
     try:
@@ -184,6 +241,7 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
                           "to names of its Linear layers") from error
     bundle = AdaptedModel.from_adapted(model, tokenizer, adapted, head_keys)
     model.task_loss = get_task(spec.task).loss  # what clients train (fedlora.clients.train)
+    model.autocast_dtype = AUTOCAST_DTYPES[spec.precision]  # read by ``autocast(model)``
     BUILD_COUNT += 1
     return bundle
 

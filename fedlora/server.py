@@ -43,7 +43,7 @@ from fedlora.config import RunConfig, check_deployment, client_config, resolve_n
 from fedlora.data import client_partitions
 from fedlora.errors import ConfigError
 from fedlora.export import export_run
-from fedlora.models import AdaptedModel
+from fedlora.models import AdaptedModel, autocast
 from fedlora.participation import write_participation_csv
 from fedlora.results import ResultsWriter, build_summary, elapsed
 from fedlora.strategies import get_strategy
@@ -248,7 +248,8 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
         begin = time.time()
         bundle.set_base_delta(strategy.global_base_delta())
         bundle.load(arrays.to_torch_state_dict())
-        metrics = score()
+        with autocast(bundle.model):  # precision=bf16: the evaluation's forward passes too
+            metrics = score()
         progress.eval_seconds.append(time.time() - begin)
         return metrics
 
@@ -305,7 +306,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
     save_atomic({"adapter": arrays.to_torch_state_dict(),
                  "base_delta": strategy.global_base_delta()}, out / FINAL_ADAPTER)
     export_run(bundle, strategy, arrays.to_torch_state_dict(), out, cfg.export.merge)
-    layers = [tuple(bundle.model.get_submodule(name).base.weight.shape) for name in bundle.adapted]
+    layers = bundle.layer_shapes()
     head_params = sum(int(v.numel()) for k, v in bundle.state(("head",)).items())
     summary = build_summary(cfg, writer.rows, ledger, progress,
                             params_per_client_formula=expected_params(type(strategy), layers,
@@ -330,7 +331,7 @@ def prepare(cfg: RunConfig):
     # max_length is a one-line error now, not a failure in every worker later.
     task.training_examples(bundle.tokenizer, cfg.max_length)
     task.example_report(bundle.tokenizer, data, cfg.max_length)
-    smallest = min(min(bundle.model.get_submodule(n).base.weight.shape) for n in bundle.adapted)
+    smallest = min(min(shape) for shape in bundle.layer_shapes())
     if cfg.rank > smallest:
         raise ConfigError(f"rank={cfg.rank} exceeds the smallest adapted dimension ({smallest}); "
                           f"set rank <= {smallest}")

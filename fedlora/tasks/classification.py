@@ -211,10 +211,13 @@ class Classification(Task):
     def load_pretrained(cls, path: str, spec) -> tuple:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from fedlora.models import pretrained_options
+
         tokenizer = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(spec.init_seed)  # the new head's init
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=spec.num_labels, dtype=torch.float32, output_loading_info=True)
+            path, num_labels=spec.num_labels, output_loading_info=True,
+            **pretrained_options(spec))
         if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) ship without one
             tokenizer.pad_token = tokenizer.eos_token
             model.config.pad_token_id = tokenizer.pad_token_id

@@ -576,9 +576,11 @@ class Generation(Task):
     def load_pretrained(cls, path: str, spec) -> tuple:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from fedlora.models import pretrained_options
+
         _causal_lm_or_error(path, spec.name, cls.name)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, **pretrained_options(spec))
         if tokenizer.pad_token is None:  # padded positions are masked: any id will do
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
