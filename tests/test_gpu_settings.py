@@ -1,0 +1,173 @@
+"""The GPU-related settings on a CPU: precision=bf16 autocast, gradient checkpointing, and the
+refusals of quantization=4 (bitsandbytes, CUDA only). The GPU runs themselves are in
+tests/test_gpu.py (marked ``gpu``, skipped without CUDA)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fedlora.adapters import LoRALinear, lora_layers
+from fedlora.clients.train import base_gradient_sum, client_update
+from fedlora.config import RunConfig, client_config, specs_from_client_config
+from fedlora.errors import ConfigError
+from fedlora.models import AdaptedModel, ModelSpec, build_model
+from fedlora.server import prepare, run_server
+from tests.test_generation_federation import (CLIENTS, ROUNDS, ClientAppGrid, llama_folder,  # noqa: F401
+                                              sft_config, sft_data)
+
+
+def sft_batch(bundle, sft_data, count: int = 3) -> dict:  # noqa: F811
+    """The first ``count`` training examples of the tiny SFT data, collated as clients do."""
+    from fedlora.data import DataSpec
+    from fedlora.tasks import make_task
+
+    task = make_task("sft", DataSpec(path=str(sft_data)))
+    return task.training_examples(bundle.tokenizer, 48).collate(list(range(count)))
+
+
+def tiny_bundle(llama_folder, **spec) -> AdaptedModel:  # noqa: F811
+    """The tiny Llama with q_proj/v_proj adapters and a non-zero B (else B's gradient alone
+    would be tested: A's is zero while B = 0)."""
+    bundle = build_model(ModelSpec(name=str(llama_folder), task="sft", rank=4, alpha=8.0,
+                                   targets=("q_proj", "v_proj"), **spec))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora_layers(bundle.model).values():
+            layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=gen))
+    return bundle
+
+
+def adapter_gradients(bundle, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    bundle.model.train()
+    loss = bundle.model.task_loss(bundle.model, batch, "mean")
+    loss.backward()
+    return loss.item(), {k: p.grad.clone() for k, p in bundle.model.named_parameters()
+                         if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- checkpointing
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(llama_folder, sft_data):  # noqa: F811
+    # Prepare: the same model and batch, built with and without checkpointing
+    plain = tiny_bundle(llama_folder)
+    checkpointed = tiny_bundle(llama_folder, grad_checkpointing=True)
+    batch = sft_batch(plain, sft_data)
+    # Execute
+    loss_plain, grads_plain = adapter_gradients(plain, batch)
+    loss_ckpt, grads_ckpt = adapter_gradients(checkpointed, batch)
+    # Assert: checkpointing is on, every A and B gets a non-zero gradient, equal to ~1e-6
+    assert checkpointed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    assert sorted(grads_ckpt) == sorted(grads_plain) and len(grads_plain) == 2 * 2 * 2
+    assert loss_ckpt == pytest.approx(loss_plain, abs=1e-6)
+    for key, grad in grads_plain.items():
+        assert grad.abs().max() > 0, key
+        torch.testing.assert_close(grads_ckpt[key], grad, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bf16 autocast
+
+
+def test_bf16_autocast_on_cpu_trains_in_bfloat16_with_a_loss_close_to_fp32(llama_folder,  # noqa: F811
+                                                                          sft_data):  # noqa: F811
+    # Prepare: fp32 and bf16 bundles from the same weights, and what dtype q_proj computes in
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        bundle = tiny_bundle(llama_folder, precision=precision)
+        seen = []
+        layer = bundle.model.get_submodule(bundle.adapted[0])
+        layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        trainable = bundle.set_trainable(("A", "B"))
+        batch = sft_batch(bundle, sft_data)
+        # Execute: two AdamW steps on the same batch
+        metrics = client_update(bundle.model, trainable, [batch, batch], lr=1e-3)
+        runs[precision] = (metrics, seen, trainable)
+    # Assert: bf16 ran its matmuls in bfloat16, kept fp32 weights, and lost < 2 % in the loss
+    (fp32, seen32, _), (bf16, seen16, params16) = runs["fp32"], runs["bf16"]
+    assert set(seen32) == {torch.float32} and set(seen16) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in params16)
+    assert bf16["train_loss"] != fp32["train_loss"]
+    assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=2e-2)
+
+
+def test_bf16_and_checkpointing_through_the_server_loop_and_the_client_app(llama_folder, sft_data,  # noqa: F811
+                                                                         tmp_path, flower_task):
+    # Prepare: the generative federation of the task tests, in bf16 with checkpointing
+    cfg = sft_config("fedavg", llama_folder, sft_data, precision="bf16", grad_checkpointing=True)
+    data, bundle = prepare(cfg)
+    # Execute
+    summary = run_server(ClientAppGrid(CLIENTS), cfg, tmp_path, bundle, data)
+    # Assert: every round trained and was scored, the settings reached the clients' model
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["clients_trained"] for r in rows[1:]] == [CLIENTS] * ROUNDS
+    assert all(r["train_loss"] > 0 and r["eval_loss"] > 0 for r in rows[1:])
+    assert summary["final_eval_loss"] == rows[-1]["eval_loss"]
+    spec, _ = specs_from_client_config(client_config(cfg, 1))
+    assert (spec.precision, spec.grad_checkpointing, spec.quantization) == ("bf16", True, None)
+    assert bundle.model.autocast_dtype is torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- refusals
+
+CUDA = {"device": "cuda", "client_gpus": 0.25}
+REFUSED = {
+    "4-bit on cpu": ({"quantization": 4}, ["quantization=4", "needs a CUDA GPU",
+                                           "or quantization=null"]),
+    "4-bit with a method that moves the base": (
+        {"quantization": 4, "strategy": "fedex", **CUDA},
+        ["quantization=4: strategy=fedex adds to the base weights", "quantization=null"]),
+    "4-bit with a merged export": ({"quantization": 4, "export": {"merge": True}, **CUDA},
+                                   ["export.merge=true would fold", "set export.merge=false"]),
+    "8-bit": ({"quantization": 8}, ["quantization '8' is unknown", "choose one of: 4"]),
+    "fp16": ({"precision": "fp16"}, ["precision 'fp16' is unknown", "fp32, bf16"]),
+    "bf16 with DP-SGD": ({"precision": "bf16", "dp": {"epsilon": 8}},
+                         ["precision=bf16 is not supported with record-level DP",
+                          "set precision=fp32 or dp.mode=client"]),
+    "checkpointing with DP-SGD": ({"grad_checkpointing": True, "dp": {"epsilon": 8}},
+                                  ["grad_checkpointing=true with record-level DP",
+                                   "grad_checkpointing=false"]),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_gpu_settings_that_cannot_work_are_one_line_config_errors(case):
+    raw, expected = REFUSED[case]
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict(raw)
+    message = str(error.value)
+    assert "\n" not in message
+    for text in expected:
+        assert text in message
+
+
+def test_4bit_without_bitsandbytes_names_the_package():
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(ConfigError, match=r"quantization=4 needs the bitsandbytes package; pip "
+                                          r"install bitsandbytes"):
+        RunConfig.from_dict({"quantization": 4, **CUDA})
+
+
+def test_a_packed_base_weight_is_refused_by_base_deltas_and_base_gradients():
+    # Prepare: a model whose second adapted layer has a packed uint8 weight, as bitsandbytes'
+    # Linear4bit holds it (its Linear features say the real shape)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    model[1].weight = nn.Parameter(torch.zeros(10, 1, dtype=torch.uint8), requires_grad=False)
+    model[0], model[1] = LoRALinear(model[0], 2, 4.0, False), LoRALinear(model[1], 2, 4.0, False)
+    # Execute
+    bundle = AdaptedModel.from_adapted(model, None, ["0", "1"], frozenset())
+    # Assert: fp32 factors for the packed layer, real shapes, no stored base, clear refusals
+    assert model[1].lora_A.weight.dtype == torch.float32
+    assert bundle.layer_shapes() == [(5, 6), (4, 5)]
+    assert list(bundle.pretrained_base) == ["0"]
+    bundle.set_base_delta(None)  # nothing to add: fine
+    with pytest.raises(ConfigError, match=r"quantised \(quantization=4\).*set quantization=null"):
+        bundle.set_base_delta({"0": torch.ones(5, 6)})
+    with pytest.raises(ValueError, match=r"1.weight is quantised \(quantization=4\)"):
+        base_gradient_sum(model, {"1.weight": model[1].base.weight}, [])
