@@ -231,7 +231,11 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
                               "checkpointing; set grad_checkpointing=false")
         # Non-reentrant: gradients reach the adapters although the layer inputs (frozen
         # embeddings) do not require grad; the reentrant variant would give them none.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     targets = spec.targets or default_targets(model.config)
     torch.manual_seed(spec.init_seed)  # A's init, identical wherever the model is built
     try:

@@ -128,6 +128,9 @@ CASES = {
     "model absolute path missing": ({}, ["model={tmp}/no-such-model"],
                                     ["model='{tmp}/no-such-model' could not be loaded: no such directory",
                                      "Hugging Face model id"]),
+    "4-bit base weights on cpu": ({}, ["quantization=4"],
+                                  ["quantization=4 loads the base weights through bitsandbytes, "
+                                   "which needs a CUDA GPU", "or quantization=null"]),
     "model relative path missing": ({}, ["model=./no-such-model"],
                                     ["model='./no-such-model' could not be loaded: no such directory",
                                      "local model directory"]),
