@@ -22,9 +22,9 @@ from fedlora.adapters import inject_lora, lora_layers, part_of, split_residual_k
 from fedlora.clients.app import full_adapter_state
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig
-from fedlora.data import Batches, TextDataset, TextSplit
+from fedlora.tasks.classification import Batches, TextDataset, TextSplit, evaluate
 from fedlora.export import ADAPTER_DIR, ADAPTER_WEIGHTS, MERGED_DIR, export_run, target_modules
-from fedlora.models import AdaptedModel, build_model, evaluate, model_path
+from fedlora.models import AdaptedModel, build_model, model_path
 from fedlora.server import run_server
 from fedlora.strategies import get_strategy
 from tests.federation import parts, reply
