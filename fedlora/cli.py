@@ -157,6 +157,20 @@ def keys_markdown() -> str:
         lines += rows(settings_class, f"{name}.")
     lines += ["| `out` | `null` | the results directory; null: outputs/<date-time>-<strategy> |",
               "| `resume` | `null` | a run directory: continue its killed run from its checkpoint |"]
+    return "\n".join(lines) + "\n\n" + task_defaults_markdown()
+
+
+def task_defaults_markdown() -> str:
+    """What the keys left null take for each task (its class attributes, ``fedlora.tasks``)."""
+    from fedlora.tasks import tasks
+
+    sized = ["rounds", "local_steps", "batch_size", "eval_every", "clients_per_round"]
+    lines = ["| task | model | max_length | " + " | ".join(sized) + " |",
+             "|---" * (3 + len(sized)) + "|"]
+    for name, task_class in tasks().items():
+        run = task_class.run_defaults
+        lines.append(f"| `{name}` | `{task_class.default_model}` | {task_class.default_max_length} | "
+                     + " | ".join(str(run[key]) for key in sized) + " |")
     return "\n".join(lines)
 
 

@@ -184,9 +184,12 @@ class RunConfig:
     clients: int = setting(100, "total clients (Flower SuperNodes)", check=POSITIVE)
     clients_per_round: int | None = setting(None, "clients sampled per round; null: min(10, "
                                             "clients)", check=POSITIVE)
-    rounds: int = setting(25, "training rounds", check=POSITIVE)
-    local_steps: int = setting(8, "optimiser steps per client per round", check=POSITIVE)
-    batch_size: int = setting(16, "examples per local step", check=POSITIVE)
+    rounds: int | None = setting(None, "training rounds; null: the task's default "
+                                 "(docs/configuration.md)", check=POSITIVE)
+    local_steps: int | None = setting(None, "optimiser steps per client per round; null: the "
+                                      "task's default", check=POSITIVE)
+    batch_size: int | None = setting(None, "examples per local step; null: the task's default",
+                                     check=POSITIVE)
     lr: float | None = setting(None, "client AdamW learning rate; null: the method's default",
                                check=POSITIVE)
     lr_schedule: str = setting("cosine", "cosine: decays over rounds to 0.1 lr in the last round "
@@ -195,7 +198,8 @@ class RunConfig:
                                      "null: the task's default (classification 32, generation "
                                      "192)", check=POSITIVE)
     seed: int = setting(0, "seed of sampling, partitions and initialisation")
-    eval_every: int = setting(1, "server-side evaluation every this many rounds (and the last)",
+    eval_every: int | None = setting(None, "server-side evaluation every this many rounds (and "
+                                     "the last); null: the task's default",
                               check=POSITIVE)
     device: str = setting("cpu", "cpu | cuda", choices=DEVICES)
     client_cpus: float = setting(1.0, "Ray CPUs per client (also torch threads per client)",
@@ -295,20 +299,25 @@ class RunConfig:
         task_class = get_task(str(task))
         cfg = parse_section(cls, top, "", replace={**nested, "strategy": strategy,
                                                      "task": task_class.name})
+        sized = task_class.run_defaults  # what one run of this task costs on 2 CPU cores
         cfg = replace(cfg, model=cfg.model or task_class.default_model,
-                      max_length=cfg.max_length or task_class.default_max_length)
+                      max_length=cfg.max_length or task_class.default_max_length,
+                      rounds=cfg.rounds or sized["rounds"],
+                      local_steps=cfg.local_steps or sized["local_steps"],
+                      batch_size=cfg.batch_size or sized["batch_size"],
+                      eval_every=cfg.eval_every or sized["eval_every"],
+                      clients_per_round=cfg.clients_per_round or min(sized["clients_per_round"],
+                                                                     cfg.clients))
         cfg.task_spec().check()
         return cfg._with_method_defaults(method.server.defaults)._checked()
 
     def _with_method_defaults(self, defaults: dict) -> "RunConfig":
-        """Rank, alpha, lr and clients_per_round left null take the method's defaults."""
+        """Rank, alpha and lr left null take the method's defaults."""
         rank = defaults["rank"] if self.rank is None else self.rank
         return replace(self, rank=rank,
                        alpha=float(defaults["alpha_per_rank"] * rank) if self.alpha is None
                        else self.alpha,
-                       lr=defaults["lr"] if self.lr is None else self.lr,
-                       clients_per_round=min(10, self.clients) if self.clients_per_round is None
-                       else self.clients_per_round)
+                       lr=defaults["lr"] if self.lr is None else self.lr)
 
     def _checked(self) -> "RunConfig":
         """The rules that relate several keys."""
@@ -354,10 +363,7 @@ class RunConfig:
             raise ConfigError(f"quantization={self.quantization} loads the base weights through "
                               "bitsandbytes, which needs a CUDA GPU; set device=cuda "
                               "client_gpus=<share> on a GPU machine, or quantization=null")
-        from fedlora.strategies.base import FederatedLoRA  # imports this module: not at the top
-
-        server = get_method(self.strategy).server
-        if server.global_base_delta is not FederatedLoRA.global_base_delta:
+        if get_method(self.strategy).server.moves_base_weights:
             raise ConfigError(f"quantization={self.quantization}: strategy={self.strategy} adds "
                               "to the base weights, which are frozen 4-bit; set "
                               "quantization=null or choose another strategy")

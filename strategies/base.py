@@ -172,6 +172,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
     kept_parts: frozenset[str] = frozenset()  # parts a client keeps between rounds (Context.state)
     keeps_node_state = property(lambda self: bool(self.kept_parts))  # FedEx: also its base delta
     seeded_parts: frozenset[str] = frozenset()  # parts a client rebuilds from the shared init seed
+    moves_base_weights: bool = False  # the method adds to W0 (``global_base_delta``)
     # Defaults for keys left null in the config: rank, LoRA scale alpha/rank, client lr.
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-3}
 

@@ -46,6 +46,7 @@ class FedEx(FedIT):
 
     exact = True
     keeps_node_state = True  # each node's base delta (the residuals it added), in Context.state
+    moves_base_weights = True  # W0 + the residuals (``global_base_delta``)
 
     @staticmethod
     def params_down(m: int, n: int, rank: int) -> int:

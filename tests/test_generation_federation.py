@@ -78,7 +78,7 @@ def sft_config(strategy: str, llama_folder, sft_data, **overrides) -> RunConfig:
     return RunConfig.from_dict({"task": "sft", "strategy": strategy, "model": str(llama_folder),
                                 "data": {"path": str(sft_data)}, "clients": CLIENTS,
                                 "clients_per_round": CLIENTS, "rounds": ROUNDS, "local_steps": 1,
-                                "batch_size": 2, "rank": RANK, "max_length": 48,
+                                "batch_size": 2, "rank": RANK, "max_length": 48, "eval_every": 1,
                                 "eval": {"max_examples": 2, "max_new_tokens": 3},
                                 "fedsb": {"init_samples": 3}, **overrides})
 

@@ -21,8 +21,9 @@ Hooks (see ``Task``):
   ``check``                rules relating the task to other keys (one-line ``ConfigError``)
   ``check_model``          a cheap look at the model folder before any worker starts
 
-Class attributes: ``default_model``, ``default_max_length`` (``model: null`` / ``max_length:
-null`` take them), and ``metrics``: the row keys of the evaluation, (primary metric, held-out
+Class attributes: ``default_model``, ``default_max_length``, ``run_defaults`` (``model``,
+``max_length``, ``rounds``, ``local_steps``, ``batch_size``, ``eval_every``,
+``clients_per_round`` left null take them), and ``metrics``: the row keys of the evaluation, (primary metric, held-out
 loss), e.g. ``("accuracy", "loss")`` or ``("exact_match", "eval_loss")``.
 """
 
@@ -55,7 +56,8 @@ class EvalSpec:
                                   "is the answer")
     max_examples: int | None = setting(None, "generative tasks: score only the first N test "
                                        "examples, a fixed subset (greedy generation takes 2-5 s "
-                                       "per prompt on a CPU); null: all", check=POSITIVE)
+                                       "per prompt on a CPU); null: the task's (arithmetic: 50; "
+                                       "others: all)", check=POSITIVE)
     batch_size: int = setting(16, "generative tasks: prompts per generation batch",
                               check=POSITIVE)
 
@@ -72,6 +74,10 @@ class Task:
     name: ClassVar[str] = ""  # set by register_task
     default_model: ClassVar[str] = ""
     default_max_length: ClassVar[int] = 32
+    # Run sizes that null keys take: a run of the task's embedded default fits a few minutes
+    # on 2 CPU cores (clients_per_round: at most this many, and at most clients).
+    run_defaults: ClassVar[dict] = {"rounds": 25, "local_steps": 8, "batch_size": 16,
+                                    "eval_every": 1, "clients_per_round": 10}
     metrics: ClassVar[tuple[str, str]] = ("accuracy", "loss")  # (primary, held-out loss)
 
     @property
