@@ -13,7 +13,7 @@ import pytest
 
 from fedlora.adapters import part_of
 from fedlora.config import check_deployment
-from fedlora.data import load_dataset
+from fedlora.tasks.classification import load_dataset
 from fedlora.errors import ConfigError
 from fedlora.server import run_server
 from tests.dp_round_trip import DPFederation, dp_config
