@@ -17,6 +17,7 @@ from pathlib import Path
 from fedlora.checkpoint import check_checkpoint
 from fedlora.config import RunConfig, hydra_tree
 from fedlora.errors import ConfigError
+from fedlora.settings import flatten
 
 CONF_DIR = Path(__file__).parent / "conf"
 GENERATED_CONFIG = "fedlora_keys"  # the ConfigStore name config.yaml's defaults list includes
@@ -50,16 +51,6 @@ def compose_config(overrides: list[str]) -> dict:
         return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
 
 
-def _paths(tree: dict, prefix: str = "") -> set[str]:
-    """Every dotted key path of a nested config dict."""
-    paths = set()
-    for key, value in tree.items():
-        paths.add(prefix + key)
-        if isinstance(value, dict):
-            paths |= _paths(value, prefix + key + ".")
-    return paths
-
-
 def preset_groups() -> dict[str, list[str]]:
     """The named presets: ``{group: [option, ...]}`` from fedlora/conf's sub-folders."""
     return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
@@ -68,7 +59,7 @@ def preset_groups() -> dict[str, list[str]]:
 
 def check_command_line(argv: list[str]) -> None:
     """Reject unknown keys and preset choices before Hydra (whose errors are multi-line)."""
-    keys = _paths(hydra_tree()) | {"out", "resume"}
+    keys = set(flatten(hydra_tree())) | {"out", "resume"}
     groups = preset_groups()
     for arg in argv:
         if arg.startswith(("-", "hydra.", "hydra/", "+", "~")) or "=" not in arg:
@@ -213,11 +204,7 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
 def run_config_table() -> str:
     """pyproject.toml's ``[tool.flwr.app.config]`` entries: every generated key, "" meaning its
     default (``python -m fedlora.cli run-config``)."""
-    def leaves(tree: dict, prefix: str = "") -> list[str]:
-        return [key for name, value in tree.items() for key in
-                (leaves(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name])]
-
-    return "\n".join(f'{key} = ""' for key in leaves(hydra_tree()))
+    return "\n".join(f'{key} = ""' for key in flatten(hydra_tree()))
 
 
 if __name__ == "__main__":

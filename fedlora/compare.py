@@ -30,6 +30,7 @@ import yaml
 from fedlora import plots
 from fedlora.errors import ConfigError
 from fedlora.results import human_bytes, primary_metric
+from fedlora.settings import flatten
 
 TARGET_FRACTION = 0.9  # default target: this share of the best final accuracy among the runs
 IGNORED_KEYS = ("seed", "out")  # config keys that do not make two runs different methods
@@ -120,17 +121,6 @@ def run_dirs(paths) -> list[Path]:
         inner = sorted(p.parent for p in path.glob("*/results.jsonl") if p.stat().st_size)
         found += inner if inner and not (path / "results.jsonl").exists() else [path]
     return found
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, prefix + key + "."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def group_runs(runs: list[Run], label_by=("strategy",)) -> dict[str, list[Run]]:

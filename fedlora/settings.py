@@ -132,3 +132,27 @@ def parse_section(settings_class, raw, section: str, replace: dict | None = None
         check_value(value, f.metadata, key)
         values[f.name] = value
     return settings_class(**values)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a nested config as its dotted leaf keys (the
+    command line's and Flower's run config's spelling)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def unflatten(flat: dict) -> dict:
+    """``flatten``'s inverse: ``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    nested: dict = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested

@@ -11,6 +11,7 @@ from flwr.serverapp import ServerApp
 from flwr.common.config import flatten_dict
 
 from fedlora.config import RunConfig, hydra_tree
+from fedlora.settings import flatten
 from fedlora.server import config_from_run_config
 
 ROOT = Path(__file__).parents[1]
@@ -30,18 +31,13 @@ def test_pyproject_components_are_flower_apps():
     assert cfg == RunConfig.from_dict({})
 
 
-def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
-    return [key for name, value in tree.items() for key in
-            (leaf_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name])]
-
-
 def test_pyproject_run_config_lists_exactly_the_generated_keys_without_defaults():
     # Prepare: Flower only accepts --run-config keys that pyproject declares
     table = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
 
     # Assert: every key of the command line (methods' sections included), and no default
     # written twice (each lives in its settings dataclass)
-    assert set(table) == set(leaf_keys(hydra_tree()))
+    assert set(table) == set(flatten(hydra_tree()))
     assert set(table.values()) == {""}
 
 
