@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import time
 import warnings
 
@@ -28,19 +27,11 @@ import torch
 def step_seconds(strategy: str, steps: int, batch_size: int, max_length: int) -> dict:
     from opacus import GradSampleModule
 
-    from fedlora.config import RunConfig
-    from fedlora.tasks.classification import Batches, load_dataset
+    from default_batches import default_model_and_batches
     from fedlora.dp_random import NodeSecret, make_dp_optimizer, secret_torch_generator
-    from fedlora.models import build_model
-    from fedlora.strategies import get_strategy
 
-    cfg = RunConfig.from_dict({"strategy": strategy, "batch_size": batch_size,
-                               "max_length": max_length})
-    data = load_dataset(cfg.data)
-    bundle = build_model(cfg.model_spec(data.num_labels))
-    train = Batches(bundle.tokenizer, data.train.texts, data.train.labels, cfg.max_length)
-    batches = list(train.sample_steps(list(range(len(train))), batch_size, steps, random.Random(0)))
-    trained = get_strategy(strategy).trained_parts
+    cfg, bundle, batches, trained = default_model_and_batches(strategy, steps, batch_size,
+                                                              max_length)
     secret = NodeSecret.generate()
 
     def run(secure_mode: bool, counter: int) -> float:

@@ -15,30 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import time
 
 import torch
 
 
 def step_seconds(strategy: str, steps: int, batch_size: int, max_length: int) -> dict:
+    from default_batches import default_model_and_batches
     from fedlora.clients.dp import ClientPrivacy
     from fedlora.clients.train import client_update
-    from fedlora.config import RunConfig
-    from fedlora.tasks.classification import Batches, load_dataset
-    from fedlora.models import build_model
-    from fedlora.strategies import get_strategy
 
-    cfg = RunConfig.from_dict({"strategy": strategy, "batch_size": batch_size,
-                               "max_length": max_length})
-    data = load_dataset(cfg.data)
-    bundle = build_model(cfg.model_spec(data.num_labels))
-    train = Batches(bundle.tokenizer, data.train.texts, data.train.labels, cfg.max_length)
-    batches = list(train.sample_steps(list(range(len(train))), batch_size, steps, random.Random(0)))
+    cfg, bundle, batches, trained = default_model_and_batches(strategy, steps, batch_size,
+                                                              max_length)
     privacy = ClientPrivacy(target_epsilon=8.0, delta=1e-5, clip=1.0, accountant="rdp",
                             noise_multiplier=1.0, sample_rate=batch_size / 15, batch_size=batch_size,
                             noise_generator=torch.Generator().manual_seed(0))
-    trained = get_strategy(strategy).trained_parts
     timings = {}
     for label, setting in (("warm-up", None), ("plain", None), ("dp", privacy), ("plain2", None),
                            ("dp2", privacy)):
