@@ -193,17 +193,17 @@ def empty_step(optimizer, trainable: list[torch.nn.Parameter]) -> None:
 def private_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter], batches,
                          indices, clip: float, noise_multiplier: float,
                          generator: torch.Generator, secure_mode: bool = False,
-                         device: str = "cpu") -> dict[str, torch.Tensor]:
+                         device: str = "cpu", loss=None) -> dict[str, torch.Tensor]:
     """``base_gradient_sum``'s DP release: ``sum_i clip_C(grad_W loss_i) + N(0, (sigma C)^2)``
     for each base weight W, with each example's gradient clipped jointly over all W.
 
     Example by example (a batch of one is exact: eval mode, no padding); a set-up step touches
     each client's data once, so per-example loops cost little. The noise comes from
     ``generator`` (a CPU one: the sums are on the CPU), Opacus' 2n-sample draw with
-    ``secure_mode``."""
+    ``secure_mode``. ``loss``: the task's (``base_gradient_sum``'s default otherwise)."""
     sums = {key: torch.zeros_like(w, device="cpu") for key, w in weights.items()}
     for index in indices:
-        grads = base_gradient_sum(model, weights, [batches.collate([index])], device)
+        grads = base_gradient_sum(model, weights, [batches.collate([index])], device, loss=loss)
         norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values())).item()
         factor = min(1.0, clip / (norm + 1e-6))
         for key, grad in grads.items():

@@ -145,7 +145,7 @@ class FedSBClient(ClientHooks):
             chosen = node.rng.sample(list(node.indices), min(share, len(node.indices)))
             grads = base_gradient_sum(bundle.model, weights,
                                       node.batches.epoch(chosen, int(node.config["batch-size"])),
-                                      node.device)
+                                      node.device, loss=node.task.loss)
             return grads, {"num-examples": len(chosen)}
         rate = min(1.0, share / len(node.indices))
         sampler = privacy.rng("init-poisson", node, context.state)
@@ -153,7 +153,7 @@ class FedSBClient(ClientHooks):
         grads = private_gradient_sum(bundle.model, weights, node.batches, chosen, privacy.clip,
                                      privacy.noise_multiplier,
                                      privacy.rng("init-noise", node, context.state),
-                                     privacy.secure_rng, node.device)
+                                     privacy.secure_rng, node.device, loss=node.task.loss)
         privacy.spend(1, context.state, "init", int(node.config.get("server-round", 0)), rate=rate)
         # The Poisson sample's size is private: report the expected one.
         return grads, {**privacy.metrics(), "num-examples": share}
