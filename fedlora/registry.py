@@ -19,6 +19,7 @@ import cycle with the modules a strategy itself imports.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
 
 from fedlora.errors import ConfigError
@@ -36,30 +37,59 @@ class Method:
     client: type | None = None  # a ``fedlora.clients.hooks.ClientHooks`` subclass; None: generic
 
 
-_METHODS: dict[str, Method] = {}
-_discovered = False
+class Plugins:
+    """Named plugins of one kind (methods, tasks) that register themselves from the modules of
+    one package, imported on first use (plugin discovery, as peft's tuner registry)."""
+
+    def __init__(self, kind: str, package: str):
+        self.kind, self.package = kind, package
+        self.registered: dict[str, object] = {}
+        self.discovered = False
+
+    def add(self, name: str, plugin) -> None:
+        """Register ``plugin`` as ``name`` (lower-case letters and digits, not taken yet)."""
+        if not name or not name.isalnum() or name != name.lower():
+            raise ValueError(f"{self.kind} name '{name}' must be lower-case letters and digits")
+        if name in self.registered:
+            raise ValueError(f"{self.kind} name '{name}' is already registered")
+        self.registered[name] = plugin
+
+    def all(self) -> dict:
+        """Every registered plugin by name, in alphabetical order."""
+        if not self.discovered:
+            self.discovered = True
+            package = importlib.import_module(self.package)
+            for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+                importlib.import_module(f"{self.package}.{module}")  # each registers itself
+        return dict(sorted(self.registered.items()))
+
+    def get(self, name: str):
+        """The plugin registered as ``name``; a one-line ``ConfigError`` naming the choices."""
+        registered = self.all()
+        if name not in registered:
+            raise ConfigError(f"{self.kind} '{name}' is unknown; choose one of: "
+                              f"{', '.join(registered)}")
+        return registered[name]
+
+
+_METHODS = Plugins("strategy", STRATEGY_PACKAGE)
 
 
 def register_strategy(name: str, server: type, settings: type | None = None,
                       client: type | None = None) -> Method:
     """Register a method under ``name`` (lower-case letters and digits, not taken yet)."""
-    if not name or not name.isalnum() or name != name.lower():
-        raise ValueError(f"strategy name '{name}' must be lower-case letters and digits")
-    if name in _METHODS and _METHODS[name].server is not server:
-        raise ValueError(f"strategy name '{name}' is already registered")
+    known = _METHODS.registered.get(name)
+    if known is not None and known.server is server:
+        return known  # its module imported twice (e.g. under another name): nothing new
     method = Method(name, server, settings, client)
+    _METHODS.add(name, method)
     server.name = name
-    _METHODS[name] = method
     return method
 
 
 def methods() -> dict[str, Method]:
     """Every registered method by name, in alphabetical order."""
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        importlib.import_module(STRATEGY_PACKAGE)  # each method module registers itself
-    return dict(sorted(_METHODS.items()))
+    return _METHODS.all()
 
 
 def default_strategy() -> str:
@@ -71,7 +101,4 @@ def default_strategy() -> str:
 
 def get_method(name: str) -> Method:
     """The method registered as ``name``; a one-line ``ConfigError`` naming the choices if none."""
-    registered = methods()
-    if name not in registered:
-        raise ConfigError(f"strategy '{name}' is unknown; choose one of: {', '.join(registered)}")
-    return registered[name]
+    return _METHODS.get(name)

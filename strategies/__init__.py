@@ -1,20 +1,15 @@
 """Server strategies, one file per method, each registering itself (``fedlora.registry``).
 
 Adding a method: one file here whose last line is ``register_strategy("<name>", Server,
-Settings, client=ClientHooks)``. This package imports every module in it, so the new file is
-found with no other edit; ``fedlora.registry.methods()`` lists what registered.
+Settings, client=ClientHooks)``. The registry imports every module of this package on first
+use (``fedlora.registry.Plugins``), so the new file is found with no other edit.
 """
-
-import importlib
-import pkgutil
 
 from fedlora.registry import get_method, methods
 from fedlora.strategies.base import FederatedLoRA
 
-for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    importlib.import_module(f"{__name__}.{_module}")
-
 DEFAULT_STRATEGY = "fedsb"  # what `python -m fedlora.simulate` runs without strategy=
+# Built after DEFAULT_STRATEGY: listing the methods imports this package's modules.
 STRATEGIES: dict[str, type[FederatedLoRA]] = {name: m.server for name, m in methods().items()}
 
 

@@ -29,14 +29,12 @@ loss), e.g. ``("accuracy", "loss")`` or ``("exact_match", "eval_loss")``.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, ClassVar
 
 from fedlora.data import DataSpec
-from fedlora.errors import ConfigError
+from fedlora.registry import Plugins
 from fedlora.settings import POSITIVE, setting
 
 ANSWER_RULES = ("last_number", "text", "regex")
@@ -143,41 +141,27 @@ def _cached_dataset(task: Task):
     return task.load()
 
 
-_TASKS: dict[str, type] = {}
-_discovered = False
+_TASKS = Plugins("task", __name__)
 
 
 def register_task(name: str, task_class: type) -> type:
     """Register ``task_class`` under ``name`` (lower-case letters and digits, not taken yet).
     One class may serve several names (``topic`` and ``classification``): it is subclassed
     so that each name has its own class."""
-    if not name or not name.isalnum() or name != name.lower():
-        raise ValueError(f"task name '{name}' must be lower-case letters and digits")
-    if name in _TASKS:
-        raise ValueError(f"task name '{name}' is already registered")
     named = type(task_class.__name__, (task_class,), {"name": name,
                                                       "__module__": task_class.__module__})
-    named = dataclass(frozen=True)(named)
-    _TASKS[name] = named
-    return named
+    _TASKS.add(name, dataclass(frozen=True)(named))
+    return _TASKS.registered[name]
 
 
 def tasks() -> dict[str, type]:
     """Every registered task by name (the modules of this package register themselves)."""
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-            importlib.import_module(f"{__name__}.{module}")
-    return dict(sorted(_TASKS.items()))
+    return _TASKS.all()
 
 
 def get_task(name: str) -> type:
     """The task class registered as ``name``; a one-line ``ConfigError`` naming the choices."""
-    registered = tasks()
-    if name not in registered:
-        raise ConfigError(f"task '{name}' is unknown; choose one of: {', '.join(registered)}")
-    return registered[name]
+    return _TASKS.get(name)
 
 
 def make_task(name: str, data: DataSpec | None = None, evaluation: EvalSpec | None = None) -> Task:
