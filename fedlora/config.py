@@ -182,8 +182,8 @@ class RunConfig:
     targets: tuple[str, ...] = setting((), "Linear layers to adapt; empty: peft's default for "
                                        "the architecture")
     clients: int = setting(100, "total clients (Flower SuperNodes)", check=POSITIVE)
-    clients_per_round: int | None = setting(None, "clients sampled per round; null: min(10, "
-                                            "clients)", check=POSITIVE)
+    clients_per_round: int | None = setting(None, "clients sampled per round; null: the "
+                                            "task's default, at most clients", check=POSITIVE)
     rounds: int | None = setting(None, "training rounds; null: the task's default "
                                  "(docs/configuration.md)", check=POSITIVE)
     local_steps: int | None = setting(None, "optimiser steps per client per round; null: the "
