@@ -90,3 +90,14 @@ def test_a_chat_that_does_not_end_with_the_assistant_is_a_one_line_error(tmp_pat
     with pytest.raises(ConfigError, match=r"d.jsonl' line 1: its messages a chat example must "
                                           r"end with an assistant message"):
         cfg.task_spec().dataset()
+
+
+def test_arithmetic_scores_a_fixed_subset_of_50_unless_eval_max_examples_says_otherwise():
+    # Prepare
+    default = RunConfig.from_dict({"task": "arithmetic"}).task_spec()
+    given = RunConfig.from_dict({"task": "arithmetic", "eval": {"max_examples": 7}}).task_spec()
+    test = default.dataset().test
+
+    # Execute / Assert: the first problems of the fixed test split, in order
+    assert [p for p, _ in default.scored(test)] == list(test.prompts[:50])
+    assert len(given.scored(test)) == 7

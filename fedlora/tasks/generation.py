@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -563,7 +563,7 @@ class Generation(Task):
     # of 2 clients x 8 steps, scored every 5 rounds, take ~5-10 min on 2 cores.
     run_defaults = {"rounds": 10, "local_steps": 8, "batch_size": 8, "eval_every": 5,
                     "clients_per_round": 2}
-    default_max_examples: int | None = None  # eval.max_examples left null: all test examples
+    default_max_examples: ClassVar[int | None] = None  # eval.max_examples null: every example
     metrics = ("exact_match", "eval_loss")
     default_answer = "text"
 
