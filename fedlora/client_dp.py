@@ -258,12 +258,14 @@ class ClientLevelDP:
 
     def __init__(self, noise_multiplier: float, clip: float, adaptive: bool,
                  expected_clients: float, sample_rate: float, delta: float, accountant: str,
-                 generator: torch.Generator, target_epsilon: float | None = None):
+                 generator: torch.Generator, target_epsilon: float | None = None,
+                 noise: str = "reproducible"):
         self.noise_multiplier = noise_multiplier
         self.expected_clients = expected_clients
         self.sample_rate = sample_rate
         self.delta, self.accountant, self.target_epsilon = delta, accountant, target_epsilon
         self.generator = generator
+        self.noise = noise  # how ``generator`` was seeded: reproducible | secret
         self.fixed_clip = clip
         # sigma_b = m / 20 (Andrew et al.) needs sigma < 2 sigma_b; a small federation raises it.
         self.adaptive = AdaptiveClip(expected_clients, clip=clip, clipped_count_stddev=max(
@@ -327,7 +329,7 @@ class ClientLevelDP:
 
     def report(self) -> dict:
         """``privacy.json`` under client-level DP: what any accountant needs to recompute."""
-        return {"mode": "client", "target_epsilon": self.target_epsilon,
+        return {"mode": "client", "noise": self.noise, "target_epsilon": self.target_epsilon,
                 "accountant": self.accountant, "delta": self.delta,
                 "noise_multiplier": self.noise_multiplier, "update_noise_multiplier": self.update_sigma,
                 "sample_rate": self.sample_rate, "expected_clients": self.expected_clients,
@@ -363,4 +365,4 @@ def client_level_dp(cfg, setup_releases: int) -> ClientLevelDP:
             else int.from_bytes(os.urandom(8), "big") >> 1)
     return ClientLevelDP(sigma, dp.clip, dp.clipping == "adaptive", rate * cfg.clients, rate,
                          dp.delta, dp.accountant, torch.Generator().manual_seed(seed),
-                         target_epsilon=dp.epsilon)
+                         target_epsilon=dp.epsilon, noise=dp.noise)

@@ -97,6 +97,7 @@ def test_epsilon_grows_every_round_stays_within_target_and_is_recomputable(name,
     steps = sum(int(s) for _, _, s in report["history"])
     assert steps == 8  # one release per round, empty rounds included
     assert report["sample_rate"] == pytest.approx(2 / CLIENTS)
+    assert report["noise"] == fed.cfg.dp.noise  # which seeding the run used, as summary.json
     independent = dp_accounting_epsilon(report["history"], report["delta"])
     assert independent == pytest.approx(report["epsilon"], rel=0.01)
 
