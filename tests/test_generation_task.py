@@ -321,9 +321,21 @@ def test_arithmetic_problems_are_deterministic_correct_and_split_by_hash():
         assert sum(p.problem_type == kind for p in splits.test) >= 5
 
 
-def test_the_training_response_is_the_bare_number_and_reads_back():
-    assert response_text(42) == "42"
-    assert last_number(response_text(1234)) == 1234.0
+def test_the_training_response_is_the_worked_solution_and_its_last_number_is_the_answer():
+    assert response_text((5, ("*", 6), ("+", 4))) == "5 * 6 = 30. 30 + 4 = 34."
+    assert response_text((45, ("/", 9))) == "45 / 9 = 5."
+    for problem in arithmetic_problems(train_size=60, test_size=10).train:
+        text = response_text(problem.operations)
+        assert last_number(text) == problem.answer
+        # one true equation per operation, each starting from the previous result
+        import operator
+        apply = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
+        equations = __import__("re").findall(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", text)
+        assert len(equations) == len(problem.operations) - 1
+        assert int(equations[0][0]) == problem.operations[0]
+        for (left, op, right, result), following in zip(equations, equations[1:] + [None]):
+            assert apply[op](int(left), int(right)) == int(result)
+            assert following is None or following[0] == result
 
 
 def test_smaller_sizes_keep_each_prompts_side_and_dataset_seed():

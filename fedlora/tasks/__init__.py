@@ -44,7 +44,8 @@ ANSWER_RULES = ("last_number", "text", "regex")
 class EvalSpec:
     """How a generative task is scored on the server (the ``eval.*`` section)."""
 
-    max_new_tokens: int = setting(16, "generative tasks: greedy tokens generated per test prompt",
+    max_new_tokens: int = setting(32, "generative tasks: greedy tokens generated per test prompt "
+                                  "(an arithmetic solution takes up to 26 with its EOS)",
                                   check=POSITIVE)
     answer: str | None = setting(None, "generative tasks: the answer exact match compares: "
                                  "last_number | text (whitespace-normalised) | regex "

@@ -47,7 +47,6 @@ _NAMES = (("Ava", "she"), ("Ben", "he"), ("Chloe", "she"), ("Daniel", "he"), ("E
 _THINGS = ("apples", "marbles", "stickers", "pencils", "cookies", "books", "stamps", "shells",
            "cards", "balloons", "crayons", "candies", "coins", "buttons", "oranges", "toy cars",
            "beads", "muffins", "flowers", "eggs")
-_INSTRUCTION = "Answer with the number only."
 
 # op: how an operand combines with the running value (evaluate_operations)
 _OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
@@ -141,15 +140,26 @@ PROBLEM_TYPES = ("add", "subtract", "multiply", "divide", "add_add", "add_subtra
                  "subtract_subtract", "multiply_add", "multiply_subtract", "divide_add")
 
 
-def response_text(answer: int) -> str:
-    """The training response of an arithmetic problem: the bare number.
+def response_text(operations: tuple) -> str:
+    """The training response of an arithmetic problem: its worked solution, one equation per
+    operation, the last one ending in the answer ("5 * 6 = 30. 30 + 4 = 34.").
 
-    Why not "The answer is 42.": with the loss averaged over each example's response tokens, a
-    constant preamble would take most of the tokens (and of the clipped DP gradient) while
-    teaching nothing after the first steps; the bare number puts all of it on the digits and
-    the EOS that follows. The base model's own verbose answers ("17 + 25 = 42.") still score
-    under ``last_number``, so round 0 is measured fairly, and 16 new tokens are plenty."""
-    return str(answer)
+    Why the equations and not the bare number: SmolLM2-135M cannot do two-digit arithmetic "in
+    its head" (greedy "17 + 25 =" continuations of the base model are right 0-8 % of the time,
+    measured), and a LoRA fine-tune on bare-number answers lowers the loss without raising exact
+    match in a CPU budget (0.025-0.05 after 100 steps). Written out one operation at a time, the
+    model only has to copy the numbers from the problem and apply one operation to a number it
+    has just written: a centralised LoRA probe (r=8 on q/v, 100 steps of 8) went from 0.08 to
+    1.0 exact match on small-number problems. This is the GSM8K format (a worked solution whose
+    last number is the answer, read by ``last_number``), kept short: no instruction in the
+    prompt and no closing "The answer is N." sentence, which cost ~20 % more tokens per step
+    and per generated answer and teach nothing the equations do not."""
+    value, equations = operations[0], []
+    for op, operand in operations[1:]:
+        result = evaluate_operations((value, (op, operand)))
+        equations.append(f"{value} {op} {operand} = {result}.")
+        value = result
+    return " ".join(equations)
 
 
 def arithmetic_problems(train_size: int = 2000, test_size: int = 200) -> ProblemSplits:
@@ -173,7 +183,7 @@ def arithmetic_problems(train_size: int = 2000, test_size: int = 200) -> Problem
         kind = PROBLEM_TYPES[index % len(PROBLEM_TYPES)]
         index += 1
         text, operations = _problem(kind, rng)
-        prompt = f"{text} {_INSTRUCTION}"
+        prompt = text
         if prompt in seen:
             continue
         seen.add(prompt)
@@ -647,7 +657,7 @@ class Arithmetic(Generation):
 
         def split(items) -> PairSplit:
             return PairSplit(tuple(p.prompt for p in items),
-                             tuple(response_text(p.answer) for p in items),
+                             tuple(response_text(p.operations) for p in items),
                              tuple(PROBLEM_TYPES.index(p.problem_type) for p in items))
 
         return PairDataset(split(problems.train), split(problems.test), problems.problem_types)
