@@ -131,7 +131,7 @@ class ResultsWriter:
             f"[bold]round {row['round']:>3}/{self.total_rounds}[/bold]  {score}  "
             f"{loss} {row[loss]:.4f}{epsilon}  clients {row['clients_trained']}{failed}  "
             f"up {human_bytes(row['bytes_up_cum'])}  down {human_bytes(row['bytes_down_cum'])}  "
-            f"{row['wall_s']:.0f} s")
+            f"{row['wall_s']:.0f} s", soft_wrap=True)  # one line a round, also in a log file
         self.progress.update(self.task, completed=row["round"],
                              description=f"{score}  up {human_bytes(row['bytes_up_cum'])}")
         sys.stdout.flush()
