@@ -8,16 +8,17 @@
 #
 #   bash experiments/privacy_sweep_record.sh [SEEDS] [EXTRA KEY=VALUE ...]   # default seeds 0,1
 #
-# A first pass uses every method's default lr and dp.clip=1; a clip/lr grid per epsilon (the
-# tuning the issue asks for) is run as further calls with e.g. `dp.clip=0.5 lr=3e-3
-# out=...-clip0.5-lr3e-3`, each recorded as its own directory.
+# STRATEGIES, EPSILONS and OUT (environment) replace the method and epsilon axes and the
+# directory; experiments/privacy_tune_record.sh uses them for its lr x clip grid. The first pass
+# uses every method's default lr and dp.clip=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${1:-0,1}
 shift || true
 DATA=experiments/data/language_id.jsonl
 [ -f "$DATA" ] || python experiments/data/make_language_id.py "$DATA"
-python -m fedlora.sweep strategy=fedavg,ffa,fedsb,fedsvd dp.epsilon=1,3,8,32,inf seed="$SEEDS" \
+python -m fedlora.sweep strategy="${STRATEGIES:-fedavg,ffa,fedsb,fedsvd}" \
+    dp.epsilon="${EPSILONS:-1,3,8,32,inf}" seed="$SEEDS" \
     data.path="$DATA" data.text_field=sentence data.label_field=language \
     clients=3 clients_per_round=3 rounds=6 local_steps=10 batch_size=32 eval_every=3 \
-    out=experiments/results/privacy-record "$@"
+    out="${OUT:-experiments/results/privacy-record}" "$@"
