@@ -4,8 +4,8 @@
         [--clients N] [--clients-per-round N] [--rounds 3] [--local-steps N] [--batch-size N]
         [--workers 2]
 
-Sizes left out take the task's run defaults (topic: 100 clients, 10 a round, 8 steps at batch
-16; arithmetic: 20 clients, 2 a round, 8 steps at batch 8 on SmolLM2-135M).
+Sizes left out take the run's defaults (100 clients) and the task's run defaults (topic: 10
+clients a round, 8 steps at batch 16; arithmetic: 2 a round, 8 steps at batch 8 on SmolLM2-135M).
 
 Both sides train the same clients (the same partitions, sampled with the same seed), the same
 local steps and batch size, from the same global state, and aggregate with the same maths:
@@ -92,8 +92,7 @@ def main() -> None:
 
     from fedlora.config import RunConfig
 
-    clients = args.clients or {"topic": 100}.get(args.task, 20)
-    cfg = RunConfig.from_dict({"task": args.task, "strategy": args.strategy, "clients": clients,
+    cfg = RunConfig.from_dict({"task": args.task, "strategy": args.strategy, "clients": args.clients,
                                "clients_per_round": args.clients_per_round, "rounds": args.rounds,
                                "local_steps": args.local_steps, "batch_size": args.batch_size,
                                "eval_every": args.rounds})
