@@ -55,30 +55,32 @@ def main() -> None:
                       "test": len(data.test), "max_length": cfg.max_length}))
     trainable = bundle.set_trainable(("A", "B", "head"))
     rng, started = random.Random(args.seed), time.time()
-    scores = {"step 0": score()}
-    print(json.dumps({"step": 0, **scores["step 0"], "wall_s": round(time.time() - started, 1)}),
-          flush=True)
-    if args.steps:
+    everything = range(len(train))
+
+    def stages():
+        """(unit, count so far, batches) for each stretch of training between evaluations."""
+        if not args.steps:
+            for epoch in range(1, args.epochs + 1):
+                yield "epoch", epoch, train.epoch(everything, args.batch_size, rng)
+            return
         chunk = args.eval_every_steps or args.steps
-        chunks = [(done, min(chunk, args.steps - done)) for done in range(0, args.steps, chunk)]
-        stages = [(f"step {done + count}",
-                   lambda count=count: train.sample_steps(range(len(train)), args.batch_size, count, rng))
-                  for done, count in chunks]
-    else:
-        stages = [(f"epoch {epoch}",
-                   lambda: train.epoch(range(len(train)), args.batch_size, rng))
-                  for epoch in range(1, args.epochs + 1)]
-    for name, batches in stages:
-        stats = client_update(bundle.model, trainable, batches(), args.lr, loss=task.loss)
-        scores[name] = score()
-        print(json.dumps({name.split()[0]: int(name.split()[1]),
-                          "train_loss": round(stats["train_loss"], 4),
-                          **{k: round(v, 4) for k, v in scores[name].items()},
+        for done in range(0, args.steps, chunk):
+            count = min(chunk, args.steps - done)
+            yield "step", done + count, train.sample_steps(everything, args.batch_size, count, rng)
+
+    def report(unit: str, count: int, scored: dict, **extra) -> None:
+        print(json.dumps({unit: count, **extra, **{k: round(v, 4) for k, v in scored.items()},
                           "wall_s": round(time.time() - started, 1)}), flush=True)
-    final = scores[name]
-    print(json.dumps({f"best_{metric}": round(max(s[metric] for s in scores.values()), 4),
-                      f"final_{metric}": round(final[metric], 4),
-                      f"step0_{metric}": round(scores["step 0"][metric], 4)}))
+
+    scores = [score()]
+    report("step", 0, scores[0])
+    for unit, count, batches in stages():
+        stats = client_update(bundle.model, trainable, batches, args.lr, loss=task.loss)
+        scores.append(score())
+        report(unit, count, scores[-1], train_loss=round(stats["train_loss"], 4))
+    print(json.dumps({f"best_{metric}": round(max(s[metric] for s in scores), 4),
+                      f"final_{metric}": round(scores[-1][metric], 4),
+                      f"step0_{metric}": round(scores[0][metric], 4)}))
 
 
 if __name__ == "__main__":
