@@ -5,6 +5,8 @@ no test but the slow ones needs a file; the model is a 2-block LlamaConfig with 
 attention (4 query heads, 2 key-value heads: v_proj is 64 -> 32, non-square)."""
 
 import math
+import operator
+import re
 import string
 import threading
 from pathlib import Path
@@ -311,7 +313,7 @@ def test_arithmetic_problems_are_deterministic_correct_and_split_by_hash():
         # the stored chain gives the answer, and its numbers are the ones the text states
         assert evaluate_operations(problem.operations) == problem.answer >= 0
         start, *steps = problem.operations
-        numbers = [int(n) for n in __import__("re").findall(r"\d+", problem.prompt)]
+        numbers = [int(n) for n in re.findall(r"\d+", problem.prompt)]
         assert sorted(numbers) == sorted([start] + [operand for _, operand in steps])
         assert len(steps) == problem.problem_type.count("_") + 1
         assert [op for op, _ in steps] == [
@@ -324,13 +326,12 @@ def test_arithmetic_problems_are_deterministic_correct_and_split_by_hash():
 def test_the_training_response_is_the_worked_solution_and_its_last_number_is_the_answer():
     assert response_text((5, ("*", 6), ("+", 4))) == "5 * 6 = 30. 30 + 4 = 34."
     assert response_text((45, ("/", 9))) == "45 / 9 = 5."
+    apply = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
     for problem in arithmetic_problems(train_size=60, test_size=10).train:
         text = response_text(problem.operations)
         assert last_number(text) == problem.answer
         # one true equation per operation, each starting from the previous result
-        import operator
-        apply = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
-        equations = __import__("re").findall(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", text)
+        equations = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", text)
         assert len(equations) == len(problem.operations) - 1
         assert int(equations[0][0]) == problem.operations[0]
         for (left, op, right, result), following in zip(equations, equations[1:] + [None]):
