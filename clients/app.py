@@ -180,7 +180,8 @@ def train(message: Message, context: Context) -> Message:
                                 privacy.rng("poisson", setup, context.state))
         privacy.noise_generator = privacy.rng("noise", setup, context.state, setup.device)
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
-                            privacy, loss=setup.task.loss)
+                            privacy, loss=setup.task.loss,
+                            optimizer=str(cfg["optimizer"]))
     if privacy is not None:  # the un-noised loss and step count stay on the node
         privacy.spend(local_steps, context.state, "train", int(cfg["server-round"]))
         metrics = privacy.metrics()

@@ -25,9 +25,15 @@ def logits_cross_entropy(model: torch.nn.Module, batch: dict, reduction: str = "
     return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction=reduction)
 
 
+OPTIMIZERS = {"adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+              "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr)}
+
+
 def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], batches,
-                  lr: float, device: str = "cpu", privacy=None, loss=None) -> dict[str, float]:
-    """AdamW on ``trainable`` over every batch of ``batches``; a fresh optimiser each round.
+                  lr: float, device: str = "cpu", privacy=None, loss=None,
+                  optimizer: str = "adamw") -> dict[str, float]:
+    """``optimizer`` (AdamW or plain SGD) on ``trainable`` over every batch of ``batches``; a
+    fresh optimiser each round.
 
     ``loss``: ``(model, batch, reduction)`` (default ``model_loss(model)``), called with the
     mean reduction on the (possibly Opacus-wrapped) model.
@@ -39,7 +45,7 @@ def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], b
     imported, so this loop depends on no DP code."""
     loss_of = loss or model_loss(model)  # looked up before Opacus wraps the model
     precision = autocast(model)  # precision=bf16: autocast around forward and backward
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    optimizer = OPTIMIZERS[optimizer](trainable, lr)
     model.train()  # before wrapping: Opacus computes per-example gradients in train mode
     wrapping = nullcontext((model, optimizer)) if privacy is None else privacy.wrap(model, optimizer)
     losses, steps = [], 0

@@ -24,6 +24,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 PARTICIPATIONS = ("uniform", "bernoulli", "markov", "cyclic")
 WEIGHTINGS = ("samples", "uniform", "fedau")
 LR_SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 QUANTIZATIONS = (4,)
@@ -190,8 +191,12 @@ class RunConfig:
                                       "task's default", check=POSITIVE)
     batch_size: int | None = setting(None, "examples per local step; null: the task's default",
                                      check=POSITIVE)
-    lr: float | None = setting(None, "client AdamW learning rate; null: the method's default",
-                               check=POSITIVE)
+    lr: float | None = setting(None, "client learning rate; null: the method's default (for "
+                               "AdamW)", check=POSITIVE)
+    optimizer: str = setting("adamw", "the clients' optimiser, fresh each round: adamw | sgd "
+                             "(plain SGD: under DP-SGD it does not rescale the noise per "
+                             "coordinate as AdamW does; set lr, the defaults are AdamW's)",
+                             choices=OPTIMIZERS)
     lr_schedule: str = setting("cosine", "cosine: decays over rounds to 0.1 lr in the last round "
                                "| constant", choices=LR_SCHEDULES)
     max_length: int | None = setting(None, "tokens per example (dynamic padding below that); "
@@ -458,7 +463,8 @@ def client_config(cfg: RunConfig, num_labels: int) -> dict:
             "precision": cfg.precision, "grad-checkpointing": int(cfg.grad_checkpointing),
             "quantization": cfg.quantization or 0,
             "client-cpus": cfg.client_cpus, "local-steps": cfg.local_steps,
-            "batch-size": cfg.batch_size, "lr": cfg.lr, "crash-prob": cfg.faults.crash_prob,
+            "batch-size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
+            "crash-prob": cfg.faults.crash_prob,
             **dp_client_config(cfg)}
 
 

@@ -224,3 +224,24 @@ def test_base_delta_is_set_per_layer_and_undone_bit_for_bit(bundle):
     assert torch.equal(layers[first].base.weight, pretrained[first])
     with pytest.raises(KeyError, match="not adapted"):
         bundle.set_base_delta({"classifier": delta})
+
+
+def test_client_update_with_sgd_takes_one_plain_gradient_step(bundle, batches):
+    # Prepare: the oracle, the mean loss's gradient on the same batch by autograd
+    trainable = bundle.set_trainable(("A", "B", "head"))
+    batch = next(iter(batches.epoch(range(4), 1)))
+    bundle.model.train()
+    torch.manual_seed(0)  # dropout: the same masks in the oracle's pass and the update's
+    loss = torch.nn.functional.cross_entropy(bundle.model(input_ids=batch["input_ids"],
+                                                          attention_mask=batch["attention_mask"]).logits,
+                                             batch["labels"])
+    grads = torch.autograd.grad(loss, trainable)
+    expected = [(p - 0.5 * g).detach().clone() for p, g in zip(trainable, grads)]
+
+    # Execute
+    torch.manual_seed(0)
+    client_update(bundle.model, trainable, [batch], lr=0.5, optimizer="sgd")
+
+    # Assert: p <- p - lr * grad, with no per-coordinate rescaling (AdamW's first step is lr * sign)
+    for param, want in zip(trainable, expected):
+        torch.testing.assert_close(param.detach(), want, rtol=1e-5, atol=1e-6)
