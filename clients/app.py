@@ -179,9 +179,11 @@ def train(message: Message, context: Context) -> Message:
         steps = poisson_batches(setup.batches, setup.indices, privacy.sample_rate, local_steps,
                                 privacy.rng("poisson", setup, context.state))
         privacy.noise_generator = privacy.rng("noise", setup, context.state, setup.device)
+    head = [param for key, param in bundle.model.named_parameters()
+            if param.requires_grad and key in bundle.head_keys]
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
-                            privacy, loss=setup.task.loss,
-                            optimizer=str(cfg["optimizer"]))
+                            privacy, loss=setup.task.loss, optimizer=str(cfg["optimizer"]),
+                            head=head, head_lr=float(cfg["head-lr"]))
     if privacy is not None:  # the un-noised loss and step count stay on the node
         privacy.spend(local_steps, context.state, "train", int(cfg["server-round"]))
         metrics = privacy.metrics()

@@ -31,9 +31,10 @@ OPTIMIZERS = {"adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weigh
 
 def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], batches,
                   lr: float, device: str = "cpu", privacy=None, loss=None,
-                  optimizer: str = "adamw") -> dict[str, float]:
+                  optimizer: str = "adamw", head=(), head_lr: float | None = None) -> dict[str, float]:
     """``optimizer`` (AdamW or plain SGD) on ``trainable`` over every batch of ``batches``; a
-    fresh optimiser each round.
+    fresh optimiser each round. ``head``: the trainable parameters that step at ``head_lr``
+    instead of ``lr`` (a classifier's new head; one parameter group each).
 
     ``loss``: ``(model, batch, reduction)`` (default ``model_loss(model)``), called with the
     mean reduction on the (possibly Opacus-wrapped) model.
@@ -45,7 +46,11 @@ def client_update(model: torch.nn.Module, trainable: list[torch.nn.Parameter], b
     imported, so this loop depends on no DP code."""
     loss_of = loss or model_loss(model)  # looked up before Opacus wraps the model
     precision = autocast(model)  # precision=bf16: autocast around forward and backward
-    optimizer = OPTIMIZERS[optimizer](trainable, lr)
+    head_ids = {id(param) for param in head}
+    groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": lr},
+              {"params": [p for p in trainable if id(p) in head_ids],
+               "lr": lr if head_lr is None else head_lr}]
+    optimizer = OPTIMIZERS[optimizer]([group for group in groups if group["params"]], lr)
     model.train()  # before wrapping: Opacus computes per-example gradients in train mode
     wrapping = nullcontext((model, optimizer)) if privacy is None else privacy.wrap(model, optimizer)
     losses, steps = [], 0

@@ -193,6 +193,11 @@ class RunConfig:
                                      check=POSITIVE)
     lr: float | None = setting(None, "client learning rate; null: the method's default (for "
                                "AdamW)", check=POSITIVE)
+    head_lr: float | None = setting(None, "the learning rate of a classifier's new head (the "
+                                    "rest trains at lr; same schedule); null: lr. Under DP-SGD "
+                                    "with optimizer=sgd the head needs a far larger step than the "
+                                    "adapters, whose noise a large lr turns into weight damage",
+                                    check=POSITIVE)
     optimizer: str = setting("adamw", "the clients' optimiser, fresh each round: adamw | sgd "
                              "(plain SGD: under DP-SGD it does not rescale the noise per "
                              "coordinate as AdamW does; set lr, the defaults are AdamW's)",
@@ -493,13 +498,15 @@ def dp_client_config(cfg: RunConfig) -> dict:
             "dp-secure-rng": int(cfg.dp.secure_rng)}
 
 
-def round_lr(cfg: RunConfig, server_round: int) -> float:
-    """The clients' learning rate in a round: constant, or cosine-decayed from ``lr`` in round 1
-    to ``0.1 * lr`` in the last round (a stable final model despite client drift)."""
+def round_lr(cfg: RunConfig, server_round: int, lr: float | None = None) -> float:
+    """The clients' learning rate in a round: constant, or cosine-decayed from ``lr`` (default
+    ``cfg.lr``) in round 1 to ``0.1 * lr`` in the last round (a stable final model despite
+    client drift)."""
+    lr = cfg.lr if lr is None else lr
     if cfg.lr_schedule == "constant" or cfg.rounds == 1:
-        return cfg.lr
+        return lr
     progress = (server_round - 1) / (cfg.rounds - 1)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def specs_from_client_config(record) -> tuple[ModelSpec, DataSpec]:

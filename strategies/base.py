@@ -377,6 +377,8 @@ class FederatedLoRA(Strategy, Generic[Sent]):
                 self.restore_down(node_id, self.current, payload)
             node_config = ConfigRecord({**config, "server-round": server_round,
                                         "lr": round_lr(self.cfg, server_round),
+                                        "head-lr": round_lr(self.cfg, server_round,
+                                                            self.cfg.head_lr or self.cfg.lr),
                                         "trained-parts": ",".join(trained),
                                         "keep-parts": ",".join(sorted(self.kept_parts)),
                                         "seeded-parts": ",".join(sorted(self.seeded_parts)),

@@ -273,3 +273,35 @@ def test_a_setup_message_to_a_method_without_a_setup_step_is_a_clear_error(clien
     with pytest.raises(RuntimeError, match="strategy 'fedavg' has no set-up step, but the node "
                                            "got a 'train.setup' message"):
         setup(message, context)
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_head_lr_reaches_the_client_and_scales_only_the_heads_step(client_model):
+    # Prepare: one plain-SGD round twice from the same state, the head at lr and at 10 * lr
+    bundle = client_model
+    runs = {}
+    for head_lr in (None, 5.0):
+        cfg, server, contexts = federation("fedavg", bundle, optimizer="sgd", lr=0.5,
+                                           head_lr=head_lr, rounds=3)
+        arrays = ArrayRecord(bundle.initial_state)
+
+        # Execute
+        messages, replies, _ = run_round(server, contexts, cfg, arrays, 1)
+        runs[head_lr] = (messages, replies)
+
+    # Assert: round 1 of a cosine schedule sends both rates undecayed; the adapters take the
+    # same step, the head a step exactly 10 times as long
+    for message in runs[5.0][0]:
+        assert (message.content["config"]["lr"], message.content["config"]["head-lr"]) == (0.5, 5.0)
+    assert all(m.content["config"]["head-lr"] == 0.5 for m in runs[None][0])
+    for plain, scaled in zip(runs[None][1], runs[5.0][1]):
+        plain_state = plain.content["arrays"].to_torch_state_dict()
+        scaled_state = scaled.content["arrays"].to_torch_state_dict()
+        for key, value in plain_state.items():
+            start = bundle.initial_state[key]
+            if key in bundle.head_keys:
+                torch.testing.assert_close(scaled_state[key] - start, 10 * (value - start),
+                                           rtol=1e-4, atol=1e-6)
+                assert not torch.equal(value, start)
+            else:
+                torch.testing.assert_close(scaled_state[key], value, rtol=0, atol=1e-6)

@@ -226,9 +226,11 @@ def test_base_delta_is_set_per_layer_and_undone_bit_for_bit(bundle):
         bundle.set_base_delta({"classifier": delta})
 
 
-def test_client_update_with_sgd_takes_one_plain_gradient_step(bundle, batches):
+def test_client_update_with_sgd_takes_one_plain_gradient_step_at_each_groups_lr(bundle, batches):
     # Prepare: the oracle, the mean loss's gradient on the same batch by autograd
     trainable = bundle.set_trainable(("A", "B", "head"))
+    head = [param for key, param in bundle.model.named_parameters() if key in HEAD_KEYS]
+    lrs = [5.0 if any(param is h for h in head) else 0.5 for param in trainable]
     batch = next(iter(batches.epoch(range(4), 1)))
     bundle.model.train()
     torch.manual_seed(0)  # dropout: the same masks in the oracle's pass and the update's
@@ -236,12 +238,14 @@ def test_client_update_with_sgd_takes_one_plain_gradient_step(bundle, batches):
                                                           attention_mask=batch["attention_mask"]).logits,
                                              batch["labels"])
     grads = torch.autograd.grad(loss, trainable)
-    expected = [(p - 0.5 * g).detach().clone() for p, g in zip(trainable, grads)]
+    expected = [(p - lr * g).detach().clone() for p, g, lr in zip(trainable, grads, lrs)]
 
     # Execute
     torch.manual_seed(0)
-    client_update(bundle.model, trainable, [batch], lr=0.5, optimizer="sgd")
+    client_update(bundle.model, trainable, [batch], lr=0.5, optimizer="sgd", head=head, head_lr=5.0)
 
-    # Assert: p <- p - lr * grad, with no per-coordinate rescaling (AdamW's first step is lr * sign)
+    # Assert: p <- p - lr * grad (the head at head_lr), with no per-coordinate rescaling
+    # (AdamW's first step is lr * sign(grad))
+    assert sorted(lrs).count(5.0) == 2
     for param, want in zip(trainable, expected):
         torch.testing.assert_close(param.detach(), want, rtol=1e-5, atol=1e-6)
