@@ -9,6 +9,10 @@ out=DIR/runs/<name>`` subprocess, one after the other, with one status line per 
     python -m fedlora.sweep strategy=fedavg,ffa,fedsb,fedsvd dp.epsilon=1,3,8,inf seed=0,1,2 \\
         out=sweeps/privacy clients=30 rounds=10
 
+* Keys joined by ``:`` form one axis whose values change together (``a:b=1:x,2:y`` runs a=1
+  with b=x, then a=2 with b=y): a setting tuned per ε, e.g. ``dp.epsilon:head_lr=1:10,8:20``.
+  Such keys name the run like any axis, and keys tied to ``dp.epsilon`` do not split the
+  privacy-utility plot's lines.
 * Every combination is validated (``fedlora.simulate.check_command_line`` and
   ``RunConfig.from_dict`` on Hydra's composed config) before the first run starts; a bad one
   is one line on stderr and exit code 2.
@@ -56,10 +60,16 @@ def parse(argv: list[str]) -> tuple[dict[str, list[str]], list[str], Path]:
         key, value = arg.split("=", 1)
         if key == "out":
             out = Path(value)
-        elif "," in value and value[0] not in "[{('\"":
+        elif ":" in key or ("," in value and value[0] not in "[{('\""):
             if key in axes:
                 fail(f"axis '{key}' is given twice; list all its values once: {key}=v1,v2")
             axes[key] = value.split(",")
+            width = len(key.split(":"))
+            for tied in axes[key]:
+                if len(tied.split(":")) != width:
+                    fail(f"'{tied}' in {key}=... has {len(tied.split(':'))} value(s) for {width} "
+                         f"keys; give one value per key, joined by ':' (e.g. "
+                         f"{key}={':'.join(['v'] * width)})")
         else:
             fixed.append(arg)
     if out is None:
@@ -68,7 +78,17 @@ def parse(argv: list[str]) -> tuple[dict[str, list[str]], list[str], Path]:
 
 
 def combinations(axes: dict[str, list[str]]) -> list[dict[str, str]]:
-    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    """The cartesian product of the axes, each a ``{key: value}`` dict (a ``k1:k2`` axis gives
+    both keys their tied values)."""
+    return [{key: value for keys, values in zip(axes, picked)
+             for key, value in zip(keys.split(":"), values.split(":"))}
+            for picked in itertools.product(*axes.values())]
+
+
+def tied_to_epsilon(axes: dict[str, list[str]]) -> set[str]:
+    """The keys that change together with ``dp.epsilon`` (``dp.epsilon:lr=...``)."""
+    return {key for keys in axes if EPSILON_KEY in keys.split(":")
+            for key in keys.split(":") if key != EPSILON_KEY}
 
 
 def run_name(combination: dict[str, str]) -> str:
@@ -157,9 +177,11 @@ CSV_FIELDS = ("strategy", "epsilon_target", "seed", "final_{metric}", "best_{met
               "epsilon_spent", "bytes_up", "bytes_down", "wall_s", "run_dir")
 
 
-def write_report(out: Path, plan: list[dict[str, str]], fixed: list[str]) -> list[dict]:
+def write_report(out: Path, plan: list[dict[str, str]], fixed: list[str],
+                 tied: set[str] = frozenset()) -> list[dict]:
     """``sweep.csv``, ``sweep.md``, ``privacy_utility.png`` and ``accuracy_vs_bytes.png`` from
-    the finished runs of ``plan``; returns the table's group rows."""
+    the finished runs of ``plan``; returns the table's group rows. ``tied``: keys that change
+    with ε (they label the table's groups but do not split the plot's lines)."""
     finished: list[tuple[dict, float, Run]] = [
         (combination, epsilon_target(combination, fixed), load_run(out / "runs" / run_name(combination)))
         for combination in plan if (out / "runs" / run_name(combination) / "summary.json").is_file()]
@@ -183,8 +205,10 @@ def write_report(out: Path, plan: list[dict[str, str]], fixed: list[str]) -> lis
     groups: dict[str, list[Run]] = {}
     lines: dict[str, dict[float, list[float]]] = {}
     for combination, epsilon, run in finished:
-        line = " ".join([run.config["strategy"], *(f"{k}={combination[k]}" for k in other_axes)])
-        groups.setdefault(f"{line} {_epsilon_label(epsilon)}", []).append(run)
+        line = " ".join([run.config["strategy"],
+                         *(f"{k}={combination[k]}" for k in other_axes if k not in tied)])
+        label = " ".join([line, *(f"{k}={combination[k]}" for k in other_axes if k in tied)])
+        groups.setdefault(f"{label} {_epsilon_label(epsilon)}", []).append(run)
         lines.setdefault(line, {}).setdefault(epsilon, []).append(run.final_score)
     runs = [run for _, _, run in finished]
     target = 0.9 * max(run.final_score for run in runs)
@@ -210,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"sweep: {len(plan)} runs in {out / 'runs'}", flush=True)
     failed = execute(plan, fixed, out)
-    rows = write_report(out, plan, fixed)
+    rows = write_report(out, plan, fixed, tied_to_epsilon(axes))
     if rows:
         print(markdown_table(rows), end="")
         print(f"wrote {out / 'sweep.csv'}, sweep.md, privacy_utility.png and the "

@@ -36,6 +36,35 @@ def test_plan_is_the_cartesian_product_first_axis_slowest():
     assert sweep.overrides(plan[0], ["rounds=3"]) == ["rounds=3", "strategy=fedavg", "dp.epsilon=1", "seed=0"]
 
 
+def test_keys_joined_by_a_colon_form_one_axis_whose_values_change_together():
+    # Execute: epsilon and the head's lr tied (one lr per epsilon), crossed with two seeds
+    axes, fixed, _ = sweep.parse(["dp.epsilon:head_lr=1:10,8:20", "seed=0,1", "rounds=3",
+                                  "out=sweeps/t"])
+    plan = sweep.combinations(axes)
+
+    # Assert: 2 x 2 runs, not 2 x 2 x 2; each run carries both tied keys
+    assert axes == {"dp.epsilon:head_lr": ["1:10", "8:20"], "seed": ["0", "1"]} and fixed == ["rounds=3"]
+    assert plan == [{"dp.epsilon": "1", "head_lr": "10", "seed": "0"},
+                    {"dp.epsilon": "1", "head_lr": "10", "seed": "1"},
+                    {"dp.epsilon": "8", "head_lr": "20", "seed": "0"},
+                    {"dp.epsilon": "8", "head_lr": "20", "seed": "1"}]
+    assert [sweep.run_name(c) for c in plan[::2]] == ["epsilon1_head_lr10_seed0", "epsilon8_head_lr20_seed0"]
+    assert sweep.overrides(plan[2], ["rounds=3"]) == ["rounds=3", "dp.epsilon=8", "head_lr=20", "seed=0"]
+    assert sweep.tied_to_epsilon(axes) == {"head_lr"}
+    assert sweep.tied_to_epsilon({"lr:head_lr": ["1:2"]}) == set()
+    # a single tied value is still an axis (it names the run)
+    assert sweep.parse(["dp.epsilon:head_lr=8:20", "out=o"])[0] == {"dp.epsilon:head_lr": ["8:20"]}
+
+
+def test_a_tied_axis_with_a_missing_value_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        sweep.parse(["dp.epsilon:head_lr=1:10,8", "out=o"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("error: '8' in dp.epsilon:head_lr=... has 1 value(s) for 2 keys; "
+                                       "give one value per key, joined by ':' (e.g. "
+                                       "dp.epsilon:head_lr=v:v)\n")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["strategy=fedavg,fedsbb", "seed=0,1"],
      f"error: strategy 'fedsbb' is unknown; choose one of: {', '.join(sorted(STRATEGIES))}\n"),
@@ -163,6 +192,25 @@ def test_report_rows_groups_and_plots(private_sweep):
     for image in images:
         assert len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 50
     assert images[0].shape != images[1].shape or not np.array_equal(*images)
+
+
+def test_keys_tied_to_epsilon_label_the_groups_but_do_not_split_the_lines(tmp_path, monkeypatch):
+    # Prepare: fedavg at two epsilons, a different head lr at each, 2 seeds
+    axes = {"strategy": ["fedavg"], "dp.epsilon:head_lr": ["1:10", "8:20"], "seed": ["0", "1"]}
+    plan = sweep.combinations(axes)
+    for c in plan:
+        make_run(tmp_path / "runs" / sweep.run_name(c), c["strategy"], int(c["seed"]), [0.1, 0.5],
+                 up=1, down=1, epsilon=[None, float(c["dp.epsilon"])])
+    drawn = {}
+    monkeypatch.setattr(sweep.plots, "plot_privacy_utility",
+                        lambda lines, path, metric: drawn.update(lines))
+
+    # Execute
+    rows = sweep.write_report(tmp_path, plan, [], sweep.tied_to_epsilon(axes))
+
+    # Assert: one group per epsilon, named with its head lr; one line over both epsilons
+    assert [r["label"] for r in rows] == ["fedavg head_lr=10 ε=1", "fedavg head_lr=20 ε=8"]
+    assert drawn == {"fedavg": {1.0: [0.5, 0.5], 8.0: [0.5, 0.5]}}
 
 
 def test_without_an_epsilon_axis_every_run_is_no_dp(tmp_path):
