@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Client-level DP (dp.mode=client) on the default task: 100 clients, Poisson-sampled at
-# q = 10/100 per round, FedSVD, FedIT, Fed-SB and FFA-LoRA at epsilon 1, 3, 8 and without DP.
-# Writes experiments/results/privacy-client/ (sweep.csv, sweep.md, privacy_utility.png, runs/,
-# logs/). Resumable.
+# q = 10/100 per round, 25 rounds, dp.clip=1 with fixed clipping, uniform weighting, at epsilon
+# 1, 3, 8 and without DP. Writes experiments/results/privacy-client/ (sweep.csv, sweep.md,
+# privacy_utility.png, runs/, logs/). Resumable: finished runs are skipped.
 #
 #   bash experiments/privacy_sweep_client.sh [SEEDS] [EXTRA KEY=VALUE ...]   # default seeds 0,1
+#
+# STRATEGIES (environment) sets the methods; the committed runs are FedSVD's (the default: a run
+# takes ~10-18 minutes on 2 cores). More than one method makes the method part of each run's
+# name (fedavg_epsilon1_seed0 instead of epsilon1_seed0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${1:-0,1}
 shift || true
-python -m fedlora.sweep strategy=fedsvd,fedavg,fedsb,ffa dp.epsilon=1,3,8,inf seed="$SEEDS" \
+python -m fedlora.sweep strategy="${STRATEGIES:-fedsvd}" dp.epsilon=1,3,8,inf seed="$SEEDS" \
     dp.mode=client weighting=uniform clients=100 out=experiments/results/privacy-client "$@"

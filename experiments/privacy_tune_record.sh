@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The tuning grid of the record-level DP sweep, in experiments/privacy_sweep_record.sh's setting
-# (language ID, 3 clients of ~1 200 examples, all 3 in each of 6 rounds of 10 DP-SGD steps at
-# batch 32), seed 0: client lr x dp.clip at one epsilon, every setting recorded as its own run,
-# as a DP paper reports its tuning runs (they spend privacy too: a released tuned result is only
-# as private as the grid's composition). Writes experiments/results/privacy-record-tuning/
-# (sweep.md/.csv, runs/<name>/). Resumable: finished runs are skipped.
+# The tuning grid of the record-level DP sweep (experiments/privacy_sweep_record.sh's setting:
+# language ID, 3 clients of ~1 200 examples, 6 rounds of 10 plain-SGD steps at batch 64,
+# dp.clip=1): the adapters' lr in {0.01, 0.1} x the classifier head's lr in {10, 30} at epsilon
+# 1 and 3; at epsilon 8 lr 0.1 only (0.01 lost at both); epsilon 32 and no DP take epsilon 8's
+# choice, untuned. FedIT, seed 0. Every
+# setting is recorded as its own run, as a DP paper reports its tuning runs (they spend privacy
+# too: a released tuned result is only as private as the grid's composition). The sweep then
+# ties the best (lr, head_lr) to each epsilon (TUNED there). Writes experiments/results/
+# privacy-record-tuning/ (sweep.md/.csv, runs/<name>/). Resumable.
 #
-#   bash experiments/privacy_tune_record.sh [EPSILON] [STRATEGIES] [KEY=VALUE ...]
-#   bash experiments/privacy_tune_record.sh 8 fedsb,fedavg            # what was run
+#   bash experiments/privacy_tune_record.sh [KEY=VALUE ...]
+#
+# The first, AdamW pass (README) is the same setting with the methods' defaults:
+#   SETTING="batch_size=32 dp.clip=1" AXIS="dp.epsilon=1,3,8,32,inf" \
+#       OUT=experiments/results/privacy-record-adamw bash experiments/privacy_sweep_record.sh 0
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EPSILONS=${1:-8} STRATEGIES=${2:-fedsb,fedavg} OUT=experiments/results/privacy-record-tuning \
-    exec bash experiments/privacy_sweep_record.sh 0 lr=1e-3,3e-3 dp.clip=0.1,1 \
-    "${@:3}"
+STRATEGIES=fedavg AXIS="dp.epsilon:lr=1:0.01,1:0.1,3:0.01,3:0.1,8:0.1 head_lr=10,30" \
+    SETTING="optimizer=sgd batch_size=64 dp.clip=1" OUT=experiments/results/privacy-record-tuning \
+    exec bash experiments/privacy_sweep_record.sh 0 "$@"
