@@ -63,6 +63,9 @@ def parse(argv: list[str]) -> tuple[dict[str, list[str]], list[str], Path]:
         elif ":" in key or ("," in value and value[0] not in "[{('\""):
             if key in axes:
                 fail(f"axis '{key}' is given twice; list all its values once: {key}=v1,v2")
+            shared = next((k for axis in axes for k in axis.split(":") if k in key.split(":")), None)
+            if shared:  # else one axis would silently overwrite the other's value
+                fail(f"'{shared}' is in two axes ({key}=... and another); give each key one axis")
             axes[key] = value.split(",")
             width = len(key.split(":"))
             for tied in axes[key]:

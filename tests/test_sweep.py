@@ -56,6 +56,15 @@ def test_keys_joined_by_a_colon_form_one_axis_whose_values_change_together():
     assert sweep.parse(["dp.epsilon:head_lr=8:20", "out=o"])[0] == {"dp.epsilon:head_lr": ["8:20"]}
 
 
+def test_a_key_in_two_axes_is_one_line_and_exit_2(capsys):
+    # a seed axis and a seed tied to epsilon: the tied value would overwrite the axis' value
+    with pytest.raises(SystemExit) as stop:
+        sweep.parse(["seed=0,1", "seed:dp.epsilon=0:8,1:3", "out=o"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("error: 'seed' is in two axes (seed:dp.epsilon=... and another); "
+                                       "give each key one axis\n")
+
+
 def test_a_tied_axis_with_a_missing_value_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as stop:
         sweep.parse(["dp.epsilon:head_lr=1:10,8", "out=o"])
