@@ -2,11 +2,11 @@
 # The tuning grid of the record-level DP sweep (experiments/privacy_sweep_record.sh's setting:
 # language ID, 3 clients of ~1 200 examples, 6 rounds of 10 plain-SGD steps at batch 64,
 # dp.clip=1): the adapters' lr in {0.01, 0.1} x the classifier head's lr in {10, 30} at epsilon
-# 1 and 3; at epsilon 8 lr 0.1 only (0.01 lost at both); epsilon 32 and no DP take epsilon 8's
-# choice, untuned. FedIT, seed 0. Every
-# setting is recorded as its own run, as a DP paper reports its tuning runs (they spend privacy
-# too: a released tuned result is only as private as the grid's composition). The sweep then
-# ties the best (lr, head_lr) to each epsilon (TUNED there). Writes experiments/results/
+# 1 and 3; at epsilon 8 lr 0.1 only (0.01 was no better at either); epsilon 32 and no DP take
+# epsilon 8's choice, untuned. FedIT, seed 0. Every setting is recorded as its own run, as a DP
+# paper reports its tuning runs (they spend privacy too: a released tuned result is only as
+# private as the grid's composition). The sweep then ties the best (lr, head_lr) to each
+# epsilon (TUNED there). Writes experiments/results/
 # privacy-record-tuning/ (sweep.md/.csv, runs/<name>/). Resumable.
 #
 #   bash experiments/privacy_tune_record.sh [KEY=VALUE ...]
