@@ -220,3 +220,34 @@ def test_clients_needed_is_the_fewest_that_keep_the_noise_below_the_bound():
 
     assert needed is not None and std(needed) <= bound < std(needed - 1)
     assert client_dp.clients_needed(3.0, 1e-5, rounds, total, 1.0, 1e-6) is None
+
+
+def load_scale_script():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "experiments" / "privacy_client_scale.py"
+    spec = importlib.util.spec_from_file_location("privacy_client_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_scale_experiment_puts_m_clients_noise_on_the_mean_of_ten():
+    # Prepare: experiments/privacy_client_scale.py emulates m clients a round on the
+    # client-level sweep (10 expected a round) by fixing dp.noise_multiplier
+    scale = load_scale_script()
+    zero_updates = [{"w": torch.zeros(200_000, dtype=torch.float64)} for _ in range(10)]
+
+    # Execute
+    sigma_10, _, emulated_10 = scale.emulated_noise_multiplier(10, 8.0)
+    sigma_160, std_160, emulated_160 = scale.emulated_noise_multiplier(160, 8.0)
+    released = noised_mean(zero_updates, emulated_160, scale.CLIP, scale.EXPECTED_PER_ROUND,
+                           torch.Generator().manual_seed(0))["w"]
+
+    # Assert: at m = 10 it is the sweep's own sigma; at m = 160 the release over 10 clients has
+    # the noise std sigma(160) C / 160 that 160 clients would get (measured, 200 k draws)
+    assert emulated_10 == pytest.approx(sigma_10)
+    assert emulated_10 == pytest.approx(client_dp.plan_client_noise_multiplier(8.0, 1e-5, 10, 100, 25))
+    assert dp_accounting_epsilon(sigma_160, 160 / 1600, 25, 1e-5) <= 8.0 * 1.001
+    assert released.std().item() == pytest.approx(sigma_160 * scale.CLIP / 160, rel=0.01)
+    assert std_160 == pytest.approx(released.std().item(), rel=0.01)
