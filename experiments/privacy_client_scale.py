@@ -13,17 +13,20 @@ What differs from a real federation of m a round: the mean still averages ~10 cl
 so it varies more from round to round than a mean over m would (the emulation is pessimistic
 there); the noise, the clipping and everything else are the same.
 
-    python experiments/privacy_client_scale.py [--per-round 160 ...] [--seeds 0] [KEY=VALUE ...]
+    python experiments/privacy_client_scale.py [--per-round 160 ...] [--seeds 0]
+        [--clipping fixed|adaptive] [KEY=VALUE ...]
 
-Writes experiments/results/privacy-client-scale/: runs/m<M>_seed<S>/ (a normal run directory),
-logs/, and scale.md (the table: m, sigma, noise std of the mean, final accuracy, the share of
-FedSVD's no-DP gain over the majority class kept, against the sweep's no-DP runs). Resumable:
-a run with a summary.json is skipped.
+Writes experiments/results/privacy-client-scale/: runs/m<M>[_adaptive]_seed<S>/ (a normal run
+directory), logs/, and scale.md, the table over every finished run there (one epsilon per
+folder: m, clipping, sigma, noise std of the mean, final accuracy, the share of FedSVD's no-DP
+gain over the majority class kept, against the client-level sweep's no-DP runs). Resumable: a
+run with a summary.json is skipped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -38,7 +41,7 @@ OUT = RESULTS / "privacy-client-scale"
 TOTAL_CLIENTS, EXPECTED_PER_ROUND, ROUNDS, DELTA, CLIP = 100, 10, 25, 1e-5, 1.0
 SETTING = ["strategy=fedsvd", f"clients={TOTAL_CLIENTS}", f"clients_per_round={EXPECTED_PER_ROUND}",
            f"rounds={ROUNDS}", "dp.mode=client", f"dp.delta={DELTA}", f"dp.clip={CLIP}",
-           "dp.clipping=fixed", "weighting=uniform"]
+           "weighting=uniform"]
 SAMPLE_RATE = EXPECTED_PER_ROUND / TOTAL_CLIENTS
 
 
@@ -62,42 +65,63 @@ def main() -> None:
                         help="clients a round whose noise level to emulate")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--clipping", choices=("fixed", "adaptive"), default="fixed",
+                        help="dp.clipping; adaptive starts at C and follows the median update "
+                             "norm (the sigma given is then the effective one, as planned)")
     parser.add_argument("--majority", type=float, default=0.246,
                         help="the majority class's share of the default task's test split")
     parser.add_argument("keys", nargs="*", help="extra KEY=VALUE settings for every run")
     args = parser.parse_args()
 
     (OUT / "logs").mkdir(parents=True, exist_ok=True)
-    rows = []
     for per_round in args.per_round:
         sigma, std, emulated = emulated_noise_multiplier(per_round, args.epsilon)
         for seed in args.seeds:
-            name = f"m{per_round}_seed{seed}"
+            name = run_name(per_round, args.clipping, seed)
             run = OUT / "runs" / name
             if final_accuracy(run) is None:
                 print(f"{name}: sigma {sigma:.3f} for {per_round} a round, noise std of the mean "
                       f"{std:.5f}, dp.noise_multiplier={emulated:.5f} ...", flush=True)
                 with (OUT / "logs" / f"{name}.log").open("w") as log:
                     subprocess.run([sys.executable, "-m", "fedlora.simulate", *SETTING,
+                                    f"dp.clipping={args.clipping}",
                                     f"dp.noise_multiplier={emulated}", f"seed={seed}",
                                     f"out={run}", *args.keys], stdout=log, stderr=subprocess.STDOUT,
                                    check=True)
-            rows.append((per_round, sigma, std, emulated, seed, final_accuracy(run)))
 
+    write_table(args.epsilon, args.majority)
+
+
+def run_name(per_round: int, clipping: str, seed: int) -> str:
+    return f"m{per_round}{'_adaptive' if clipping == 'adaptive' else ''}_seed{seed}"
+
+
+def write_table(epsilon: float, majority: float) -> None:
+    """scale.md over every finished run in OUT/runs (not only this call's)."""
+    rows = []
+    for run in (OUT / "runs").glob("m*_seed*"):
+        found = re.fullmatch(r"m(\d+)(_adaptive)?_seed(\d+)", run.name)
+        accuracy = final_accuracy(run)
+        if found and accuracy is not None:
+            per_round = int(found[1])
+            rows.append((per_round, "adaptive" if found[2] else "fixed", int(found[3]),
+                         *emulated_noise_multiplier(per_round, epsilon), accuracy))
     no_dp = [a for a in (final_accuracy(r) for r in sorted((SWEEP / "runs").glob("epsiloninf_seed*")))
              if a is not None]
     reference = statistics.mean(no_dp) if no_dp else None
-    lines = [f"Noise of m clients a round at ε = {args.epsilon:g} (q = {SAMPLE_RATE:g}, {ROUNDS} "
-             f"rounds, δ = {DELTA:g}, C = {CLIP:g}), emulated on {TOTAL_CLIENTS} clients; FedSVD's "
-             f"no-DP final accuracy {reference:.3f} (mean of {len(no_dp)} seed(s) of the sweep), "
-             f"majority class {args.majority:.3f}.\n" if reference is not None else "",
-             "| m a round | σ (accountant) | noise std of the mean | dp.noise_multiplier | seed "
-             "| final accuracy | no-DP gain kept |", "|---|---|---|---|---|---|---|"]
-    for per_round, sigma, std, emulated, seed, accuracy in rows:
-        kept = ("–" if reference is None or accuracy is None
-                else f"{(accuracy - args.majority) / (reference - args.majority):.0%}")
-        lines.append(f"| {per_round} | {sigma:.3f} | {std:.5f} | {emulated:.5f} | {seed} | "
-                     f"{accuracy:.3f} | {kept} |")
+    lines = [f"Noise of m clients a round at ε = {epsilon:g} (q = {SAMPLE_RATE:g}, {ROUNDS} "
+             f"rounds, δ = {DELTA:g}, C = {CLIP:g} to start), emulated on {TOTAL_CLIENTS} clients; "
+             + (f"FedSVD's no-DP final accuracy {reference:.3f} (mean of {len(no_dp)} seed(s) of "
+                f"the client-level sweep), " if reference is not None else "")
+             + f"majority class {majority:.3f}.\n",
+             "| m a round | clipping | seed | σ (accountant) | noise std of the mean "
+             "| dp.noise_multiplier | final accuracy | no-DP gain kept |",
+             "|---|---|---|---|---|---|---|---|"]
+    for per_round, clipping, seed, sigma, std, emulated, accuracy in sorted(rows):
+        kept = ("–" if reference is None
+                else f"{(accuracy - majority) / (reference - majority):.0%}")
+        lines.append(f"| {per_round} | {clipping} | {seed} | {sigma:.3f} | {std:.5f} | "
+                     f"{emulated:.5f} | {accuracy:.3f} | {kept} |")
     (OUT / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
