@@ -30,9 +30,11 @@ import re
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from fedlora.client_dp import noise_std_of_mean, plan_client_noise_multiplier
+from fedlora.tasks.classification import load_chatterbot
 
 RESULTS = Path(__file__).parent / "results"
 SWEEP = RESULTS / "privacy-client"
@@ -68,8 +70,6 @@ def main() -> None:
     parser.add_argument("--clipping", choices=("fixed", "adaptive"), default="fixed",
                         help="dp.clipping; adaptive starts at C and follows the median update "
                              "norm (the sigma given is then the effective one, as planned)")
-    parser.add_argument("--majority", type=float, default=0.246,
-                        help="the majority class's share of the default task's test split")
     parser.add_argument("keys", nargs="*", help="extra KEY=VALUE settings for every run")
     args = parser.parse_args()
 
@@ -89,7 +89,13 @@ def main() -> None:
                                     f"out={run}", *args.keys], stdout=log, stderr=subprocess.STDOUT,
                                    check=True)
 
-    write_table(args.epsilon, args.majority)
+    write_table(args.epsilon, majority_share())
+
+
+def majority_share() -> float:
+    """The majority class's share of the default task's test split (the sweep's task)."""
+    test = load_chatterbot().test
+    return Counter(test.labels).most_common(1)[0][1] / len(test.labels)
 
 
 def run_name(per_round: int, clipping: str, seed: int) -> str:
