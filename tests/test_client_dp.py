@@ -17,6 +17,7 @@ from flwr.supercore import differential_privacy as flwr_dp
 
 from fedlora import client_dp, privacy
 from fedlora.client_dp import AdaptiveClip, clip_update, noised_mean
+from tests.experiment_scripts import load_experiment
 
 
 def random_update(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -222,20 +223,10 @@ def test_clients_needed_is_the_fewest_that_keep_the_noise_below_the_bound():
     assert client_dp.clients_needed(3.0, 1e-5, rounds, total, 1.0, 1e-6) is None
 
 
-def load_scale_script():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).parents[1] / "experiments" / "privacy_client_scale.py"
-    spec = importlib.util.spec_from_file_location("privacy_client_scale", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_scale_experiment_puts_m_clients_noise_on_the_mean_of_ten():
     # Prepare: experiments/privacy_client_scale.py emulates m clients a round on the
     # client-level sweep (10 expected a round) by fixing dp.noise_multiplier
-    scale = load_scale_script()
+    scale = load_experiment("privacy_client_scale")
     zero_updates = [{"w": torch.zeros(200_000, dtype=torch.float64)} for _ in range(10)]
 
     # Execute

@@ -3,25 +3,16 @@ sweeps' sweep.csv files alone. Oracle: shares worked out by hand from the rows w
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from tests.experiment_scripts import load_experiment
 
 HEADER = "strategy,epsilon_target,seed,final_accuracy,best_accuracy,epsilon_spent,run_dir\n"
 
 
-def load_table_script():
-    path = Path(__file__).parents[1] / "experiments" / "privacy_record_table.py"
-    spec = importlib.util.spec_from_file_location("privacy_record_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kept_share_uses_each_seed_and_the_reference_given(tmp_path):
     # Prepare: two seeds at epsilon 8, a no-DP file that also holds a DP row to be ignored
-    table = load_table_script()
+    table = load_experiment("privacy_record_table")
     sweep = tmp_path / "sweep.csv"
     sweep.write_text(HEADER + "ffa,8.0,0,0.6,0.6,7.9,a\nffa,8.0,1,0.55,0.55,7.9,b\n"
                      "ffa,inf,0,0.7,0.7,,c\nffa,inf,1,0.7,0.7,,d\n")
