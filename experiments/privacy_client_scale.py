@@ -30,7 +30,6 @@ import re
 import statistics
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 from fedlora.client_dp import noise_std_of_mean, plan_client_noise_multiplier
@@ -89,13 +88,7 @@ def main() -> None:
                                     f"out={run}", *args.keys], stdout=log, stderr=subprocess.STDOUT,
                                    check=True)
 
-    write_table(args.epsilon, majority_share())
-
-
-def majority_share() -> float:
-    """The majority class's share of the default task's test split (the sweep's task)."""
-    test = load_chatterbot().test
-    return Counter(test.labels).most_common(1)[0][1] / len(test.labels)
+    write_table(args.epsilon, load_chatterbot().test.majority_share())
 
 
 def run_name(per_round: int, clipping: str, seed: int) -> str:

@@ -4,8 +4,8 @@ Final accuracy per method and epsilon (mean ± standard deviation over seeds) of
 sweep (experiments/privacy_sweep_record.sh), its own no-DP point, the no-DP point of the methods'
 AdamW defaults, and the share of the no-DP gain over the majority class that each method keeps
 at epsilon 8: against the better of its two no-DP references, and against the sweep's own.
-Then the method ordering at epsilon 1, 3 and 8 with every seed's value. The majority class is counted on the test split the
-runs evaluated on (the same data keys as the sweep).
+Then the method ordering at epsilon 1, 3 and 8 with every seed's value. The majority class is
+counted on the test split the runs evaluated on (the same data keys as the sweep).
 
     python experiments/privacy_record_table.py
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 from fedlora.data import DataSpec
@@ -39,11 +39,6 @@ def final_accuracies(csv_paths: list[Path], only_epsilon: str | None = None) -> 
                 if row["final_accuracy"]:
                     found[(row["strategy"], row["epsilon_target"])][row["seed"]] = float(row["final_accuracy"])
     return found
-
-
-def majority_share(data: Path) -> float:
-    test = load_dataset(DataSpec(path=str(data), text_field="sentence", label_field="language")).test
-    return Counter(test.labels).most_common(1)[0][1] / len(test.labels)
 
 
 def cell(by_seed: dict) -> str:
@@ -80,7 +75,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
 
-    majority = majority_share(args.data)
+    majority = load_dataset(DataSpec(path=str(args.data), text_field="sentence",
+                                     label_field="language")).test.majority_share()
     sweep = final_accuracies([args.sweep])
     adamw = final_accuracies(args.no_dp, only_epsilon="inf")
     print(f"majority class: {majority:.4f}\n")

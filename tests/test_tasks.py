@@ -101,3 +101,10 @@ def test_arithmetic_scores_a_fixed_subset_of_50_unless_eval_max_examples_says_ot
     # Execute / Assert: the first problems of the fixed test split, in order
     assert [p for p, _ in default.scored(test)] == list(test.prompts[:50])
     assert len(given.scored(test)) == 7
+
+
+def test_majority_share_is_the_most_frequent_labels_share():
+    # the floor a DP result's kept share of the no-DP gain is measured from
+    from fedlora.tasks.classification import TextSplit
+    split = TextSplit(("a", "b", "c", "d", "e"), (2, 0, 2, 1, 2))
+    assert split.majority_share() == pytest.approx(3 / 5)

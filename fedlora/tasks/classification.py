@@ -21,6 +21,7 @@ head: it is trained and shared with the adapters (for BERT: ``classifier.weight`
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +42,11 @@ class TextSplit:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def majority_share(self) -> float:
+        """The most frequent label's share: the accuracy of always predicting it, the floor a
+        DP result's kept share of the no-DP gain is measured from."""
+        return Counter(self.labels).most_common(1)[0][1] / len(self.labels)
 
 
 @dataclass(frozen=True)
