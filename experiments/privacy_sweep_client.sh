@@ -7,13 +7,13 @@
 #   bash experiments/privacy_sweep_client.sh [SEEDS] [EXTRA KEY=VALUE ...]   # default seeds 0,1
 #
 # STRATEGIES (environment) sets the methods; the committed runs are FedSVD's (the default: a run
-# takes ~10-18 minutes on 2 cores). More than one method makes the method part of each run's
-# name (fedavg_epsilon1_seed0 instead of epsilon1_seed0). EPSILONS (default 1,3,8,inf) and OUT
-# (default experiments/results/privacy-client) select a part of the sweep and where it goes; the
-# other methods at epsilon 8 were run as
+# takes 7-8 minutes alone on 2 cores, 16-18 beside another job). More than one method makes the
+# method part of each run's name (fedavg_epsilon1_seed0 instead of epsilon1_seed0). EPSILONS
+# (default 1,3,8,inf) and OUT (default experiments/results/privacy-client) select a part of the
+# sweep and where it goes, e.g. the other methods at epsilon 8 (not run yet):
 #   STRATEGIES=fedavg,fedsb,ffa EPSILONS=8 OUT=experiments/results/privacy-client-methods \
 #       bash experiments/privacy_sweep_client.sh 0
-# (a single value is a fixed setting, not an axis: those runs are named by method only).
+# (a single value is a fixed setting, not an axis: those runs would be named by method only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${1:-0,1}
