@@ -25,7 +25,7 @@ import torch
 
 from fedlora.clients.train import client_update
 from fedlora.config import RunConfig
-from fedlora.models import build_model
+from fedlora.model.pretrained import build_model
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ cd "$(dirname "$0")/.."
 SEEDS=${1:-0,1}
 shift || true
 OUT=experiments/results/generation/methods
-METHODS=$(python -c "from fedlora.registry import methods; print(','.join(methods()))")
+METHODS=$(python -c "from fedlora.core.registry import methods; print(','.join(methods()))")
 python -m fedlora.simulate -m "seed=$SEEDS" "strategy=$METHODS" \
     task=arithmetic clients=20 rounds=5 eval_every=5 fedex.residual=factored "$@" \
     "hydra.sweep.dir=$OUT" 'hydra.sweep.subdir=${strategy}-seed${seed}'
-python -m fedlora.compare "$OUT" --out "$OUT"
+python -m fedlora.report.compare "$OUT" --out "$OUT"

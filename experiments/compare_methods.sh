@@ -19,4 +19,4 @@ SETTING=(clients=20 partition=dirichlet partition.alpha=0.1 participation=bernou
 
 python -m fedlora.simulate -m seed=0,1,2 strategy=fedavg,ffa,fedsb,fedsvd,lorafair,fedex,rolora \
     "${SETTING[@]}" "hydra.sweep.dir=$OUT" 'hydra.sweep.subdir=${strategy}-seed${seed}'
-python -m fedlora.compare "$OUT" --out "$OUT"
+python -m fedlora.report.compare "$OUT" --out "$OUT"

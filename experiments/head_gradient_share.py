@@ -21,8 +21,8 @@ import random
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.models import build_model
-from fedlora.settings import unflatten
+from fedlora.model.pretrained import build_model
+from fedlora.core.settings import unflatten
 from fedlora.strategies import get_strategy
 
 

@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedlora.client_dp import noise_std_of_mean, plan_client_noise_multiplier
+from fedlora.privacy.client_level import noise_std_of_mean, plan_client_noise_multiplier
 from fedlora.tasks.classification import load_chatterbot
 
 RESULTS = Path(__file__).parent / "results"

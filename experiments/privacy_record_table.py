@@ -17,7 +17,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from fedlora.data import DataSpec
+from fedlora.tasks.data import DataSpec
 from fedlora.tasks.classification import load_dataset
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,6 +1,6 @@
 """fedlora: federated fine-tuning of transformers with LoRA-family adapters, on Flower.
 
-Entry points: ``python -m fedlora.simulate`` (simulation on Ray), ``fedlora.server.app`` and
+Entry points: ``python -m fedlora.simulate`` (simulation on Ray), ``fedlora.run.server.app`` and
 ``fedlora.clients.app.app`` (the Flower ServerApp and ClientApp), ``fedlora.strategies``.
 """
 

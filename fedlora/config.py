@@ -1,10 +1,13 @@
 """The run configuration: one validated dataclass built from Hydra's config (or a plain dict).
 
 Each section is a frozen dataclass whose fields hold the one default of their key, its help
-text and its rule (``fedlora.settings.setting``); each method's own section comes from the
-method registry (``fedlora.registry``: ``<name>.*`` keys). Validation happens here, in the
+text and its rule (``fedlora.core.settings.setting``); each method's own section comes from the
+method registry (``fedlora.core.registry``: ``<name>.*`` keys). Validation happens here, in the
 launching process, before Ray or any Flower node starts. Every problem is a ``ConfigError``
 whose one-line message names the key, the bad value and the fix.
+
+Layer 5: may import core, aggregation, privacy, model, tasks and report; the clients, the
+strategies and the run loop import it.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from fedlora.data import DataSpec
-from fedlora.errors import ConfigError
-from fedlora.models import ModelSpec
-from fedlora.registry import default_strategy, get_method, methods
+from fedlora.tasks.data import DataSpec
+from fedlora.core.errors import ConfigError
+from fedlora.model.pretrained import ModelSpec
+from fedlora.core.registry import default_strategy, get_method, methods
 from fedlora.tasks import EvalSpec, Task, default_task, get_task, make_task
-from fedlora.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, defaults,
-                              parse_section, setting)
+from fedlora.core.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, defaults,
+                                   parse_section, setting)
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 PARTICIPATIONS = ("uniform", "bernoulli", "markov", "cyclic")
@@ -44,7 +47,7 @@ class PartitionConfig:
 @dataclass(frozen=True)
 class ParticipationConfig:
     """Who takes part in each round (FedAU's participation models, arXiv 2306.03401, sec. 5;
-    ``fedlora.participation``). ``uniform`` samples exactly ``clients_per_round`` clients;
+    ``fedlora.aggregation.participation``). ``uniform`` samples exactly ``clients_per_round`` clients;
     ``bernoulli``, ``markov`` and ``cyclic`` draw each client's presence from its probability
     ``p_k = max(p_min, C mean_p <pi_k, v>)`` with ``v ~ Dirichlet(alpha_part)`` over the C labels
     and ``pi_k`` the client's label mix."""
@@ -80,7 +83,7 @@ class FaultsConfig:
 @dataclass(frozen=True)
 class DPConfig:
     """Differential privacy (docs/privacy.md): record-level DP-SGD on each client with Opacus,
-    or client-level DP-FedAvg on the server (``fedlora.client_dp``)."""
+    or client-level DP-FedAvg on the server (``fedlora.privacy.client_level``)."""
 
     epsilon: float | None = setting(None, "the target epsilon over the run (record: no client "
                                     "exceeds it; client: the run's); null or inf: no DP",
@@ -123,7 +126,7 @@ class DPConfig:
 
     @property
     def noise(self) -> str:
-        """Where the clients' DP randomness comes from (``fedlora.dp_random``): ``"secret"``
+        """Where the clients' DP randomness comes from (``fedlora.privacy.randomness``): ``"secret"``
         unless reproducible noise was asked for, or chosen by a simulation launcher
         (``resolve_noise``)."""
         return "reproducible" if self.reproducible_noise is True else "secret"
@@ -149,7 +152,7 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """The fine-tuned model a run writes at its end (``fedlora.export``, docs/results.md)."""
+    """The fine-tuned model a run writes at its end (``fedlora.model.export``, docs/results.md)."""
 
     merge: bool = setting(False, "also write DIR/merged/: the base model with the adapter folded "
                           "into its weights (always, instead of DIR/adapter/, when the method "
@@ -160,7 +163,7 @@ class ExportConfig:
 SECTIONS = {"partition": PartitionConfig, "participation": ParticipationConfig,
             "fedau": FedAUConfig, "faults": FaultsConfig, "dp": DPConfig,
             "ray": RayConfig, "export": ExportConfig, "eval": EvalSpec}
-# Where a run writes, not what it computes (``fedlora.cli``): accepted, never part of RunConfig.
+# Where a run writes, not what it computes (``fedlora.run.cli``): accepted, never part of RunConfig.
 PLACEMENT_KEYS = ("out", "resume")
 
 
@@ -393,7 +396,7 @@ class RunConfig:
 
 def hydra_tree() -> dict:
     """Every key of the command line with its default (null: "the method's default" where the
-    field says so), nested as the command line writes it: the tree ``fedlora.cli`` gives Hydra.
+    field says so), nested as the command line writes it: the tree ``fedlora.run.cli`` gives Hydra.
     Generated from the dataclasses, so a key and its default are written once."""
     tree = {f.name: (list(f.default) if isinstance(f.default, tuple) else f.default)
             for f in fields(RunConfig) if f.name not in SECTIONS and f.name not in ("data", "methods")}

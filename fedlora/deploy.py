@@ -16,7 +16,7 @@ What ``local`` does, in this order (every process logs to ``DIR/deploy/<name>.lo
   4. register each node's public key (``flwr supernode register``): only those can join;
   5. start N ``flower-supernode``s, node i with ``--node-config "partition-id=i num-partitions=N"``;
      with ``node_isolation=warm`` (the default) each also gets a long-lived ClientApp host
-     (``fedlora.clienthost``) that keeps the base model between messages;
+     (``fedlora.run.clienthost``) that keeps the base model between messages;
   6. ``flwr run`` the app in this repository against that SuperLink and wait for it;
   7. stop every process it started (each is a session leader: its whole group), also on
      Ctrl-C, SIGTERM or failure.
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from fedlora.config import RunConfig, check_deployment
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml's [tool.flwr.app]
 BIN = Path(sys.executable).parent  # flwr's console scripts of this environment
@@ -216,7 +216,7 @@ def _signal_group(pid: int, signum: int) -> None:
 
 
 def flat_run_config(raw: dict, prefix: str = "") -> dict:
-    """Flower's run config for ``fedlora.server:app``: dotted keys, no None (the app's default
+    """Flower's run config for ``fedlora.run.server:app``: dotted keys, no None (the app's default
     "" stands for null), lists as comma-separated strings."""
     flat = {}
     for key, value in raw.items():
@@ -289,7 +289,7 @@ def parse_deploy_args(argv: list[str]) -> tuple[dict, list[str]]:
 
 def resolve_config(overrides: list[str], nodes: int) -> tuple[RunConfig, dict]:
     """The validated RunConfig and the resolved nested dict, from simulate's Hydra config."""
-    from fedlora.cli import check_command_line, check_paths, compose_config
+    from fedlora.run.cli import check_command_line, check_paths, compose_config
 
     overrides = [o for o in overrides if not o.startswith("clients=")] + [f"clients={nodes}"]
     check_command_line(overrides)
@@ -302,7 +302,7 @@ def resumed_deployment(overrides: list[str], nodes: int, cfg: RunConfig, raw: di
     """``resume=DIR``: the killed run's config (checked as ``python -m fedlora.simulate
     resume=DIR`` checks it) and a run config that continues it in DIR. The new SuperNodes get
     the same partitions (``partition-id=i``); the ServerApp restores what they lost."""
-    from fedlora.cli import resumed_config
+    from fedlora.run.cli import resumed_config
 
     run_dir = Path(raw["resume"]).resolve()
     given = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
@@ -365,7 +365,7 @@ class LocalFederation:
                    tls: bool = True, max_retries: int = 10) -> subprocess.Popen:
         """SuperNode ``index`` (partition ``index`` of ``nodes``), authenticated with ``key``
         (default: ``certs/node_<index>``) and, with ``warm`` isolation, the ClientApp host
-        (``fedlora.clienthost``) that serves its messages."""
+        (``fedlora.run.clienthost``) that serves its messages."""
         runtime_port = free_port()
         key = key or self.certs["nodes"][index]
         argv = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.fleet_port}",
@@ -379,7 +379,7 @@ class LocalFederation:
         if isolation == "warm":
             wait_for_port(runtime_port, node, self.work / f"supernode_{index}.log")
             self.processes.start(f"clienthost_{index}", [
-                sys.executable, "-m", "fedlora.clienthost",
+                sys.executable, "-m", "fedlora.run.clienthost",
                 "--runtime-api-address", f"127.0.0.1:{runtime_port}"])
         return node
 
@@ -429,7 +429,7 @@ def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
                   f"{federation.work}/superlink.log and {out}/run.log", file=sys.stderr)
             return code or 1
         summary = json.loads(summary_path.read_text())
-        from fedlora.results import final_line
+        from fedlora.report.results import final_line
 
         print(f"{final_line(summary)}; results in {out}", flush=True)
         return 0

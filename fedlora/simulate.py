@@ -1,6 +1,6 @@
 """``python -m fedlora.simulate key=value ...``: a federated run in Flower's simulation engine.
 
-The ServerApp (``fedlora.server``) and the ClientApp (``fedlora.clients.app``) run through
+The ServerApp (``fedlora.run.server``) and the ClientApp (``fedlora.clients.app``) run through
 ``flwr.simulation.run_simulation`` on Ray: one virtual SuperNode per client, each Ray worker
 serving many of them with one copy of the base model. Config keys: ``fedlora/conf/config.yaml``
 (Hydra: ``key=value`` overrides, ``-m`` for sweeps). The whole config, the data and the model
@@ -14,10 +14,10 @@ import os
 import sys
 from pathlib import Path
 
-from fedlora.cli import (CONF_DIR, check_command_line, check_paths, fail, register_hydra_config,
-                         resumed_config)
+from fedlora.run.cli import (CONF_DIR, check_command_line, check_paths, fail, register_hydra_config,
+                             resumed_config)
 from fedlora.config import RunConfig, resolve_noise
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 # Flower must not try to install the app's dependencies itself (it would pull a CUDA torch).
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -36,8 +36,8 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
     from flwr.simulation import run_simulation
 
     from fedlora.clients.app import app as client_app
-    from fedlora.cli import setup_logging
-    from fedlora.server import prepare, run_server
+    from fedlora.run.cli import setup_logging
+    from fedlora.run.server import prepare, run_server
 
     out = Path(out)
     cfg = resolve_noise(cfg, deployment=False)  # null: reproducible DP noise in simulation
@@ -99,8 +99,8 @@ def hydra_task(conf) -> None:
     from omegaconf import OmegaConf
 
     from fedlora.config import RunConfig
-    from fedlora.models import model_path
-    from fedlora.results import final_line
+    from fedlora.model.pretrained import model_path
+    from fedlora.report.results import final_line
 
     raw = OmegaConf.to_container(conf, resolve=True)
     hydra_config = HydraConfig.get()

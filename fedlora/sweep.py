@@ -38,11 +38,11 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora import plots
-from fedlora.compare import Run, common_metric, load_run, markdown_table, summarise
+from fedlora.report import plots
+from fedlora.report.compare import Run, common_metric, load_run, markdown_table, summarise
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
-from fedlora.cli import check_command_line, compose_config, fail
+from fedlora.core.errors import ConfigError
+from fedlora.run.cli import check_command_line, compose_config, fail
 
 EPSILON_KEY = "dp.epsilon"
 NO_DP = ("inf", "+inf", "infinity", "null", "none", "")

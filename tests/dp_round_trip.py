@@ -8,7 +8,7 @@ from functools import cached_property
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedlora import models
+from fedlora.model import pretrained as models
 from fedlora.clients import app as client_app
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig, client_config, resolve_noise

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedlora.adapters import factor_key, part_of, split_residual_key
+from fedlora.model.adapters import factor_key, part_of, split_residual_key
 from fedlora.clients.app import check_state_kept, full_adapter_state
 from fedlora.config import RunConfig
-from fedlora.participation import FedAUWeights
+from fedlora.aggregation.participation import FedAUWeights
 from fedlora.strategies import get_strategy
 from fedlora.strategies.fedex import restored_base_delta, update_base_delta
 

@@ -1,4 +1,4 @@
-"""The LoRA / LoRA-SB layer and its injection (fedlora.adapters), on tiny nn.Linear modules."""
+"""The LoRA / LoRA-SB layer and its injection (fedlora.model.adapters), on tiny nn.Linear modules."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedlora.adapters import LoRALinear, inject_lora, lora_layers, part_of
+from fedlora.model.adapters import LoRALinear, inject_lora, lora_layers, part_of
 
 F64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""Aggregation maths (fedlora.aggregation): exactness invariants in float64, on random shapes.
+"""Aggregation maths (fedlora.aggregation.maths): exactness invariants in float64, on random shapes.
 
 ALGORITHMS.md, "Invariants": 1 (Fed-SB exact), 6 (FedIT identity / non-zero gap), 9 (equal sizes
 give the official unweighted mean), and LoRA-SB's initialisation (arXiv 2411.19557, sec. 4).
@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.adapters import LoRALinear
-from fedlora.aggregation import (lora_sb_init, product_gap, sample_weights, weighted_mean_states,
-                                 weighted_sum)
+from fedlora.model.adapters import LoRALinear
+from fedlora.aggregation.maths import (lora_sb_init, product_gap, sample_weights, weighted_mean_states,
+                                       weighted_sum)
 
 F64 = torch.float64
 

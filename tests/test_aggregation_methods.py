@@ -1,4 +1,4 @@
-"""Product-based aggregation maths: FedSVD, LoRA-FAIR, FedEx-LoRA (fedlora.aggregation).
+"""Product-based aggregation maths: FedSVD, LoRA-FAIR, FedEx-LoRA (fedlora.aggregation.maths).
 
 ALGORITHMS.md, "Invariants" 3 (FedEx exact), 4 (FedSVD), 5 (LoRA-FAIR), 9 (equal sizes give the
 official unweighted aggregation); note B, "Test invariants" 1-10. float64 throughout; every fast
@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.aggregation import (product_mean_residual, product_mean_residual_factors, refactorise_orthonormal,
-                                 product_correction_cos, product_correction_ls, factored_product_cosine)
+from fedlora.aggregation.maths import (product_mean_residual, product_mean_residual_factors, refactorise_orthonormal,
+                                       product_correction_cos, product_correction_ls, factored_product_cosine)
 
 F64 = torch.float64
 

@@ -11,8 +11,8 @@ from flwr.serverapp import ServerApp
 from flwr.common.config import flatten_dict
 
 from fedlora.config import RunConfig, hydra_tree
-from fedlora.settings import flatten
-from fedlora.server import config_from_run_config
+from fedlora.core.settings import flatten
+from fedlora.run.server import config_from_run_config
 
 ROOT = Path(__file__).parents[1]
 

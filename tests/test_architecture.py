@@ -2,12 +2,10 @@
 
 * fedlora's own modules import each other without cycles (module-level and function-level
   imports alike: a deferred import hides a cycle, it does not remove it);
+* no module imports from a layer above its own (``LAYERS``, the order each package's
+  docstring states);
 * generic code never names a method: a method's name, its server and settings class names
-  appear only in ``strategies/`` (and in tests), so adding a method is one file there.
-
-The package layout is the installed one: ``strategies/`` is ``fedlora.strategies`` and
-``clients/`` is ``fedlora.clients`` (the worktree's ``fedlora/strategies`` and
-``fedlora/clients`` symlinks are skipped, so each file is read once).
+  appear only in ``fedlora/strategies/`` (and in tests), so adding a method is one file there.
 """
 
 from __future__ import annotations
@@ -19,7 +17,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # source folder -> the dotted package it installs as
-PACKAGES = {"fedlora": "fedlora", "strategies": "fedlora.strategies", "clients": "fedlora.clients"}
+PACKAGES = {"fedlora": "fedlora"}
+
+# fedlora's layers, lowest first: a module may import from its own layer and the ones before
+# it, never from a later one. A layer is named by module prefixes (a package or one module).
+LAYERS = [
+    ("core", ("fedlora.core",)),
+    ("maths and privacy", ("fedlora.aggregation", "fedlora.privacy")),
+    ("tasks", ("fedlora.tasks",)),
+    ("model", ("fedlora.model",)),
+    ("report", ("fedlora.report",)),
+    ("config", ("fedlora.config",)),
+    ("clients", ("fedlora.clients",)),
+    ("strategies", ("fedlora.strategies",)),
+    ("run", ("fedlora.run",)),
+    ("entry points", ("fedlora.simulate", "fedlora.deploy", "fedlora.sweep", "fedlora.compare",
+                      "fedlora")),
+]
 
 
 def source_modules() -> dict[str, Path]:
@@ -137,6 +151,60 @@ def shortest_cycle(graph: dict[str, set[str]], component: set[str], start: str) 
         frontier = following
 
 
+def layer_of(module: str, layers=LAYERS) -> int:
+    """The index in ``layers`` of the layer ``module`` belongs to (its longest prefix)."""
+    best, depth = None, -1
+    for index, (_, prefixes) in enumerate(layers):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > depth:
+                best, depth = index, len(prefix)
+    if best is None:
+        raise AssertionError(f"module {module} is in no layer: add it to LAYERS")
+    return best
+
+
+def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    """``a (layer) -> b (higher layer)`` for each import of a module from a layer above."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        here = layer_of(module, layers)
+        for target in sorted(targets):
+            there = layer_of(target, layers)
+            if there > here:
+                found.append(f"{module} ({layers[here][0]}) -> {target} ({layers[there][0]})")
+    return found
+
+
+def test_upward_import_finder_flags_a_bad_graph():
+    # Prepare: a three-layer toy; the low layer imports the top one
+    layers = [("low", ("p.low",)), ("mid", ("p.mid",)), ("top", ("p.top", "p"))]
+    good = {"p.low.a": set(), "p.mid.b": {"p.low.a"}, "p.top.c": {"p.mid.b", "p.low.a"},
+            "p.d": {"p.top.c"}}
+    bad = {**good, "p.low.a": {"p.top.c"}, "p.mid.b": {"p.low.a", "p.mid.e"}, "p.mid.e": set()}
+
+    # Execute / Assert
+    assert upward_imports(good, layers) == []
+    assert upward_imports(bad, layers) == ["p.low.a (low) -> p.top.c (top)"]
+
+
+def test_no_module_imports_from_a_layer_above():
+    # Execute
+    found = upward_imports(import_graph())
+
+    # Assert
+    assert not found, "imports from a higher layer:\n" + "\n".join(found)
+
+
+def test_every_package_docstring_names_its_layer():
+    # Each layer package says what it holds and what it may import.
+    for name, prefixes in LAYERS[:-1]:
+        for prefix in prefixes:
+            path = ROOT / (prefix.replace(".", "/") + "/__init__.py")
+            if not path.exists():
+                path = ROOT / (prefix.replace(".", "/") + ".py")
+            assert "Layer" in (ast.get_docstring(ast.parse(path.read_text())) or ""), f"{path} does not say which layer it is"
+
+
 def test_import_graph_is_read_from_every_module():
     # Execute
     graph = import_graph()
@@ -144,7 +212,7 @@ def test_import_graph_is_read_from_every_module():
     # Assert: the reader sees the three source folders and both kinds of import
     assert {"fedlora.config", "fedlora.strategies", "fedlora.strategies.base",
             "fedlora.clients.app"} <= set(graph)
-    assert "fedlora.aggregation" in graph["fedlora.strategies.base"]  # module level
+    assert "fedlora.aggregation.maths" in graph["fedlora.strategies.base"]  # module level
     assert "fedlora.strategies.base" in graph["fedlora.strategies.fedsb"]
 
 
@@ -175,7 +243,7 @@ def method_names() -> set[str]:
     arguments of ``register_strategy(...)`` calls in strategies/*.py and the classes passed to
     it, plus each registered class's ``name = "..."`` attribute (the pre-registry spelling)."""
     names, classes, class_names = set(), set(), {}
-    for path in sorted((ROOT / "strategies").glob("*.py")):
+    for path in sorted((ROOT / "fedlora" / "strategies").glob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) \
@@ -191,7 +259,7 @@ def method_names() -> set[str]:
                             == ["name"] and isinstance(item.value, ast.Constant):
                         class_names[node.name] = item.value.value
     # The regex form the registry promises: register_strategy("<name>", ...)
-    for path in sorted((ROOT / "strategies").glob("*.py")):
+    for path in sorted((ROOT / "fedlora" / "strategies").glob("*.py")):
         names.update(re.findall(r'register_strategy\(\s*["\'](\w+)["\']', path.read_text()))
     names.update(class_names[c] for c in classes if class_names.get(c))
     return {n.lower() for n in names | classes if n}

@@ -28,8 +28,8 @@ def real_truncated_checkpoint(run_dir: Path) -> None:
     grid and tiny model of the resume tests), then cut to half its bytes, as a copy cut short."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.checkpoint import CHECKPOINT
-    from fedlora.server import run_server
+    from fedlora.run.checkpoint import CHECKPOINT
+    from fedlora.run.server import run_server
     from tests.test_resume import SeededGrid, fresh_clients, make_run
     from tests.test_server_loop import make_tiny_bundle
 
@@ -48,7 +48,7 @@ def real_truncated_checkpoint(run_dir: Path) -> None:
 
 def minilm_config_only(folder: Path) -> None:
     """A model folder with the real model's config.json but no weights and no tokenizer."""
-    from fedlora.models import model_path
+    from fedlora.model.pretrained import model_path
 
     folder.mkdir()
     (folder / "config.json").write_text((Path(model_path("minilm")) / "config.json").read_text())
@@ -221,7 +221,7 @@ def test_deployment_refuses_an_undeclared_run_config_key_before_starting(tmp_pat
     from flwr.common.config import flatten_dict, fuse_dicts
 
     from fedlora.deploy import check_declared, flat_run_config, resolve_config
-    from fedlora.errors import ConfigError
+    from fedlora.core.errors import ConfigError
 
     # Prepare: the run config the launcher builds for a DP run, and Flower's declared keys
     declared = flatten_dict(tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -12,13 +12,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedlora import models
-from fedlora.adapters import part_of
+from fedlora.model import pretrained as models
+from fedlora.model.adapters import part_of
 from fedlora.clients.app import describe, full_adapter_state, setup, train
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig, client_config
 from fedlora.config import PartitionConfig
-from fedlora.data import DataSpec, client_partitions
+from fedlora.tasks.data import DataSpec, client_partitions
 from fedlora.tasks import make_task
 from fedlora.strategies import get_strategy
 from fedlora.strategies.fedex import residual_increments, update_base_delta

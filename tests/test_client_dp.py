@@ -1,4 +1,4 @@
-"""Client-level DP (fedlora.client_dp): DP-FedAvg's clipping and noised mean, adaptive
+"""Client-level DP (fedlora.privacy.client_level): DP-FedAvg's clipping and noised mean, adaptive
 clipping, and planning. Oracles: Flower 1.39's own DP functions (joint clipping, noise std,
 effective noise multiplier, geometric update), NumPy norms, the Gaussian's known std, and
 Google's dp_accounting for the planned epsilon."""
@@ -15,8 +15,10 @@ import torch
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
 from flwr.supercore import differential_privacy as flwr_dp
 
-from fedlora import client_dp, privacy
-from fedlora.client_dp import AdaptiveClip, clip_update, noised_mean
+from fedlora.privacy import client_level as client_dp
+
+from fedlora.privacy import accounting as privacy
+from fedlora.privacy.client_level import AdaptiveClip, clip_update, noised_mean
 from tests.experiment_scripts import load_experiment
 
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from dp_accounting import dp_event, rdp
 
-from fedlora.adapters import part_of
+from fedlora.model.adapters import part_of
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
-from fedlora.privacy import RDP_ORDERS
+from fedlora.core.errors import ConfigError
+from fedlora.privacy.accounting import RDP_ORDERS
 from fedlora.strategies import STRATEGIES
 from tests.federation import CLIENTS, HEAD_KEYS, Federation, effective_weights
 

@@ -1,4 +1,4 @@
-"""``python -m fedlora.compare`` on synthetic run directories with hand-computed numbers."""
+"""``python -m fedlora.report.compare`` on synthetic run directories with hand-computed numbers."""
 
 import csv
 import json
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from fedlora.compare import compare, group_runs, load_run, main, run_dirs
-from fedlora.errors import ConfigError
+from fedlora.report.compare import compare, group_runs, load_run, main, run_dirs
+from fedlora.core.errors import ConfigError
 
 
 def make_run(path: Path, strategy: str, seed: int, accuracy: list[float], up: int, down: int,
@@ -163,12 +163,12 @@ def test_directory_without_results_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_command_line(runs, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fedlora.compare", str(runs), "--out",
+    done = subprocess.run([sys.executable, "-m", "fedlora.report.compare", str(runs), "--out",
                            str(tmp_path / "out"), "--target", "0.45"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith("| method | n | rounds | final accuracy")
     assert done.stdout == (tmp_path / "out" / "comparison.md").read_text().split("\n\n")[0] + "\n"
-    bad = subprocess.run([sys.executable, "-m", "fedlora.compare", str(runs), "--target", "45"],
+    bad = subprocess.run([sys.executable, "-m", "fedlora.report.compare", str(runs), "--target", "45"],
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr == ("error: --target 45.0 is not an accuracy or exact match; give a number "

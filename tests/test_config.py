@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.comm import expected_params
+from fedlora.report.comm import expected_params
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 from fedlora.strategies import FFA, STRATEGIES, FedEx, FedIT, FedSB, FedSVD, LoRAFAIR
 
 HEAD_PARAMS = 21 * 384 + 21  # classifier.weight + classifier.bias for 21 labels

@@ -1,4 +1,4 @@
-"""Datasets, the fixed split, client partitions and batching (fedlora.data)."""
+"""Datasets, the fixed split, client partitions and batching (fedlora.tasks.data)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from fedlora.data import DataSpec, in_test_split, partition_indices
+from fedlora.tasks.data import DataSpec, in_test_split, partition_indices
 from fedlora.tasks.classification import Batches, load_dataset
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------
 # The embedded default (chatterbot-corpus topics)
@@ -321,7 +321,7 @@ def test_batches_with_the_real_tokenizer_mask_equals_token_lengths():
     # Prepare
     from transformers import AutoTokenizer
 
-    from fedlora.models import model_path
+    from fedlora.model.pretrained import model_path
 
     tokenizer = AutoTokenizer.from_pretrained(model_path("minilm"))
     texts = ["hi", "what is your favourite book", "tell me about the history of rome please"]

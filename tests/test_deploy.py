@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 
 from fedlora.deploy import (LocalFederation, flat_run_config, main, parse_deploy_args,
                             resolve_config, toml_lines, write_certificates)
-from fedlora.errors import ConfigError
-from fedlora.server import config_from_run_config
+from fedlora.core.errors import ConfigError
+from fedlora.run.server import config_from_run_config
 from fedlora.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -304,7 +304,7 @@ def test_a_restarted_supernode_rejoins_and_gets_back_its_state(tmp_path):
     same node id (node authentication) with an empty Context.state: its first reply says so
     and fails, its next message restores Fed-SB's B and A, and the last round trains all 3.
     About 3 min on 2 cores."""
-    from fedlora.comm import STATE_LOST
+    from fedlora.report.comm import STATE_LOST
 
     out = tmp_path / "run"
     federation = LocalFederation(out / "deploy", 3)

@@ -98,12 +98,12 @@ def test_every_relative_link_reaches_a_file_and_heading(page):
 
 def test_configuration_page_lists_the_generated_keys():
     # Prepare: the table the settings dataclasses generate
-    from fedlora.cli import keys_markdown
+    from fedlora.run.cli import keys_markdown
 
     page = (ROOT / "docs" / "configuration.md").read_text()
 
     # Execute
     shown = page.split("<!-- keys:start -->\n", 1)[1].split("\n<!-- keys:end -->", 1)[0]
 
-    # Assert: regenerate with `python -m fedlora.cli keys` when a setting changes
+    # Assert: regenerate with `python -m fedlora.run.cli keys` when a setting changes
     assert shown == keys_markdown()

@@ -17,15 +17,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fedlora import models, privacy
+from fedlora.model import pretrained as models
+
+from fedlora.privacy import accounting as privacy
 from fedlora.clients.app import train
 from fedlora.clients.dp import ClientPrivacy, check_opacus_can_wrap, private_gradient_sum
 from fedlora.clients.train import base_gradient_sum, client_update
 from fedlora.config import RunConfig, client_config
 from fedlora.config import PartitionConfig
-from fedlora.data import client_partitions
+from fedlora.tasks.data import client_partitions
 from fedlora.tasks.classification import Batches, load_dataset
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 from fedlora.strategies import get_strategy
 
 from tests.test_simulation import read_run, simulate

@@ -11,11 +11,11 @@ import json
 
 import pytest
 
-from fedlora.adapters import part_of
+from fedlora.model.adapters import part_of
 from fedlora.config import check_deployment
 from fedlora.tasks.classification import load_dataset
-from fedlora.errors import ConfigError
-from fedlora.server import run_server
+from fedlora.core.errors import ConfigError
+from fedlora.run.server import run_server
 from tests.dp_round_trip import DPFederation, dp_config
 
 ACCOUNTING = {"dp-noise-multiplier", "dp-sample-rate", "dp-delta", "dp-epsilon", "dp-sigmas",

@@ -1,4 +1,4 @@
-"""Secret DP randomness (fedlora.dp_random): the server cannot replay a node's Poisson sample
+"""Secret DP randomness (fedlora.privacy.randomness): the server cannot replay a node's Poisson sample
 or noise, the node can, and Opacus really draws its noise from the generator we give it.
 
 Oracles: ``torch.normal`` on an identically seeded twin generator (the noise Opacus must
@@ -13,10 +13,10 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from fedlora import dp_random
-from fedlora.dp_random import (NodeSecret, dp_rng, make_dp_optimizer, reproducible_random,
-                               reproducible_torch_generator, secret_random,
-                               secret_torch_generator)
+from fedlora.privacy import randomness as dp_random
+from fedlora.privacy.randomness import (NodeSecret, dp_rng, make_dp_optimizer, reproducible_random,
+                                        reproducible_torch_generator, secret_random,
+                                        secret_torch_generator)
 
 SEED, ROUND, PARTITION = 7, 3, 5
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedlora import models
-from fedlora.adapters import part_of
+from fedlora.model import pretrained as models
+from fedlora.model.adapters import part_of
 from fedlora.clients import app as client_app
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig, client_config, resolve_noise
-from fedlora.dp_random import dp_rng
-from fedlora.errors import ConfigError
+from fedlora.privacy.randomness import dp_rng
+from fedlora.core.errors import ConfigError
 from fedlora.strategies import get_strategy
 
 NUM_LABELS = 21

@@ -1,8 +1,8 @@
-"""The fine-tuned model out of a run (``fedlora.export``), checked by loading it the way a user
+"""The fine-tuned model out of a run (``fedlora.model.export``), checked by loading it the way a user
 would: peft's ``PeftModel.from_pretrained`` on a fresh base model (``DIR/adapter/``), or plain
 ``from_pretrained`` (``DIR/merged/``), whose logits must be fedlora's own model's.
 
-The runs go through ``fedlora.server.run_server`` on the embedded MiniLM classifier with a
+The runs go through ``fedlora.run.server.run_server`` on the embedded MiniLM classifier with a
 fake grid (no Ray): nodes that "train" by adding seeded noise to the parts their method trains,
 from the state the ClientApp would assemble; what is tested is the export, not learning. The
 causal-LM case uses a tiny random Llama with grouped-query attention (v_proj 64 -> 32).
@@ -18,14 +18,14 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
-from fedlora.adapters import inject_lora, lora_layers, part_of, split_residual_key
+from fedlora.model.adapters import inject_lora, lora_layers, part_of, split_residual_key
 from fedlora.clients.app import full_adapter_state
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig
 from fedlora.tasks.classification import Batches, TextDataset, TextSplit, evaluate
-from fedlora.export import ADAPTER_DIR, ADAPTER_WEIGHTS, MERGED_DIR, export_run, target_modules
-from fedlora.models import AdaptedModel, build_model, model_path
-from fedlora.server import run_server
+from fedlora.model.export import ADAPTER_DIR, ADAPTER_WEIGHTS, MERGED_DIR, export_run, target_modules
+from fedlora.model.pretrained import AdaptedModel, build_model, model_path
+from fedlora.run.server import run_server
 from fedlora.strategies import get_strategy
 from tests.federation import parts, reply
 

@@ -17,12 +17,12 @@ from flwr.app import Context, RecordDict
 
 from fedlora.clients.app import describe, setup, train
 from fedlora.clients.train import base_gradient_sum
-from fedlora.comm import expected_params
+from fedlora.report.comm import expected_params
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
-from fedlora.server import prepare, run_server
+from fedlora.core.errors import ConfigError
+from fedlora.run.server import prepare, run_server
 from fedlora.strategies import STRATEGIES
-from fedlora.models import ModelSpec, build_model
+from fedlora.model.pretrained import ModelSpec, build_model
 from tests.test_generation_task import char_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("flower_task")

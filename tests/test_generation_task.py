@@ -1,4 +1,4 @@
-"""Causal-LM pieces (fedlora.tasks.generation, fedlora.embedded_llm) on a tiny random Llama.
+"""Causal-LM pieces (fedlora.tasks.generation, fedlora.model.embedded_llm) on a tiny random Llama.
 
 The tokenizer is built here (one token per character, a ChatML chat template like SmolLM2's), so
 no test but the slow ones needs a file; the model is a 2-block LlamaConfig with grouped-query
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora import embedded_llm
-from fedlora.adapters import inject_lora, lora_layers
-from fedlora.data import in_test_split
-from fedlora.errors import ConfigError
+from fedlora.model import embedded_llm
+from fedlora.model.adapters import inject_lora, lora_layers
+from fedlora.tasks.data import in_test_split
+from fedlora.core.errors import ConfigError
 from fedlora.tasks.generation import (IGNORE_INDEX, PROBLEM_TYPES, ResponseTooLong,
                                       arithmetic_problems, collate_sft, encode_example,
                                       evaluate_generation, evaluate_operations, exact_match,

@@ -24,7 +24,7 @@ def test_two_rounds_on_fractional_gpus(tmp_path):
 def test_generative_federation_in_bf16_with_four_clients_on_one_gpu(tmp_path, flower_task):
     """The in-process generative federation (ClientApp handlers, no Ray) on the tiny Llama,
     device=cuda and bf16: the four clients share the process's one model on the one GPU."""
-    from fedlora.server import prepare, run_server
+    from fedlora.run.server import prepare, run_server
     from tests.test_generation_federation import ClientAppGrid, sft_config
     from tests.test_generation_task import char_tokenizer, tiny_llama
 
@@ -56,7 +56,7 @@ def test_4bit_base_weights_load_and_train_their_adapters(tmp_path):
     import bitsandbytes as bnb
 
     from fedlora.clients.train import client_update
-    from fedlora.models import ModelSpec, build_model
+    from fedlora.model.pretrained import ModelSpec, build_model
     from tests.test_generation_task import char_tokenizer, tiny_llama
 
     # Prepare

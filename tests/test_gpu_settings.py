@@ -10,19 +10,19 @@ import pytest
 import torch
 from torch import nn
 
-from fedlora.adapters import LoRALinear, lora_layers
+from fedlora.model.adapters import LoRALinear, lora_layers
 from fedlora.clients.train import base_gradient_sum, client_update
 from fedlora.config import RunConfig, client_config, specs_from_client_config
-from fedlora.errors import ConfigError
-from fedlora.models import AdaptedModel, ModelSpec, build_model
-from fedlora.server import prepare, run_server
+from fedlora.core.errors import ConfigError
+from fedlora.model.pretrained import AdaptedModel, ModelSpec, build_model
+from fedlora.run.server import prepare, run_server
 from tests.test_generation_federation import (CLIENTS, ROUNDS, ClientAppGrid, llama_folder,  # noqa: F401
                                               sft_config, sft_data)
 
 
 def sft_batch(bundle, sft_data, count: int = 3) -> dict:  # noqa: F811
     """The first ``count`` training examples of the tiny SFT data, collated as clients do."""
-    from fedlora.data import DataSpec
+    from fedlora.tasks.data import DataSpec
     from fedlora.tasks import make_task
 
     task = make_task("sft", DataSpec(path=str(sft_data)))

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.adapters import PARTS, lora_layers
-from fedlora.aggregation import lora_sb_init
+from fedlora.model.adapters import PARTS, lora_layers
+from fedlora.aggregation.maths import lora_sb_init
 from fedlora.clients.train import base_gradient_sum, client_update
 from fedlora.tasks.classification import Batches
-from fedlora.models import ModelSpec, build_model
+from fedlora.model.pretrained import ModelSpec, build_model
 
 SPEC = ModelSpec(num_labels=21, rank=4, alpha=8, latent=True, init_seed=0)
 HEAD_KEYS = {"classifier.weight", "classifier.bias"}

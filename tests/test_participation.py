@@ -1,4 +1,4 @@
-"""FedAU weights and participation models (fedlora.participation).
+"""FedAU weights and participation models (fedlora.aggregation.participation).
 
 ALGORITHMS.md invariant 7 and the FedAU test invariants 13-17 of
 notes/methods-b-lorafair-fedsvd-fedau-dp-comm.md (FedAU, arXiv 2306.03401; models as in
@@ -18,9 +18,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.aggregation import server_step_weights, weighted_sum
-from fedlora.participation import (Bernoulli, ClientWeighting, Cyclic, FedAUWeights, Markov, Uniform,
-                                   participation_probabilities, write_participation_csv)
+from fedlora.aggregation.maths import server_step_weights, weighted_sum
+from fedlora.aggregation.participation import (Bernoulli, ClientWeighting, Cyclic, FedAUWeights, Markov, Uniform,
+                                               participation_probabilities, write_participation_csv)
 
 F64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""Every release on record (fedlora.privacy's release log and ``privacy.json`` layout):
+"""Every release on record (fedlora.privacy.accounting's release log and ``privacy.json`` layout):
 epsilon is recomputed from the written JSON alone by Google's ``dp_accounting``, an
 accountant independent of Opacus: RDP (same orders) for fedlora's ``rdp`` accountant, PLD
 for its ``prv`` accountant."""
@@ -11,7 +11,7 @@ import dp_accounting
 import pytest
 from flwr.app import ConfigRecord, MetricRecord
 
-from fedlora import privacy
+from fedlora.privacy import accounting as privacy
 
 DELTA = 1e-5
 

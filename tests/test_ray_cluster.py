@@ -22,9 +22,9 @@ import torch
 
 import yaml
 
-from fedlora.cli import resumed_config
+from fedlora.run.cli import resumed_config
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 from fedlora.simulate import ray_head
 
 ROOT = Path(__file__).parents[1]

@@ -1,4 +1,4 @@
-"""Checkpoint, exact resume and failures in the server loop (``fedlora.server.run_server``).
+"""Checkpoint, exact resume and failures in the server loop (``fedlora.run.server.run_server``).
 
 In process, on the fake grid and tiny model of ``tests.test_server_loop``: a run is killed by an
 exception in round 6 (after its round-5 row, but with ``checkpoint_every=2`` its checkpoint is
@@ -16,12 +16,12 @@ import pytest
 import torch
 from flwr.app import Error, Message
 
-from fedlora.checkpoint import CHECKPOINT, FINAL_ADAPTER, load_checkpoint
+from fedlora.run.checkpoint import CHECKPOINT, FINAL_ADAPTER, load_checkpoint
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig
-from fedlora.results import read_results
+from fedlora.report.results import read_results
 from fedlora.tasks.classification import TextDataset, TextSplit
-from fedlora.server import run_server
+from fedlora.run.server import run_server
 from fedlora.strategies import STRATEGIES
 from tests.federation import ALPHA, M, N, RANK, SIZES, FakeClient, reply
 from tests.test_server_loop import LABELS, TEXTS, FakeGrid, make_tiny_bundle
@@ -314,7 +314,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_resumed_writer_appends_only_rows_that_differ_from_those_on_file(tmp_path):
     # Prepare: a killed run wrote rounds 0-2, its checkpoint holds rounds 0-1
-    from fedlora.results import ROW_FIELDS, ResultsWriter
+    from fedlora.report.results import ROW_FIELDS, ResultsWriter
 
     def row(r, accuracy, wall_s):
         return {**dict.fromkeys(ROW_FIELDS, 0), "round": r, "accuracy": accuracy, "loss": 1.0,

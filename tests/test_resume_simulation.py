@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fedlora.clients.app import simulated_crash
-from fedlora.checkpoint import FINAL_ADAPTER
+from fedlora.run.checkpoint import FINAL_ADAPTER
 
 TINY = ("strategy=fedsb", "clients=4", "clients_per_round=2", "local_steps=2", "max_length=16",
         "fedsb.init_samples=32")

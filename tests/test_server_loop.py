@@ -1,4 +1,4 @@
-"""The server's round loop (``fedlora.server.run_server``) on a fake grid and a tiny model.
+"""The server's round loop (``fedlora.run.server.run_server``) on a fake grid and a tiny model.
 
 No Ray and no pretrained model: a 5-dimensional bag-of-words classifier with two adapted 6 x 5
 layers, fake clients (``tests.federation.FakeClient``) answering the grid's messages. Checks
@@ -18,13 +18,13 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from torch import nn
 
-import fedlora.server
-from fedlora.adapters import inject_lora
+import fedlora.run.server
+from fedlora.model.adapters import inject_lora
 from fedlora.config import RunConfig
 from fedlora.tasks.classification import TextDataset, TextSplit
-from fedlora.models import AdaptedModel
-from fedlora.participation import Bernoulli, participation_probabilities
-from fedlora.server import run_server
+from fedlora.model.pretrained import AdaptedModel
+from fedlora.aggregation.participation import Bernoulli, participation_probabilities
+from fedlora.run.server import run_server
 from tests.federation import ALPHA, HISTOGRAMS, M, N, NUM_LABELS, RANK, SIZES, FakeClient
 
 pytestmark = pytest.mark.usefixtures("flower_task")
@@ -103,13 +103,13 @@ def test_fedex_with_fedau_and_bernoulli_participation_runs_through_empty_rounds(
     data = TextDataset(TextSplit(TEXTS, LABELS), TextSplit(TEXTS, LABELS), ("x", "y", "z"))
     clients = {100 + p: FakeClient(p, SIZES[p], tiny_bundle.initial_state) for p in range(4)}
     created = []
-    original = fedlora.server.get_strategy
+    original = fedlora.run.server.get_strategy
 
     def recording_get_strategy(name):
         cls = original(name)
         return lambda *args: created.append(cls(*args)) or created[-1]
 
-    monkeypatch.setattr(fedlora.server, "get_strategy", recording_get_strategy)
+    monkeypatch.setattr(fedlora.run.server, "get_strategy", recording_get_strategy)
 
     # Execute
     summary = run_server(FakeGrid(clients), cfg, tmp_path, tiny_bundle, data)

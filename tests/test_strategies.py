@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.adapters import factor_key, part_of, residual_key, split_residual_key
-from fedlora.comm import CommLedger, expected_params, message_part
-from fedlora.participation import Bernoulli, Cyclic, Markov, participation_probabilities
+from fedlora.model.adapters import factor_key, part_of, residual_key, split_residual_key
+from fedlora.report.comm import CommLedger, expected_params, message_part
+from fedlora.aggregation.participation import Bernoulli, Cyclic, Markov, participation_probabilities
 from fedlora.strategies import STRATEGIES, FederatedLoRA, FedIT
 from tests.federation import (CLIENTS, F64, HEAD_KEYS, HISTOGRAMS, LAYERS, M, N, RANK, Federation,
                               reply)

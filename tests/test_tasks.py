@@ -6,8 +6,8 @@ import json
 import pytest
 
 from fedlora.config import RunConfig, client_config, task_from_client_config
-from fedlora.data import DataSpec
-from fedlora.errors import ConfigError
+from fedlora.tasks.data import DataSpec
+from fedlora.core.errors import ConfigError
 from fedlora.tasks import tasks
 from fedlora.tasks.generation import last_number, normalised_text
 

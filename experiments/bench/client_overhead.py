@@ -34,10 +34,10 @@ import torch
 
 def bare_rounds(cfg, rounds: int, threads: int) -> float:
     """Seconds per round of the plain loop (no Flower, no Ray, no messages)."""
-    from fedlora.aggregation import sample_weights, weighted_mean_states
+    from fedlora.aggregation.maths import sample_weights, weighted_mean_states
     from fedlora.clients.train import client_update
-    from fedlora.data import client_partitions
-    from fedlora.models import build_model
+    from fedlora.tasks.data import client_partitions
+    from fedlora.model.pretrained import build_model
     from fedlora.strategies import get_strategy
 
     torch.set_num_threads(threads)

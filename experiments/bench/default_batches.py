@@ -9,7 +9,7 @@ def default_model_and_batches(strategy: str, steps: int, batch_size: int, max_le
     """``(cfg, bundle, batches, trained parts)``: the strategy's default adapters on
     all-MiniLM-L6-v2 and ``steps`` fixed-size training batches of the default task (seeded)."""
     from fedlora.config import RunConfig
-    from fedlora.models import build_model
+    from fedlora.model.pretrained import build_model
     from fedlora.strategies import get_strategy
     from fedlora.tasks.classification import Batches, load_dataset
 

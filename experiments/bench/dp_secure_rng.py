@@ -6,7 +6,7 @@
 The same fixed-size batches of the default task (all-MiniLM-L6-v2 with fedlora's LoRALinear
 adapters, the strategy's trained parts, batch 16) go through one Opacus DP-SGD step each
 (per-example gradients, clipping, noise from a node-secret generator, AdamW), built with
-``fedlora.dp_random.make_dp_optimizer``; once with ``secure_mode=False`` and once with
+``fedlora.privacy.randomness.make_dp_optimizer``; once with ``secure_mode=False`` and once with
 ``True`` (Opacus draws 1 + 4 Gaussians per coordinate instead of 1), each twice, alternating,
 and the faster of the two kept. Also the noise draw alone (Opacus' ``_generate_noise`` for the
 trained tensors, fastest of 20), which a busy machine disturbs less than a whole step. Prints
@@ -28,7 +28,7 @@ def step_seconds(strategy: str, steps: int, batch_size: int, max_length: int) ->
     from opacus import GradSampleModule
 
     from default_batches import default_model_and_batches
-    from fedlora.dp_random import NodeSecret, make_dp_optimizer, secret_torch_generator
+    from fedlora.privacy.randomness import NodeSecret, make_dp_optimizer, secret_torch_generator
 
     cfg, bundle, batches, trained = default_model_and_batches(strategy, steps, batch_size,
                                                               max_length)

@@ -126,7 +126,7 @@ from pathlib import Path
 import torch
 
 from fedlora.clients.train import client_update
-from fedlora.models import ModelSpec, build_model
+from fedlora.model.pretrained import ModelSpec, build_model
 from fedlora.tasks import make_task
 
 work, smoke = Path(sys.argv[1]), sys.argv[2] == "1"

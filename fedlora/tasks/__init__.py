@@ -12,7 +12,7 @@ Hooks (see ``Task``):
   ``dataset()``            the train/test splits (cached per process); ``train.labels`` are the
                            integer labels partitioners split on and label histograms count
   ``load_pretrained``      (class method) the Hugging Face model, tokenizer and head keys; the
-                           generic loader (``fedlora.models.build_model``) adds the adapters
+                           generic loader (``fedlora.model.pretrained.build_model``) adds the adapters
   ``training_examples``    the tokenised training split: ``collate``, ``epoch``, ``sample_steps``
   ``loss``                 (static) the loss of a batch with reduction mean | sum | none (one
                            value per example: what DP-SGD clips and Fed-SB's set-up sums)
@@ -25,6 +25,10 @@ Class attributes: ``default_model``, ``default_max_length``, ``run_defaults`` (`
 ``max_length``, ``rounds``, ``local_steps``, ``batch_size``, ``eval_every``,
 ``clients_per_round`` left null take them), and ``metrics``: the row keys of the evaluation, (primary metric, held-out
 loss), e.g. ``("accuracy", "loss")`` or ``("exact_match", "eval_loss")``.
+
+Layer 2: the tasks and their data (``fedlora.tasks.data``); may import ``fedlora.core``,
+``fedlora.aggregation`` and ``fedlora.privacy``. The model layer asks a task which model class
+to load.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, ClassVar
 
-from fedlora.data import DataSpec
-from fedlora.registry import Plugins
-from fedlora.settings import POSITIVE, setting
+from fedlora.tasks.data import DataSpec
+from fedlora.core.registry import Plugins
+from fedlora.core.settings import POSITIVE, setting
 
 ANSWER_RULES = ("last_number", "text", "regex")
 
@@ -93,14 +97,16 @@ class Task:
         raise NotImplementedError
 
     @classmethod
-    def load_pretrained(cls, path: str, spec) -> tuple:
+    def load_pretrained(cls, path: str, spec, options: dict) -> tuple:
         """``(model, tokenizer, head_keys)`` of the pretrained model at ``path`` for this task
-        (``spec``: ``fedlora.models.ModelSpec``). ``head_keys``: the state-dict keys of the
-        newly initialised head that is trained and travels with the adapters (empty: none)."""
+        (``spec``: ``fedlora.model.pretrained.ModelSpec``; ``options``: the keyword arguments of
+        ``from_pretrained`` the model layer chose: dtype, quantisation). ``head_keys``: the
+        state-dict keys of the newly initialised head that is trained and travels with the
+        adapters (empty: none)."""
         raise NotImplementedError
 
     def training_examples(self, tokenizer, max_length: int):
-        """The tokenised training split (``fedlora.data.ExampleBatches``)."""
+        """The tokenised training split (``fedlora.tasks.data.ExampleBatches``)."""
         raise NotImplementedError
 
     @staticmethod

@@ -9,7 +9,7 @@ the test split).
   conversations shipped in the ``chatterbot-corpus`` wheel. Every utterance is labelled with
   the topic file it comes from (21 topics). Utterances that occur in more than one topic are
   ambiguous and dropped; an exact duplicate inside one topic is kept once. The split is fixed
-  (``fedlora.data.in_test_split`` at 20 %).
+  (``fedlora.tasks.data.in_test_split`` at 20 %).
 * ``classification``: the user's data, ``data.path`` (JSONL/CSV, ``data.text_field`` and
   ``data.label_field``) or ``data.name`` (a Hugging Face dataset id). Labels are read from the
   data (any number of classes).
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from fedlora.data import (DataSpec, ExampleBatches, encode_labels, split_by_hash, split_files)
-from fedlora.errors import ConfigError
+from fedlora.tasks.data import (DataSpec, ExampleBatches, encode_labels, split_by_hash, split_files)
+from fedlora.core.errors import ConfigError
 from fedlora.tasks import Task, register_task
 
 
@@ -214,16 +214,14 @@ class Classification(Task):
                               "or use task=topic for the embedded data")
 
     @classmethod
-    def load_pretrained(cls, path: str, spec) -> tuple:
+    def load_pretrained(cls, path: str, spec, options: dict) -> tuple:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from fedlora.models import pretrained_options
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(spec.init_seed)  # the new head's init
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=spec.num_labels, output_loading_info=True,
-            **pretrained_options(spec))
+            **options)
         if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) ship without one
             tokenizer.pad_token = tokenizer.eos_token
             model.config.pad_token_id = tokenizer.pad_token_id

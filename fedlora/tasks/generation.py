@@ -29,8 +29,8 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
-from fedlora.data import DataSpec, ExampleBatches, encode_labels, in_test_split, split_files
-from fedlora.errors import ConfigError
+from fedlora.tasks.data import DataSpec, ExampleBatches, encode_labels, in_test_split, split_files
+from fedlora.core.errors import ConfigError
 from fedlora.tasks import Task, reduce_loss, register_task
 
 IGNORE_INDEX = -100  # the label of a token without loss (torch cross_entropy's ignore_index)
@@ -167,7 +167,7 @@ def arithmetic_problems(train_size: int = 2000, test_size: int = 200) -> Problem
 
     Problem types cycle in ``PROBLEM_TYPES`` order (balanced labels); names, objects and numbers
     come from a ``random.Random`` with a fixed seed of its own, so the result never depends on
-    global RNG state. The split is fixed by ``fedlora.data.in_test_split`` on the prompt (a
+    global RNG state. The split is fixed by ``fedlora.tasks.data.in_test_split`` on the prompt (a
     stable hash) with the test fraction ``test_size / (train_size + test_size)``; problems are
     drawn until both splits are full (those for a full split are skipped), so a prompt's side
     never depends on the sizes asked for beyond that fraction."""
@@ -567,7 +567,7 @@ class Generation(Task):
     """Supervised fine-tuning of a causal LM on (prompt, response) pairs, scored by exact match
     of greedy answers (``evaluate_generation``) and the held-out response loss."""
 
-    default_model = "smollm2"  # fedlora.embedded_llm.EMBEDDED_LLM
+    default_model = "smollm2"  # fedlora.model.embedded_llm.EMBEDDED_LLM
     default_max_length = 192
     # A SmolLM2-135M LoRA step (batch 8, ~70 tokens) takes ~1.6-3.3 s on a CPU core: 10 rounds
     # of 2 clients x 8 steps, scored every 5 rounds, take ~5-10 min on 2 cores.
@@ -588,14 +588,12 @@ class Generation(Task):
         _causal_lm_or_error(path, path, self.name)
 
     @classmethod
-    def load_pretrained(cls, path: str, spec) -> tuple:
+    def load_pretrained(cls, path: str, spec, options: dict) -> tuple:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from fedlora.models import pretrained_options
 
         _causal_lm_or_error(path, spec.name, cls.name)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **pretrained_options(spec))
+        model = AutoModelForCausalLM.from_pretrained(path, **options)
         if tokenizer.pad_token is None:  # padded positions are masked: any id will do
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id

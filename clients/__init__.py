@@ -1,1 +1,0 @@
-"""The ClientApp and the local computation of a federated client."""

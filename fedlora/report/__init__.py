@@ -1,0 +1,6 @@
+"""What a run reports: the results folder (``results``), exact byte accounting of the messages
+(``comm``), plots (``plots``) and the comparison of finished runs (``compare``).
+
+Layer 4: may import the layers below it (core, aggregation, privacy, tasks, model), never the
+config, the clients, the strategies or the run loop.
+"""
