@@ -98,3 +98,30 @@ def test_a_folder_without_runs_is_one_line_and_exit_code_2(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: {tmp_path} holds no run (no results.jsonl in it, its sub-directories or runs/); "
         "pass run, multirun or sweep directories"]
+
+
+def test_rows_of_runs_whose_folder_is_gone_are_kept(tmp_path):
+    # Prepare: runs a and b archived, then a's folder deleted (as after a fresh clone), b rerun
+    # with a new result and c added
+    sweep = tmp_path / "sweep"
+    for name, accuracy in (("a", 0.5), ("b", 0.6)):
+        write_run(sweep / "runs" / name, {"strategy": "ffa", "seed": 0}, [row(0, accuracy)],
+                  summary={"final_accuracy": accuracy})
+    archive([sweep], sweep)
+    for name in ("a", "b"):
+        for file in (sweep / "runs" / name).iterdir():
+            file.unlink()
+        (sweep / "runs" / name).rmdir()
+    write_run(sweep / "runs" / "b", {"strategy": "ffa", "seed": 0}, [row(0, 0.7)],
+              summary={"final_accuracy": 0.7})
+    write_run(sweep / "runs" / "c", {"strategy": "ffa", "seed": 1}, [row(0, 0.8)],
+              summary={"final_accuracy": 0.8})
+
+    # Execute
+    archive([sweep], sweep)
+
+    # Assert: a's numbers survive, b's are the rerun's
+    assert [(r["run"], r["final_accuracy"]) for r in read(sweep / "runs.csv")] == [
+        ("runs/a", "0.5"), ("runs/b", "0.7"), ("runs/c", "0.8")]
+    assert [(r["run"], r["accuracy"]) for r in read(sweep / "rounds.csv")] == [
+        ("runs/a", "0.5"), ("runs/b", "0.7"), ("runs/c", "0.8")]

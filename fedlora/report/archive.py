@@ -15,7 +15,9 @@ directory (its ``runs/<name>/``). Writes:
   (the clipping bound, the median update norm, the clients sampled).
 
 Interrupted runs a sweep moved aside (``<name>.failed-N``) are left out: their rerun replaced
-them. A run that has not finished is kept (``finished`` 0, the summary's columns empty).
+them. A run that has not finished is kept (``finished`` 0, the summary's columns empty). Rows
+already in OUT's CSV files for runs whose directory is gone are kept, so an experiment that
+adds runs to a folder in several calls (or reruns one of them) loses none of the others.
 """
 
 from __future__ import annotations
@@ -123,6 +125,21 @@ def differing_keys(runs: list[Run]) -> list[str]:
     return list(ALWAYS_KEYS) + varying
 
 
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def merged(earlier: list[dict], rows: list[dict], out: Path) -> list[dict]:
+    """``rows`` and the ``earlier`` rows whose run directory no longer exists (their numbers
+    are all that is left of them), in the order of the run names."""
+    fresh = {row["run"] for row in rows}
+    kept = [row for row in earlier if row["run"] not in fresh and not (out / row["run"]).exists()]
+    return sorted(kept + rows, key=lambda row: row["run"])
+
+
 def write_rows(path: Path, rows: list[dict]) -> None:
     """``rows`` as CSV; the columns are the union of their keys, in first-seen order."""
     fields = list(dict.fromkeys(key for row in rows for key in row))
@@ -139,9 +156,10 @@ def archive(paths, out) -> tuple[Path, Path]:
     names = [_name(run.path, out) for run in runs]
     keys = differing_keys(runs)
     out.mkdir(parents=True, exist_ok=True)
-    write_rows(out / "runs.csv", [run_row(run, name, keys) for run, name in zip(runs, names)])
-    write_rows(out / "rounds.csv", [row for run, name in zip(runs, names)
-                                    for row in round_rows(run, name)])
+    tables = {"runs.csv": [run_row(run, name, keys) for run, name in zip(runs, names)],
+              "rounds.csv": [row for run, name in zip(runs, names) for row in round_rows(run, name)]}
+    for file, rows in tables.items():
+        write_rows(out / file, merged(read_rows(out / file), rows, out))
     return out / "runs.csv", out / "rounds.csv"
 
 
