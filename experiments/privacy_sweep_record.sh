@@ -4,8 +4,9 @@
 # (9 languages, 4 497 sentences from the chatterbot-corpus wheel: experiments/data/
 # make_language_id.py; 3 617 for training), split IID over 3 clients (~1 200 each), all 3 in
 # each of 6 rounds of 10 local steps. Writes experiments/results/privacy-record/: sweep.csv,
-# sweep.md, privacy_utility.png, runs/<name>/ and logs/<name>.log. Resumable: finished runs
-# are skipped.
+# sweep.md, privacy_utility.png, runs/<name>/, logs/<name>.log, runs.csv and rounds.csv
+# (fedlora.report.archive: every run's numbers, which git keeps instead of the run folders).
+# Resumable: finished runs are skipped.
 #
 #   bash experiments/privacy_sweep_record.sh [SEEDS] [EXTRA KEY=VALUE ...]   # default seeds 0,1
 #
@@ -27,10 +28,12 @@ SEEDS=${1-0,1}
 shift || true
 TUNED="dp.epsilon:lr:head_lr=1:0.1:10,3:0.1:10,8:0.1:10,inf:0.1:10,32:0.1:10"
 DATA=experiments/data/language_id.jsonl
+OUT=${OUT:-experiments/results/privacy-record}
 [ -f "$DATA" ] || python experiments/data/make_language_id.py "$DATA"
 # shellcheck disable=SC2086  # AXIS and SETTING are lists of key=value words
 python -m fedlora.sweep ${SEEDS:+seed=$SEEDS} ${AXIS:-$TUNED} strategy="${STRATEGIES:-fedavg,ffa,fedsb,fedsvd}" \
     data.path="$DATA" data.text_field=sentence data.label_field=language \
     clients=3 clients_per_round=3 rounds=6 local_steps=10 eval_every=3 \
     ${SETTING:-optimizer=sgd batch_size=64 dp.clip=1} \
-    out="${OUT:-experiments/results/privacy-record}" "$@"
+    out="$OUT" "$@"
+python -m fedlora.report.archive "$OUT" --out "$OUT"

@@ -8,7 +8,7 @@
 # paper reports its tuning runs (they spend privacy too: a released tuned result is only as
 # private as the grid's composition). The sweep then ties the best (lr, head_lr) to each
 # epsilon (TUNED there). Writes experiments/results/
-# privacy-record-tuning/ (sweep.md/.csv, runs/<name>/). Resumable.
+# privacy-record-tuning/ (sweep.md/.csv, runs/<name>/, runs.csv, rounds.csv). Resumable.
 #
 #   bash experiments/privacy_tune_record.sh [KEY=VALUE ...]
 #
