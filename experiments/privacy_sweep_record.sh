@@ -10,18 +10,19 @@
 #
 #   bash experiments/privacy_sweep_record.sh [SEEDS] [EXTRA KEY=VALUE ...]   # default seeds 0,1
 #
-# The DP-SGD setting (README, "Record-level DP with few, large clients"): plain SGD at batch 64
+# The DP-SGD setting (docs/results/privacy-record.md): plain SGD at batch 64
 # with dp.clip=1; the adapters' lr and the classifier head's head_lr are chosen per epsilon by
 # experiments/privacy_tune_record.sh (FedIT, seed 0) and tied to it here
 # (dp.epsilon:lr:head_lr=...; the grid picked lr 0.1, head_lr 10 at every epsilon). Seeds vary
 # slowest, then epsilon (32 last), then the method. Environment knobs, used by the tuning
-# script and to rerun the first AdamW pass (README):
+# script and to rerun the first AdamW pass (docs/results/privacy-record-adamw.md):
 #   STRATEGIES  methods (default fedavg,ffa,fedsb,fedsvd)
 #   AXIS        the epsilon axis (default: the tuned dp.epsilon:lr:head_lr triples below)
 #   SETTING     the optimiser keys (default: the SGD setting above)
 #   OUT         the sweep's directory
 # With SEEDS given as '' there is no seed axis, and AXIS may tie the seed too
-# (seed:dp.epsilon:...=0:8:...,1:8:...): how the committed runs were ordered (README).
+# (seed:dp.epsilon:...=0:8:...,1:8:...): how the committed runs were ordered
+# (docs/results/privacy-record.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${1-0,1}

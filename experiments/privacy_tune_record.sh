@@ -12,7 +12,8 @@
 #
 #   bash experiments/privacy_tune_record.sh [KEY=VALUE ...]
 #
-# The first, AdamW pass (README) is the same setting with the methods' defaults:
+# The first, AdamW pass (docs/results/privacy-record-adamw.md) is the same setting with the
+# methods' defaults:
 #   SETTING="batch_size=32 dp.clip=1" AXIS="dp.epsilon=1,3,8,32,inf" \
 #       OUT=experiments/results/privacy-record-adamw bash experiments/privacy_sweep_record.sh 0
 set -euo pipefail
