@@ -9,7 +9,7 @@ and client loop as a federated run (max_length: the task's default), and prints 
 per evaluation plus the best and final scores. Classification evaluates after every epoch
 (``--epochs``); ``--steps`` trains that many batches instead (drawn in reshuffled passes) and
 evaluates every ``--eval-every-steps`` (a generative task's epoch of 2 000 examples is too long
-for a CPU). Federated runs are judged against this number (README).
+for a CPU). Federated runs are judged against this number (docs/results/default.md).
 
     python experiments/centralised.py                       # topic classification
     python experiments/centralised.py --task arithmetic --steps 160 --eval-every-steps 80 \\

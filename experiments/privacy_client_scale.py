@@ -17,14 +17,17 @@ there); the noise, the clipping and everything else are the same.
         [--clipping fixed|adaptive] [KEY=VALUE ...]
 
 Writes experiments/results/privacy-client-scale/: runs/m<M>[_adaptive]_seed<S>/ (a normal run
-directory), logs/, and scale.md, the table over every finished run there (one epsilon per
-folder: m, clipping, sigma, noise std of the mean, final accuracy, the share of FedSVD's no-DP
-gain over the majority class kept, against the client-level sweep's no-DP runs). Resumable: a
-run with a summary.json is skipped.
+directory), logs/, runs.csv and rounds.csv (``fedlora.report.archive``: the numbers of every run
+there, earlier ones included, which git keeps instead of the run folders), and scale.md, the
+table over every finished run in runs.csv (one epsilon per folder: m, clipping, sigma, noise std
+of the mean, final accuracy, the share of FedSVD's no-DP gain over the majority class kept,
+against the no-DP runs in the client-level sweep's sweep.csv). Resumable: a run with a
+summary.json is skipped.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import statistics
@@ -33,6 +36,7 @@ import sys
 from pathlib import Path
 
 from fedlora.privacy.client_level import noise_std_of_mean, plan_client_noise_multiplier
+from fedlora.report.archive import archive
 from fedlora.tasks.classification import load_chatterbot
 
 RESULTS = Path(__file__).parent / "results"
@@ -88,6 +92,7 @@ def main() -> None:
                                     f"out={run}", *args.keys], stdout=log, stderr=subprocess.STDOUT,
                                    check=True)
 
+    archive([OUT], OUT)
     write_table(args.epsilon, load_chatterbot().test.majority_share())
 
 
@@ -95,18 +100,24 @@ def run_name(per_round: int, clipping: str, seed: int) -> str:
     return f"m{per_round}{'_adaptive' if clipping == 'adaptive' else ''}_seed{seed}"
 
 
+def finished_rows(path: Path) -> list[dict]:
+    """The rows of a runs.csv (``fedlora.report.archive``) or sweep.csv of finished runs."""
+    with path.open(newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("finished", "1") == "1"]
+
+
 def write_table(epsilon: float, majority: float) -> None:
-    """scale.md over every finished run in OUT/runs (not only this call's)."""
+    """scale.md over every finished run in OUT/runs.csv (not only this call's)."""
     rows = []
-    for run in (OUT / "runs").glob("m*_seed*"):
-        found = re.fullmatch(r"m(\d+)(_adaptive)?_seed(\d+)", run.name)
-        accuracy = final_accuracy(run)
-        if found and accuracy is not None:
+    for run in finished_rows(OUT / "runs.csv"):
+        found = re.fullmatch(r"runs/m(\d+)(_adaptive)?_seed(\d+)", run["run"])
+        if found:
             per_round = int(found[1])
             rows.append((per_round, "adaptive" if found[2] else "fixed", int(found[3]),
-                         *emulated_noise_multiplier(per_round, epsilon), accuracy))
-    no_dp = [a for a in (final_accuracy(r) for r in sorted((SWEEP / "runs").glob("epsiloninf_seed*")))
-             if a is not None]
+                         *emulated_noise_multiplier(per_round, epsilon),
+                         float(run["final_accuracy"])))
+    no_dp = [float(run["final_accuracy"]) for run in finished_rows(SWEEP / "sweep.csv")
+             if run["epsilon_target"] == "inf"]
     reference = statistics.mean(no_dp) if no_dp else None
     lines = [f"Noise of m clients a round at ε = {epsilon:g} (q = {SAMPLE_RATE:g}, {ROUNDS} "
              f"rounds, δ = {DELTA:g}, C = {CLIP:g} to start), emulated on {TOTAL_CLIENTS} clients; "

@@ -1,4 +1,4 @@
-"""The README's record-level DP table, written from the sweeps' sweep.csv files alone.
+"""The record-level DP table of docs/results/privacy-record.md, from the sweeps' sweep.csv files.
 
 Final accuracy per method and epsilon (mean ± standard deviation over seeds) of the record-level
 sweep (experiments/privacy_sweep_record.sh), its own no-DP point, the no-DP point of the methods'

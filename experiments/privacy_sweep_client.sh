@@ -2,7 +2,8 @@
 # Client-level DP (dp.mode=client) on the default task: 100 clients, Poisson-sampled at
 # q = 10/100 per round, 25 rounds, dp.clip=1 with fixed clipping, uniform weighting, at epsilon
 # 1, 3, 8 and without DP. Writes experiments/results/privacy-client/ (sweep.csv, sweep.md,
-# privacy_utility.png, runs/, logs/). Resumable: finished runs are skipped.
+# privacy_utility.png, runs/, logs/, runs.csv and rounds.csv: every run's numbers, which git
+# keeps instead of the run folders and logs). Resumable: finished runs are skipped.
 #
 #   bash experiments/privacy_sweep_client.sh [SEEDS] [EXTRA KEY=VALUE ...]   # default seeds 0,1
 #
@@ -18,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${1:-0,1}
 shift || true
+OUT=${OUT:-experiments/results/privacy-client}
 python -m fedlora.sweep strategy="${STRATEGIES:-fedsvd}" dp.epsilon="${EPSILONS:-1,3,8,inf}" \
-    seed="$SEEDS" dp.mode=client weighting=uniform clients=100 \
-    out="${OUT:-experiments/results/privacy-client}" "$@"
+    seed="$SEEDS" dp.mode=client weighting=uniform clients=100 out="$OUT" "$@"
+python -m fedlora.report.archive "$OUT" --out "$OUT"

@@ -8,11 +8,12 @@
 # paper reports its tuning runs (they spend privacy too: a released tuned result is only as
 # private as the grid's composition). The sweep then ties the best (lr, head_lr) to each
 # epsilon (TUNED there). Writes experiments/results/
-# privacy-record-tuning/ (sweep.md/.csv, runs/<name>/). Resumable.
+# privacy-record-tuning/ (sweep.md/.csv, runs/<name>/, runs.csv, rounds.csv). Resumable.
 #
 #   bash experiments/privacy_tune_record.sh [KEY=VALUE ...]
 #
-# The first, AdamW pass (README) is the same setting with the methods' defaults:
+# The first, AdamW pass (docs/results/privacy-record-adamw.md) is the same setting with the
+# methods' defaults:
 #   SETTING="batch_size=32 dp.clip=1" AXIS="dp.epsilon=1,3,8,32,inf" \
 #       OUT=experiments/results/privacy-record-adamw bash experiments/privacy_sweep_record.sh 0
 set -euo pipefail

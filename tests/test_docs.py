@@ -1,6 +1,6 @@
-"""The documentation stands alone: README.md and docs/*.md never point readers outside the
-repository (no ``../shared``) and every relative Markdown link reaches a file that exists, and,
-where it names a heading of a Markdown file, a heading that exists."""
+"""The documentation stands alone: README.md, docs/*.md and docs/results/*.md never point
+readers outside the repository (no ``../shared``) and every relative Markdown link reaches a file
+that exists, and, where it names a heading of a Markdown file, a heading that exists."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+         *sorted((ROOT / "docs" / "results").glob("*.md"))]
 # [text](target) and ![alt](target); the target ends at whitespace or ')' (a title may follow)
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)

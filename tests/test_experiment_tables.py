@@ -1,5 +1,5 @@
-"""experiments/privacy_record_table.py: the README's record-level DP table is computed from the
-sweeps' sweep.csv files alone. Oracle: shares worked out by hand from the rows written here."""
+"""experiments/privacy_record_table.py: the record-level DP table (docs/results/privacy-record.md)
+is computed from the sweeps' sweep.csv files alone. Oracle: shares worked out by hand from the rows written here."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ local steps and batch size, from the same global state, and aggregate with the s
   of round 0 to the end of the last round (Ray start-up, model loading in the workers and the
   round-0 evaluation are reported separately), minus the server-side evaluation time.
 
-It prints one JSON line with both times per round and their ratio. Target (README): fedlora's
+It prints one JSON line with both times per round and their ratio. Target: fedlora's
 per-round time within 1.25x of the bare loop's on CPU.
 """
 
