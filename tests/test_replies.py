@@ -17,7 +17,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig
@@ -260,8 +260,8 @@ class InitExchange:
 INIT_CASES = [
     ("gradient NaN", with_arrays(lambda g: {k: v * float("nan") for k, v in g.items()}),
      "has NaN or Inf values"),
-    ("gradient of another shape", with_arrays(lambda g: {k: torch.zeros(2, 2, dtype=F64) for k in g}),
-     "has shape (2, 2)"),
+    ("gradient of another shape",
+     with_arrays(lambda g: {k: torch.zeros(2, 2, dtype=F64) for k in g}), "has shape (2, 2)"),
     ("one layer missing", with_arrays(lambda g: dict(list(g.items())[:1])),
      "missing ['encoder.0.value.base.weight']"),
     ("an extra tensor", with_arrays(lambda g: {**g, "head.weight": torch.zeros(3, N, dtype=F64)}),
@@ -363,20 +363,27 @@ class HostileGrid(FakeGrid):
 
     def send_and_receive(self, messages, timeout=None):
         kind = messages[0].metadata.message_type if messages else None
-        if kind == "query.describe":
-            return [Message(Error(code=0, reason="failed to load its data"), reply_to=m)
-                    if m.metadata.dst_node_id == 103 else FakeGrid.send_and_receive(self, [m])[0]
-                    for m in messages]
         if kind == SETUP_MESSAGE_TYPE:
-            return [rebuilt(m, {f"{layer}.base.weight": torch.ones((2, 2) if m.metadata.dst_node_id == 100
-                                                                   else (M, N))
+            return [rebuilt(m, {f"{layer}.base.weight": torch.ones(self.gradient_shape(m))
                                 for layer in ("query", "value")}, {"num-examples": 4})
                     for m in messages]
-        replies = super().send_and_receive(messages, timeout)
-        server_round = int(messages[0].content["config"]["server-round"]) if messages else 0
-        return [rebuilt(m, huge(r.content["arrays"].to_torch_state_dict()), dict(r.content["metrics"]))
-                if server_round == 2 and m.metadata.dst_node_id == 101 else r
-                for m, r in zip(messages, replies)]
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if kind == "query.describe" and node == 103:
+                replies.append(Message(Error(code=0, reason="failed to load its data"),
+                                       reply_to=message))
+                continue
+            reply = FakeGrid.send_and_receive(self, [message], timeout)[0]
+            if kind == "train" and node == 101 and message.content["config"]["server-round"] == 2:
+                reply = rebuilt(message, huge(reply.content["arrays"].to_torch_state_dict()),
+                                dict(reply.content["metrics"]))
+            replies.append(reply)
+        return replies
+
+    @staticmethod
+    def gradient_shape(message) -> tuple[int, int]:
+        return (2, 2) if message.metadata.dst_node_id == 100 else (M, N)
 
 
 def test_a_run_with_a_bad_node_at_every_door_finishes_and_lists_each_rejection(tmp_path):
