@@ -236,6 +236,11 @@ class RunConfig:
                                check=POSITIVE)
     round_timeout: float = setting(3600.0, "seconds the server waits for a round's replies",
                                    check=POSITIVE)
+    max_update_norm: float = setting(1e6, "a reply whose update moves the global state further "
+                                     "than this is rejected: the L2 norm of (update - global) "
+                                     "over its trained tensors jointly; far above any honest "
+                                     "update, it stops a node that sends huge values",
+                                     check=POSITIVE)
     checkpoint_every: int = setting(1, "write DIR/checkpoint.pt every this many rounds (and the "
                                     "last); 0: never", check=NONNEGATIVE)
     verbose: bool = setting(False, "Flower and Ray logs on the console")

@@ -128,7 +128,8 @@ class Federation:
         self.initial = initial_state(cls.latent)
         self.clients = {100 + p: FakeClient(p, sizes[p], self.initial) for p in range(CLIENTS)}
         self.strategy.register_nodes({node: c.partition_id for node, c in self.clients.items()},
-                                     HISTOGRAMS)
+                                     HISTOGRAMS,
+                                     {c.partition_id: c.num_examples for c in self.clients.values()})
         self.arrays = ArrayRecord(self.initial)
         gen = torch.Generator().manual_seed(99)
         self.W0 = {layer: torch.randn(M, N, generator=gen, dtype=F64) for layer in LAYERS}

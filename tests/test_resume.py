@@ -19,6 +19,7 @@ from flwr.app import Error, Message
 from fedlora.run.checkpoint import CHECKPOINT, FINAL_ADAPTER, load_checkpoint
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE
 from fedlora.config import RunConfig
+from fedlora.report.comm import STATE_LOST
 from fedlora.report.results import read_results
 from fedlora.tasks.classification import TextDataset, TextSplit
 from fedlora.run.server import run_server
@@ -224,9 +225,19 @@ def test_a_restarted_node_gets_back_what_it_lost(strategy, same_id, tmp_path):
     restarted = run_server(RestartingGrid(fresh_clients(bundle, 100), new_id=None if same_id else 777),
                            cfg, tmp_path / "run", bundle, data)
     # Assert
-    rows = rows_of(tmp_path / "run")
-    assert without_timing(rows) == without_timing(rows_of(tmp_path / "reference"))
+    rows, reference_rows = rows_of(tmp_path / "run"), rows_of(tmp_path / "reference")
+    # the same rows but for timing and why partition 2 failed (lost state here, a crash there)
+    assert ([{k: v for k, v in row.items() if k != "rejected"} for row in without_timing(rows)]
+            == [{k: v for k, v in row.items() if k != "rejected"}
+                for row in without_timing(reference_rows)])
     assert rows[RESTART]["clients_failed"] == (1 if fails_once else 0)
+    rejected, crashed = ([(r["round"], r["partition"], r["reason"])
+                          for row in run_rows for r in row.get("rejected", [])]
+                         for run_rows in (rows, reference_rows))
+    assert ([e for e in rejected if e[:2] != (RESTART, 2)]
+            == [e for e in crashed if e[:2] != (RESTART, 2)])
+    assert ([STATE_LOST in why for *where, why in rejected if tuple(where) == (RESTART, 2)]
+            == ([True] if fails_once else []))
     final = torch.load(tmp_path / "run" / FINAL_ADAPTER)
     expected = torch.load(tmp_path / "reference" / FINAL_ADAPTER)
     assert states_equal(final["adapter"], expected["adapter"])

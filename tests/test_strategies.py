@@ -727,4 +727,4 @@ def test_trained_parts_in_decides_what_is_sent_trained_and_accepted():
         assert torch.equal(new[B], after_1[B]) and not torch.equal(new[A], after_1[A])
     assert report.clients_trained == CLIENTS - 1
     assert [node for node, _ in report.rejected] == [odd.metadata.dst_node_id]
-    assert report.rejected[0][1].startswith("keys differ from the trained parts (extra")
+    assert report.rejected[0][1].startswith("keys differ from the expected tensors (extra")

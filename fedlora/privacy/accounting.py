@@ -199,6 +199,78 @@ def longer_releases(*logs: list[Release]) -> list[Release]:
     return max(logs, key=release_steps)
 
 
+# --------------------------------------------------------------------------------------------
+# What a reply's accountant must be before the ledger keeps it (and before the server takes the
+# reply): the fields ``PrivacyLedger.record`` reads, each a finite number in its range, and the
+# history and release log as equal-length lists the readers above can turn into entries.
+
+ACCOUNTANT_FIELDS = {  # metric -> (lowest, highest) allowed value
+    "dp-noise-multiplier": (0.0, math.inf), "dp-sample-rate": (0.0, 1.0),
+    "dp-delta": (0.0, 1.0), "dp-epsilon": (0.0, math.inf)}
+HISTORY_COLUMNS = {"sigmas": (0.0, math.inf), "rates": (0.0, 1.0), "steps": (0, math.inf)}
+RELEASE_COLUMNS = {"kinds": (0, len(RELEASE_KINDS) - 1), "rounds": (0, math.inf),
+                   "sigmas": (0.0, math.inf), "rates": (0.0, 1.0), "steps": (0, math.inf)}
+INTEGER_COLUMNS = frozenset({"steps", "kinds", "rounds"})
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _value_problem(key: str, value, low: float, high: float, integer: bool) -> str | None:
+    if not _is_number(value) or not low <= value <= high or (integer and value != int(value)):
+        kind = "an integer" if integer else "a finite number"
+        return f"'{key}' is {value!r}, not {kind} in [{low:g}, {high:g}]"
+    return None
+
+
+def _columns_problem(metrics, prefix: str, columns: dict) -> str | None:
+    keys = [f"{prefix}{name}" for name in columns]
+    present = [key for key in keys if key in metrics]
+    if not present:
+        return None
+    if len(present) < len(keys):
+        return f"the accountant has {present} but lacks {sorted(set(keys) - set(present))}"
+    lengths = set()
+    for key, (name, (low, high)) in zip(keys, columns.items()):
+        values = metrics[key]
+        if not isinstance(values, list):
+            return f"'{key}' is {values!r}, not a list"
+        lengths.add(len(values))
+        for value in values:
+            problem = _value_problem(key, value, low, high, name in INTEGER_COLUMNS)
+            if problem:
+                return problem
+    if len(lengths) > 1:
+        return f"the lists {keys} differ in length"
+    return None
+
+
+def accountant_problem(metrics) -> str | None:
+    """Why a reply's accountant (``ClientPrivacy.metrics`` in the client) cannot be taken into
+    the ledger, or None: a field ``PrivacyLedger.record`` reads is missing or out of its range
+    (epsilon and the noise multiplier finite and >= 0, the sample rate in [0, 1], delta in
+    (0, 1]),
+    the history or the release log is partial, of unequal lengths, or holds a value that is
+    not a finite number in range (steps and rounds integers >= 0, kinds indices of
+    ``RELEASE_KINDS``), or ``dp-declined`` is not 0 or 1."""
+    for key, (low, high) in ACCOUNTANT_FIELDS.items():
+        if key not in metrics:
+            return f"the accountant lacks '{key}'"
+        problem = _value_problem(key, metrics[key], low, high, integer=False)
+        if problem:
+            return problem
+    if metrics["dp-delta"] <= 0:  # delta_k = min(delta, 1/n_k) > 0
+        return f"'dp-delta' is {metrics['dp-delta']!r}, not in (0, 1]"
+    problem = (_columns_problem(metrics, "dp-", HISTORY_COLUMNS)
+               or _columns_problem(metrics, "dp-release-", RELEASE_COLUMNS))
+    if problem:
+        return problem
+    if "dp-declined" in metrics and metrics["dp-declined"] not in (0, 1):
+        return f"'dp-declined' is {metrics['dp-declined']!r}, not 0 or 1"
+    return None
+
+
 NOISE_SOURCES = ("secret", "reproducible")  # fedlora.privacy.randomness's modes
 DP_MODES = ("record", "client")
 
@@ -329,13 +401,15 @@ class ServerPrivacy:
         return self.ledger.config_for(partition_id)
 
     def incoming(self, replies, partition_of: dict[int, int]) -> tuple[list, list[int]]:
-        """``(replies to aggregate, partitions that declined now)``. A reply without an
-        accountant (an error, a stranger) is kept: the reply check says what is wrong with it."""
+        """``(replies to aggregate, partitions that declined now)``. A reply without a
+        well-formed accountant (an error, a stranger, a malformed or missing one,
+        ``accountant_problem``) is kept, and its accountant is not: the reply check says what
+        is wrong with it."""
         kept, declined = [], []
         for reply in replies:
             metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
             partition_id = partition_of.get(reply.metadata.src_node_id)
-            if metrics is None or partition_id is None or "dp-epsilon" not in metrics:
+            if metrics is None or partition_id is None or accountant_problem(metrics):
                 kept.append(reply)
                 continue
             self.ledger.record(partition_id, metrics)

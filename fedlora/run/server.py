@@ -4,7 +4,8 @@ The loop, in this order (the same in simulation and deployment):
   0. wait until all ``clients`` nodes are connected (Flower registers them over the first
      seconds), ask each for its partition id and label histogram (``query.describe``; under
      DP a client sends no histogram: in simulation the server computes them from the
-     partitioner it owns, in deployment there are none);
+     partitioner it owns, in deployment there are none); a node whose answer is an error or
+     fails the reply schema (``fedlora.strategies.replies``) is left out of the run;
   1. the strategy's one-time initialisation (Fed-SB: round-0 gradient upload, counted);
   2. evaluate the initial global model on the held-out test split (round 0);
   3. for each round: ``configure_train`` (sampling: possibly nobody, under a participation
@@ -14,7 +15,8 @@ The loop, in this order (the same in simulation and deployment):
      strategy's base-weight delta: FedEx-LoRA) is evaluated on the server and a row is
      appended to ``results.jsonl``; every ``checkpoint_every`` rounds (after round 0, and the
      last) ``checkpoint.pt`` is written (``fedlora.run.checkpoint``); replies that are missing
-     after ``round_timeout`` or rejected count as ``clients_failed``;
+     after ``round_timeout`` or rejected count as ``clients_failed``, the rejected ones also
+     listed with their reasons in the row's ``rejected``;
   4. the participation matrix (rounds x clients) goes to ``participation.csv``, the final
      global adapter (and FedEx's base delta) to ``final_adapter.pt``.
 
@@ -48,6 +50,7 @@ from fedlora.aggregation.participation import write_participation_csv
 from fedlora.report.results import ResultsWriter, build_summary, elapsed
 from fedlora.strategies import get_strategy
 from fedlora.strategies.base import RoundReport
+from fedlora.strategies.replies import describe_problem
 
 log = logging.getLogger("fedlora")
 
@@ -90,20 +93,20 @@ def wait_for_nodes(grid, count: int, timeout_s: float = 300.0) -> list[int]:
         time.sleep(0.2)
 
 
-def describe_nodes(grid, nodes: list[int], config: dict, strict: bool = True) -> dict[int, dict]:
+def describe_nodes(grid, nodes: list[int], config: dict, clients: int) -> dict[int, dict]:
     """Each node's partition id, number of examples and label histogram (None from a DP
-    client, which does not send it; ``strict=False``: a node that fails to answer is logged
-    and left out)."""
+    client, which does not send it). A node whose answer is an error or fails the reply schema
+    (``fedlora.strategies.replies.describe_problem``: a partition id outside 0..clients-1, a
+    count that is not a positive integer, a malformed histogram) is logged and left out."""
     messages = [Message(content=RecordDict({"config": ConfigRecord(config)}),
                         message_type="query.describe", dst_node_id=node) for node in nodes]
     info = {}
     for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
-        if reply.has_error() and not strict:
-            log.warning("node %s did not describe itself: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
+        problem = describe_problem(reply, clients, config.get("num-labels"))
+        if problem:
+            log.warning("node %s did not describe itself (it is left out): %s",
+                        reply.metadata.src_node_id, problem)
             continue
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
         metrics = reply.content["metrics"]
         info[reply.metadata.src_node_id] = {"partition_id": int(metrics["partition-id"]),
                                             "num_examples": int(metrics["num-examples"]),
@@ -132,8 +135,7 @@ def rejoined_nodes(grid, known: set[int], config: dict, clients: int, server_rou
         return {}
     known.update(new)
     joined = {node: info["partition_id"] for node, info in
-              describe_nodes(grid, new, config, strict=False).items()
-              if 0 <= info["partition_id"] < clients}
+              describe_nodes(grid, new, config, clients).items()}
     for node, partition_id in joined.items():
         log.warning("round %d: node %s joined for partition %d: it takes the partition's place "
                     "and gets what the partition's node held", server_round, node, partition_id)
@@ -148,6 +150,7 @@ class LoopProgress:
     last_row_round: int = -1
     trained: int = 0  # clients aggregated since the last row
     failed: int = 0  # clients missing or rejected since the last row
+    rejected: list[dict] = field(default_factory=list)  # {round, partition, reason} since then
     train_losses: list[float] = field(default_factory=list)  # per aggregated round since then
     client_processes: dict[int, int] = field(default_factory=dict)  # pid -> model builds seen
     eval_seconds: list[float] = field(default_factory=list)
@@ -155,13 +158,16 @@ class LoopProgress:
     rounds_not_aggregated: int = 0  # rounds with messages but no aggregation
     resumed_at: list[int] = field(default_factory=list)  # checkpoint rounds resumed after
 
-    def add_round(self, report: RoundReport, sent: int, answered: int) -> None:
+    def add_round(self, report: RoundReport, sent: int, answered: int, server_round: int = 0,
+                  partition_of: dict[int, int] | None = None) -> None:
         """One training round: ``sent`` messages, ``answered`` replies, the strategy's report.
         Declining for lack of DP budget is no failure (neither missing nor rejected)."""
         for client in report.client_reports:
-            pid = int(client["pid"])
-            self.client_processes[pid] = max(self.client_processes.get(pid, 0),
-                                             int(client["model-builds"]))
+            if "pid" in client and "model-builds" in client:  # what a ClientApp reports
+                pid = int(client["pid"])
+                self.client_processes[pid] = max(self.client_processes.get(pid, 0),
+                                                 int(client["model-builds"]))
+        self.add_rejected(server_round, report.rejected, partition_of or {})
         failed = sent - answered + len(report.rejected)
         self.trained += report.clients_trained
         self.failed += failed
@@ -172,11 +178,25 @@ class LoopProgress:
         elif sent:
             self.rounds_not_aggregated += 1
 
+    def add_setup(self, rejected: list[tuple[int, str]], partition_of: dict[int, int]) -> None:
+        """The method's set-up round (0): its rejected replies (node id, reason) are failures."""
+        self.add_rejected(0, rejected, partition_of)
+        self.failed += len(rejected)
+        self.failed_total += len(rejected)
+
+    def add_rejected(self, server_round: int, rejected: list[tuple[int, str]],
+                     partition_of: dict[int, int]) -> None:
+        """Rejected replies' reasons for the next row (partition None: a sender that is no
+        node of the run)."""
+        self.rejected += [{"round": server_round, "partition": partition_of.get(node),
+                           "reason": reason} for node, reason in rejected]
+
     def mean_train_loss(self) -> float | None:
         return sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
 
     def row_written(self, server_round: int) -> None:
         self.last_row_round, self.trained, self.failed, self.train_losses = server_round, 0, 0, []
+        self.rejected = []
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -209,20 +229,25 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                            resumed_rows=checkpoint["rows"] if checkpoint else None,
                            metrics=task.metrics)
 
-    nodes = describe_nodes(grid, wait_for_nodes(grid, cfg.clients), config)
+    connected = wait_for_nodes(grid, cfg.clients)
+    nodes = describe_nodes(grid, connected, config, cfg.clients)
     held = sorted(info["partition_id"] for info in nodes.values())
-    if held != list(range(cfg.clients)):  # deployment: each SuperNode's --node-config says which
-        raise RuntimeError(f"the {len(held)} nodes hold partitions {held[:12]}; clients={cfg.clients} "
-                           f"needs each of 0..{cfg.clients - 1} once: start node i with --node-config "
-                           f"'partition-id=i num-partitions={cfg.clients}'")
+    hint = (f"clients={cfg.clients} needs each of 0..{cfg.clients - 1} once: start node i with "
+            f"--node-config 'partition-id=i num-partitions={cfg.clients}'")
+    if not held or len(set(held)) < len(held):  # deployment: each --node-config says which
+        raise RuntimeError(f"the {len(held)} nodes hold partitions {held[:12]}; {hint}")
+    if len(held) < cfg.clients:  # nodes that failed to describe themselves are left out
+        log.warning("the run goes on without partitions %s (their nodes did not describe "
+                    "themselves); %s", sorted(set(range(cfg.clients)) - set(held))[:12], hint)
     partition_of = {node: info["partition_id"] for node, info in nodes.items()}
-    known_nodes = set(nodes)
+    known_nodes = set(connected)  # a node left out is asked again only under a new id
     if cfg.dp.enabled and owns_partitions:  # what DP clients do not send, from the partitioner
         histograms = server_label_histograms(cfg, data)
         for info in nodes.values():
             info["label_histogram"] = histograms[info["partition_id"]]
     strategy.register_nodes(partition_of,
-                            {info["partition_id"]: info["label_histogram"] for info in nodes.values()})
+                            {info["partition_id"]: info["label_histogram"] for info in nodes.values()},
+                            {info["partition_id"]: info["num_examples"] for info in nodes.values()})
     writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
 
     score = task.evaluator(bundle, data.test, cfg.max_length, cfg.device)
@@ -243,6 +268,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
         log.warning("resuming %s after round %d", out, checkpoint["round"])
     else:
         arrays, first_round = strategy.initialize(grid, ArrayRecord(bundle.state(PARTS)), exchange), 1
+        progress.add_setup(strategy.setup_rejected, partition_of)  # in round 0's row
 
     def evaluate_global(arrays: ArrayRecord) -> dict:
         begin = time.time()
@@ -265,7 +291,8 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             "bytes_down_cum": ledger.total("down", server_round),
             "params_up_per_client": ledger.params_up_per_client(server_round),
             "epsilon": strategy.privacy.max_epsilon() if strategy.privacy else None,
-            "wall_s": elapsed(started)})
+            "wall_s": elapsed(started),
+            **({"rejected": progress.rejected} if progress.rejected else {})})
         if strategy.privacy is not None:  # rewritten every row: an independent recomputation
             writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file
         progress.row_written(server_round)
@@ -293,7 +320,8 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                 log.warning("round %d: %d of %d clients sent no reply within round_timeout=%g s",
                             server_round, len(messages) - len(replies), len(messages),
                             cfg.round_timeout)
-            progress.add_round(report, len(messages), len(replies))
+            progress.add_round(report, len(messages), len(replies), server_round,
+                               strategy.partition_of)
             if report.arrays is not None:
                 arrays = report.arrays
             if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:

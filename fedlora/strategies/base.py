@@ -10,9 +10,9 @@ that it works with every method:
 
 * ``ClientSampler`` (``fedlora.aggregation.participation``): uniform sampling or a participation model;
 * ``ClientWeighting`` (``fedlora.aggregation.participation``): ``c_k`` by samples, uniform or FedAU;
-* ``reply_problem``: why a reply must be rejected (a pure function);
-* ``NodeBook``: each node's partition, who is being restored, which partitions trained, and
-  what each node was sent this round (committed on a valid reply);
+* ``ReplySchema`` (``fedlora.strategies.replies``): why a reply must be rejected (pure checks);
+* ``NodeBook``: each node's partition and its size as described, who is being restored, which
+  partitions trained, and what each node was sent this round (committed on a valid reply);
 * ``ServerPrivacy`` (``fedlora.privacy.accounting``): the record-level DP ledger around the round's
   messages; ``ClientLevelDP`` (``fedlora.privacy.client_level``): client-level DP on the round's updates.
 
@@ -27,8 +27,11 @@ One training round, in this order (``configure_train`` then ``aggregate_train``)
   3. clients train only those parts and reply with them (``fedlora.clients``); under DP each
      reports its accountant, taken into the ledger first, and one out of budget declines
      instead (never sampled again);
-  4. reject replies that failed, miss keys, have wrong shapes/dtypes or non-finite values
-     (logged with the reason; the global state never sees them; a node that says it lost its
+  4. reject replies that fail the reply schema (``fedlora.strategies.replies``): errors, keys,
+     shapes or dtypes other than those sent, non-finite values, ``num-examples`` not a positive
+     integer up to the node's described size, an update further than ``max_update_norm`` from
+     the global state, a malformed DP accountant (logged with the reason and reported in
+     ``RoundReport.rejected``; the global state never sees them; a node that says it lost its
      state is restored next time); a round with fewer than ``min_clients`` valid replies is
      not aggregated at all (never partially);
   5. book the valid replies: those nodes are whole again and their partitions have trained;
@@ -63,6 +66,7 @@ from fedlora.report.comm import RESTORE, STATE_LOST
 from fedlora.config import round_lr
 from fedlora.aggregation.participation import ClientSampler, ClientWeighting, FedAUWeights
 from fedlora.privacy.accounting import PrivacyLedger, ServerPrivacy
+from fedlora.strategies.replies import ReplySchema, TensorSpec, tensor_spec
 
 log = logging.getLogger("fedlora")
 
@@ -102,40 +106,16 @@ class RoundReport:
         return 2
 
 
-def reply_problem(message: Message, known_nodes, expected: dict[str, torch.Tensor]) -> str | None:
-    """Why a train reply must be rejected, or None if it is a valid update: an error reply, no
-    arrays or metrics, an unknown sender, keys other than ``expected``'s, a tensor of another
-    shape or dtype than ``expected``'s, a NaN or Inf, or no training examples."""
-    if message.has_error():
-        return f"client error: {message.error.reason}"
-    if "arrays" not in message.content.array_records or "metrics" not in message.content.metric_records:
-        return "reply lacks 'arrays' or 'metrics'"
-    if message.metadata.src_node_id not in known_nodes:
-        return f"reply from unknown node {message.metadata.src_node_id}"
-    update = message.content["arrays"].to_torch_state_dict()
-    if set(update) != set(expected):
-        extra, missing = sorted(set(update) - set(expected)), sorted(set(expected) - set(update))
-        return f"keys differ from the trained parts (extra {extra[:3]}, missing {missing[:3]})"
-    for key, tensor in update.items():
-        reference = expected[key]
-        if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
-            return (f"'{key}' has shape {tuple(tensor.shape)} {tensor.dtype}, expected "
-                    f"{tuple(reference.shape)} {reference.dtype}")
-        if not torch.isfinite(tensor).all():
-            return f"'{key}' has NaN or Inf values"
-    if message.content["metrics"].get("num-examples", 0) <= 0:
-        return "reply reports no training examples"
-    return None
-
-
 @dataclass
 class NodeBook(Generic[Sent]):
-    """Who is who among the nodes: each node's partition, the nodes that lost their
+    """Who is who among the nodes: each node's partition, each partition's number of examples
+    as its node described it (the most a reply may claim), the nodes that lost their
     Context.state and are being restored, the partitions whose node has replied validly, and
     what each node was sent this round (``sent``, committed only on a valid reply, so a lost
     message is simply sent again)."""
 
     partition_of: dict[int, int] = field(default_factory=dict)  # node id -> partition id
+    examples: dict[int, int] = field(default_factory=dict)  # partition id -> described size
     restoring: set[int] = field(default_factory=set)
     partitions_trained: set[int] = field(default_factory=set)
     sent: dict[int, Sent] = field(default_factory=dict)  # node id -> this round's record
@@ -214,6 +194,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
             self.sampler.use_rate(self.client_dp.sample_rate)
         self.server_round = 0
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
+        self.setup_rejected: list[tuple[int, str]] = []  # (node id, reason) in ``initialize``
 
     # Read-only views of the parts, for reports and tests.
 
@@ -330,10 +311,13 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         return part_of(key, self.head_keys)
 
     def register_nodes(self, partition_of: dict[int, int],
-                       label_histograms: dict[int, list[int]] | None = None) -> None:
-        """The connected nodes (node id -> partition id) and, for the participation models,
-        each partition's label histogram (partition id -> counts per label)."""
+                       label_histograms: dict[int, list[int]] | None = None,
+                       examples: dict[int, int] | None = None) -> None:
+        """The connected nodes (node id -> partition id), for the participation models each
+        partition's label histogram (partition id -> counts per label) and, for the reply
+        check, each partition's number of examples as described (partition id -> count)."""
         self.nodes.partition_of = dict(partition_of)
+        self.nodes.examples = dict(examples or {})
         self.sampler.use_label_histograms(label_histograms)
 
     def nodes_restarted(self, partition_of: dict[int, int]) -> None:
@@ -403,10 +387,13 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         replies = self.record_privacy(replies, report.declined)
         expected = {k: v for k, v in self.current.items()
                     if self.part(k) in self.trained_parts_in(server_round)}
+        schema = ReplySchema(tensor_spec(expected), self.nodes.examples,
+                             accountant=self.dp is not None, reference=expected,
+                             max_update_norm=self.cfg.max_update_norm)
         valid = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
-            reason = reply_problem(reply, self.nodes.partition_of, expected)
+            reason = schema.problem(reply, self.nodes.partition_of)
             if reason is None:
                 valid.append(reply)
                 continue
@@ -458,6 +445,24 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         report.clients_trained = len(valid)
         report.client_weight_sum = sum(coefficients)
         return report
+
+    def valid_setup_replies(self, replies: Iterable[Message], tensors: TensorSpec
+                            ) -> list[Message]:
+        """A method's set-up replies (``initialize``) that pass the reply schema for
+        ``tensors`` (keys, shapes, finite values, ``num-examples``, the DP accountant; no norm
+        bound: they are not updates of the global state), the DP ledger fed first as in a
+        round; the others are logged and kept in ``setup_rejected`` (round 0's failures)."""
+        schema = ReplySchema(tensors, self.nodes.examples, accountant=self.dp is not None)
+        valid = []
+        for reply in self.record_privacy(replies):
+            reason = schema.problem(reply, self.nodes.partition_of)
+            if reason is None:
+                valid.append(reply)
+                continue
+            self.setup_rejected.append((reply.metadata.src_node_id, reason))
+            log.warning("set-up: rejected the reply of node %s: %s", reply.metadata.src_node_id,
+                        reason)
+        return valid
 
     def private_setup(self, sums: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """A method's set-up release (``initialize``) under client-level DP: the clients' sums

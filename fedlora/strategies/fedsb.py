@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedlora.model.adapters import factor_key
+from fedlora.model.adapters import factor_key, layer_names
 from fedlora.aggregation.maths import lora_sb_init, single_threaded
 from fedlora.clients.dp import ClientPrivacy, private_gradient_sum
 from fedlora.clients.hooks import SETUP_MESSAGE_TYPE, ClientHooks
@@ -107,12 +107,16 @@ class FedSB(FederatedLoRA):
                         "config": ConfigRecord({**exchange.client_config, "server-round": 0,
                                                 "init-samples": share})}),
                             message_type=SETUP_MESSAGE_TYPE, dst_node_id=node) for node in nodes]
-        replies = [r for r in self.record_privacy(exchange(0, messages)) if not r.has_error()]
+        # G_k: one m x n gradient per adapted layer, m and n those of its B (m x r), A (r x n)
+        expected = {f"{layer}.base.weight": ((state[factor_key(layer, "B")].shape[0],
+                                              state[factor_key(layer, "A")].shape[1]), None)
+                    for layer in layer_names(state)}
+        replies = self.valid_setup_replies(exchange(0, messages), expected)
         if not replies:
-            raise RuntimeError("Fed-SB initialisation failed: no init client replied")
+            raise RuntimeError("Fed-SB initialisation failed: no init client replied validly")
         grads = self.private_setup([r.content["arrays"].to_torch_state_dict() for r in replies])
         with single_threaded():
-            for grad_key in grads[0]:  # '<layer>.base.weight'
+            for grad_key in expected:  # '<layer>.base.weight', every one in every reply
                 layer = grad_key[: -len(".base.weight")]
                 grad_sum = torch.stack([g[grad_key].to(torch.float64) for g in grads]).sum(0)
                 B, R, A = lora_sb_init(grad_sum, self.cfg.rank, self.settings.init_lr)
@@ -155,8 +159,8 @@ class FedSBClient(ClientHooks):
                                      privacy.rng("init-noise", node, context.state),
                                      privacy.secure_rng, node.device, loss=node.task.loss)
         privacy.spend(1, context.state, "init", int(node.config.get("server-round", 0)), rate=rate)
-        # The Poisson sample's size is private: report the expected one.
-        return grads, {**privacy.metrics(), "num-examples": share}
+        # The Poisson sample's size is private: report the expected one, rate * n_k.
+        return grads, {**privacy.metrics(), "num-examples": min(share, len(node.indices))}
 
 
 register_strategy("fedsb", FedSB, FedSBSettings, client=FedSBClient)
