@@ -41,6 +41,7 @@ from pathlib import Path
 
 from fedlora.config import RunConfig, check_deployment
 from fedlora.core.errors import ConfigError
+from fedlora.core.settings import run_config_values
 
 REPO = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml's [tool.flwr.app]
 BIN = Path(sys.executable).parent  # flwr's console scripts of this environment
@@ -215,18 +216,12 @@ def _signal_group(pid: int, signum: int) -> None:
 # -- the run -----------------------------------------------------------------------------------
 
 
-def flat_run_config(raw: dict, prefix: str = "") -> dict:
-    """Flower's run config for ``fedlora.run.server:app``: dotted keys, no None (the app's default
-    "" stands for null), lists as comma-separated strings."""
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update(flat_run_config(value, prefix + key + "."))
-        elif isinstance(value, (list, tuple)):
-            flat[prefix + key] = ",".join(str(v) for v in value)
-        elif value is not None:
-            flat[prefix + key] = value
-    return flat
+def flat_run_config(raw: dict) -> dict:
+    """Flower's run config for ``fedlora.run.server:app``: dotted keys (Flower's flatten_dict),
+    null as "" (the app's default for every key), lists as comma-separated strings."""
+    from flwr.common.config import flatten_dict
+
+    return flatten_dict(run_config_values(raw))
 
 
 def toml_lines(flat: dict) -> str:
@@ -289,10 +284,9 @@ def parse_deploy_args(argv: list[str]) -> tuple[dict, list[str]]:
 
 def resolve_config(overrides: list[str], nodes: int) -> tuple[RunConfig, dict]:
     """The validated RunConfig and the resolved nested dict, from simulate's Hydra config."""
-    from fedlora.run.cli import check_command_line, check_paths, compose_config
+    from fedlora.run.cli import check_paths, compose_config
 
     overrides = [o for o in overrides if not o.startswith("clients=")] + [f"clients={nodes}"]
-    check_command_line(overrides)
     check_paths(overrides)
     raw = compose_config(overrides)
     return RunConfig.from_dict(raw), raw
