@@ -12,16 +12,20 @@ strategies and the run loop import it.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
+
+from flwr.common.config import flatten_dict, unflatten_dict
 
 from fedlora.tasks.data import DataSpec
 from fedlora.core.errors import ConfigError
 from fedlora.model.pretrained import ModelSpec
 from fedlora.core.registry import default_strategy, get_method, methods
 from fedlora.tasks import EvalSpec, Task, default_task, get_task, make_task
-from fedlora.core.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, defaults,
-                                   parse_section, setting)
+from fedlora.core.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, build,
+                                   parse_section, run_config_values, schema, schema_fields,
+                                   setting, validated)
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 PARTICIPATIONS = ("uniform", "bernoulli", "markov", "cyclic")
@@ -283,40 +287,28 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
         """Validate a nested config dict (Hydra's, resolved; Flower's run config, unflattened;
-        a saved ``config.yaml``) and fill the method's defaults."""
-        raw = dict(raw)
-        registered = methods()
-        sections = set(SECTIONS) | {"data"} | set(registered)
-        known = {f.name for f in fields(cls)} - {"methods"} | sections | set(PLACEMENT_KEYS)
-        for key in raw:
-            if key not in known:
-                raise ConfigError(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml "
-                                  "for the valid keys")
-        strategy = raw.get("strategy") or default_strategy()
+        a saved ``config.yaml``) and fill the method's defaults. The schema (``run_schema``)
+        refuses unknown keys and values of the wrong type; the fields' rules and the rules
+        relating keys are checked here."""
+        keys = validated(run_schema(), _spelled_out(raw))
+        strategy = keys.pop("strategy") or default_strategy()
         method = get_method(strategy)
         nested = {}
         for name, section_class in SECTIONS.items():
             if name == "dp":
                 continue  # its own rules (``_dp``)
-            section = raw.get(name)
-            if isinstance(section, str):  # partition=dirichlet, participation=markov
-                section = {"name": section}
-            nested[name] = parse_section(section_class, section, name)
-        nested["dp"] = _dp(raw.get("dp"))
-        nested["data"] = parse_section(DataSpec, raw.get("data"), "data")
+            nested[name] = build(section_class, keys.pop(name), name)
+        nested["dp"] = _dp(keys.pop("dp"))
+        nested["data"] = build(DataSpec, keys.pop("data"), "data")
         if nested["data"].path and nested["data"].name:
             raise ConfigError("data.path and data.name are both set; give one of them")
-        nested["methods"] = {name: parse_section(m.settings, raw.get(name), name)
-                             for name, m in registered.items() if m.settings is not None}
-        targets = raw.get("targets") or ()
-        if isinstance(targets, str):
-            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        nested["targets"] = tuple(targets)
-        top = {k: v for k, v in raw.items() if k not in sections and k not in PLACEMENT_KEYS}
-        task = raw.get("task") or default_task(nested["data"])
-        task_class = get_task(str(task))
-        cfg = parse_section(cls, top, "", replace={**nested, "strategy": strategy,
-                                                     "task": task_class.name})
+        nested["methods"] = {name: build(m.settings, keys.pop(name), name)
+                             for name, m in methods().items() if m.settings is not None}
+        nested["targets"] = tuple(keys.pop("targets"))
+        for key in PLACEMENT_KEYS:
+            keys.pop(key)
+        task_class = get_task(str(keys.pop("task") or default_task(nested["data"])))
+        cfg = build(cls, {**keys, **nested, "strategy": strategy, "task": task_class.name})
         sized = task_class.run_defaults  # what one run of this task costs on 2 CPU cores
         cfg = replace(cfg, model=cfg.model or task_class.default_model,
                       max_length=cfg.max_length or task_class.default_max_length,
@@ -399,31 +391,58 @@ class RunConfig:
         return cls.from_dict(saved)
 
 
+def run_schema() -> type:
+    """Every key of the command line as one OmegaConf structured config: ``RunConfig``'s
+    fields, its sections, each registered method's ``<name>.*`` section and where the run
+    goes (``out``, ``resume``). Hydra's ConfigStore holds it (``fedlora.run.cli``), so Hydra
+    refuses an unknown key or a value of the wrong type; ``from_dict`` validates any other dict
+    against it too. Generated from the dataclasses, so a key and its default are written once."""
+    return _run_schema(tuple(methods()))
+
+
+@functools.cache
+def _run_schema(method_names: tuple[str, ...]) -> type:
+    own = {spec[0]: spec for spec in schema_fields(RunConfig) if spec[0] != "methods"}
+    _, kind, default = own["strategy"]  # the run directory's name needs the resolved one
+    own["strategy"] = ("strategy", kind, field(default=default_strategy(), metadata=default.metadata))
+    sections = [*SECTIONS, "data"]  # after the top-level keys, in the command line's order
+    specs = [spec for name, spec in own.items() if name not in sections]
+    specs += [own[name] for name in sections]
+    for name in method_names:
+        settings_class = methods()[name].settings
+        if settings_class is not None:
+            specs.append((name, schema(settings_class), field(default_factory=schema(settings_class))))
+    specs += [(key, str | None, field(default=None)) for key in PLACEMENT_KEYS]
+    return make_dataclass("RunConfigKeys", specs)
+
+
 def hydra_tree() -> dict:
     """Every key of the command line with its default (null: "the method's default" where the
-    field says so), nested as the command line writes it: the tree ``fedlora.run.cli`` gives Hydra.
-    Generated from the dataclasses, so a key and its default are written once."""
-    tree = {f.name: (list(f.default) if isinstance(f.default, tuple) else f.default)
-            for f in fields(RunConfig) if f.name not in SECTIONS and f.name not in ("data", "methods")}
-    tree["strategy"] = default_strategy()  # the run directory's name needs the resolved one
-    for name, section_class in {**SECTIONS, "data": DataSpec}.items():
-        tree[name] = defaults(section_class)
-    for name, method in methods().items():
-        if method.settings is not None:
-            tree[name] = defaults(method.settings)
-    tree.update({key: None for key in PLACEMENT_KEYS})
-    return tree
+    field says so), nested as the command line writes it: ``run_schema``'s defaults."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(run_schema()))
 
 
-def _dp(raw) -> DPConfig:
-    section = dict(raw or {})
-    epsilon = section.get("epsilon")
-    try:
-        if float(epsilon) == math.inf:
-            section["epsilon"] = None  # inf: no DP (so a sweep can include the non-private run)
-    except (TypeError, ValueError):
-        pass  # None, or not a number (reported by parse_section)
-    dp = parse_section(DPConfig, section, "dp")
+def _spelled_out(raw: dict) -> dict:
+    """``raw`` with the short forms the schema does not take spelled out: a preset's name for
+    its section (``partition: dirichlet``) and a list as Flower's run config writes it
+    (``targets: "query,value"``)."""
+    raw = dict(raw)
+    for name, section_class in SECTIONS.items():
+        if isinstance(raw.get(name), str) and any(f.metadata.get("names_section")
+                                                  for f in fields(section_class)):
+            raw[name] = {"name": raw[name]}
+    if isinstance(raw.get("targets"), str):
+        raw["targets"] = [t.strip() for t in raw["targets"].split(",") if t.strip()]
+    return raw
+
+
+def _dp(section: dict) -> DPConfig:
+    section = dict(section)
+    if section["epsilon"] == math.inf:
+        section["epsilon"] = None  # inf: no DP (so a sweep can include the non-private run)
+    dp = build(DPConfig, section, "dp")
     if dp.delta >= 1:
         raise ConfigError(f"dp.delta={dp.delta} must be < 1 (usually well below 1/n: 1e-5)")
     if dp.secure_rng and dp.reproducible_noise:
@@ -466,31 +485,28 @@ def check_deployment(cfg: RunConfig) -> None:
 
 
 def client_config(cfg: RunConfig, num_labels: int) -> dict:
-    """The flat ConfigRecord values the server sends with every message."""
-    return {"strategy": cfg.strategy, "task": cfg.task, "model": cfg.model,
-            "num-labels": num_labels, **to_record(cfg.eval, "eval."),
-            "rank": cfg.rank, "alpha": cfg.alpha, "targets": ",".join(cfg.targets),
-            "latent": cfg.model_spec(num_labels).latent, "init-seed": cfg.seed,
-            **to_record(cfg.data, "data."), **to_record(cfg.partition, "partition."),
-            "seed": cfg.seed, "max-length": cfg.max_length, "device": cfg.device,
-            "precision": cfg.precision, "grad-checkpointing": int(cfg.grad_checkpointing),
-            "quantization": cfg.quantization or 0,
-            "client-cpus": cfg.client_cpus, "local-steps": cfg.local_steps,
-            "batch-size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
-            "crash-prob": cfg.faults.crash_prob,
-            **dp_client_config(cfg)}
+    """The flat ConfigRecord values the server sends with every message (sections as dotted
+    keys, ``eval.max_new_tokens``; null as "")."""
+    return flatten_dict(run_config_values({
+        "strategy": cfg.strategy, "task": cfg.task, "model": cfg.model,
+        "num-labels": num_labels, "eval": asdict(cfg.eval),
+        "rank": cfg.rank, "alpha": cfg.alpha, "targets": ",".join(cfg.targets),
+        "latent": cfg.model_spec(num_labels).latent, "init-seed": cfg.seed,
+        "data": asdict(cfg.data), "partition": asdict(cfg.partition),
+        "seed": cfg.seed, "max-length": cfg.max_length, "device": cfg.device,
+        "precision": cfg.precision, "grad-checkpointing": int(cfg.grad_checkpointing),
+        "quantization": cfg.quantization or 0,
+        "client-cpus": cfg.client_cpus, "local-steps": cfg.local_steps,
+        "batch-size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
+        "crash-prob": cfg.faults.crash_prob,
+        **dp_client_config(cfg)}))
 
 
-def to_record(section, prefix: str) -> dict:
-    """A settings dataclass as flat ConfigRecord values (``prefix + field``; None as "")."""
-    return {prefix + k: "" if v is None else v for k, v in asdict(section).items()}
-
-
-def from_record(section_class, record, prefix: str):
-    """The settings dataclass ``to_record`` flattened (missing keys: the defaults)."""
-    raw = {f.name: record[prefix + f.name] for f in fields(section_class) if prefix + f.name in record}
-    return parse_section(section_class, {k: (None if v == "" else v) for k, v in raw.items()},
-                         prefix.rstrip("."))
+def from_record(section_class, record, section: str):
+    """The settings dataclass of ``client_config``'s ``section.*`` keys (missing: defaults)."""
+    flat = {key: None if value == "" else value for key, value in record.items()
+            if key.startswith(section + ".")}
+    return parse_section(section_class, unflatten_dict(flat).get(section), section)
 
 
 def dp_client_config(cfg: RunConfig) -> dict:
@@ -526,13 +542,13 @@ def specs_from_client_config(record) -> tuple[ModelSpec, DataSpec]:
                       precision=str(record.get("precision", "fp32")),
                       grad_checkpointing=bool(int(record.get("grad-checkpointing", 0))),
                       quantization=int(record.get("quantization", 0)) or None)
-    return model, from_record(DataSpec, record, "data.")
+    return model, from_record(DataSpec, record, "data")
 
 
 def task_from_client_config(record, data: DataSpec) -> Task:
     """The task a client serves, on ``data`` (the message's, or the node's own copy)."""
-    return make_task(str(record["task"]), data, from_record(EvalSpec, record, "eval."))
+    return make_task(str(record["task"]), data, from_record(EvalSpec, record, "eval"))
 
 
 def partition_from_client_config(record) -> PartitionConfig:
-    return from_record(PartitionConfig, record, "partition.")
+    return from_record(PartitionConfig, record, "partition")

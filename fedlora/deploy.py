@@ -37,16 +37,42 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fedlora.config import RunConfig, check_deployment
 from fedlora.core.errors import ConfigError
+from fedlora.core.settings import POSITIVE, parse_section, run_config_values, setting
 
 REPO = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml's [tool.flwr.app]
 BIN = Path(sys.executable).parent  # flwr's console scripts of this environment
 FEDERATION = "fedlora"
 NODE_ISOLATIONS = ("warm", "subprocess")
-DEPLOY_KEYS = ("nodes", "node_isolation", "kill_node")
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """``local``'s own keys, read as every other key is (``fedlora.core.settings``)."""
+
+    nodes: int | None = setting(None, "SuperNodes to start (required): the run's clients",
+                                check=POSITIVE)
+    node_isolation: str = setting("warm", "warm: a long-lived ClientApp host per node | "
+                                  "subprocess: Flower's process per message",
+                                  choices=NODE_ISOLATIONS)
+    kill_node: str | None = setting(None, "NODE@ROUND: stop SuperNode NODE when round ROUND "
+                                    "starts (a failure drill)")
+
+
+@dataclass(frozen=True)
+class CertsOptions:
+    """``certs``' keys."""
+
+    nodes: int = setting(2, "SuperNode key pairs to write", check=POSITIVE)
+    hosts: str = setting("", "the SuperLink's other addresses (comma-separated) for its "
+                         "certificate")
+
+
+DEPLOY_KEYS = tuple(f.name for f in fields(LocalOptions))
 
 
 # -- certificates and keys ---------------------------------------------------------------------
@@ -215,18 +241,12 @@ def _signal_group(pid: int, signum: int) -> None:
 # -- the run -----------------------------------------------------------------------------------
 
 
-def flat_run_config(raw: dict, prefix: str = "") -> dict:
-    """Flower's run config for ``fedlora.run.server:app``: dotted keys, no None (the app's default
-    "" stands for null), lists as comma-separated strings."""
-    flat = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update(flat_run_config(value, prefix + key + "."))
-        elif isinstance(value, (list, tuple)):
-            flat[prefix + key] = ",".join(str(v) for v in value)
-        elif value is not None:
-            flat[prefix + key] = value
-    return flat
+def flat_run_config(raw: dict) -> dict:
+    """Flower's run config for ``fedlora.run.server:app``: dotted keys (Flower's flatten_dict),
+    null as "" (the app's default for every key), lists as comma-separated strings."""
+    from flwr.common.config import flatten_dict
+
+    return flatten_dict(run_config_values(raw))
 
 
 def toml_lines(flat: dict) -> str:
@@ -261,23 +281,15 @@ def parse_deploy_args(argv: list[str]) -> tuple[dict, list[str]]:
             options[key] = value
         else:
             overrides.append(arg)
-    if "nodes" not in options:
+    given = parse_section(LocalOptions, options)
+    if given.nodes is None:
         raise ConfigError("nodes is required: the number of SuperNodes to start, e.g. nodes=4")
-    try:
-        nodes = int(options["nodes"])
-    except ValueError:
-        nodes = 0
-    if nodes < 1:
-        raise ConfigError(f"nodes={options['nodes']} must be a positive integer; set nodes >= 1")
-    isolation = options.get("node_isolation", "warm")
-    if isolation not in NODE_ISOLATIONS:
-        raise ConfigError(f"node_isolation '{isolation}' is unknown; choose one of: "
-                          f"{', '.join(NODE_ISOLATIONS)}")
+    nodes, isolation = given.nodes, given.node_isolation
     kill = None
-    if "kill_node" in options:
-        index, _, round_ = options["kill_node"].partition("@")
+    if given.kill_node is not None:
+        index, _, round_ = given.kill_node.partition("@")
         if not (index.isdigit() and round_.isdigit() and int(index) < nodes and int(round_) >= 1):
-            raise ConfigError(f"kill_node={options['kill_node']} must be NODE@ROUND with "
+            raise ConfigError(f"kill_node={given.kill_node} must be NODE@ROUND with "
                               f"0 <= NODE < {nodes} and ROUND >= 1, e.g. kill_node=1@2")
         kill = (int(index), int(round_))
     clients = [o for o in overrides if o.startswith("clients=")]
@@ -289,10 +301,9 @@ def parse_deploy_args(argv: list[str]) -> tuple[dict, list[str]]:
 
 def resolve_config(overrides: list[str], nodes: int) -> tuple[RunConfig, dict]:
     """The validated RunConfig and the resolved nested dict, from simulate's Hydra config."""
-    from fedlora.run.cli import check_command_line, check_paths, compose_config
+    from fedlora.run.cli import check_paths, compose_config
 
     overrides = [o for o in overrides if not o.startswith("clients=")] + [f"clients={nodes}"]
-    check_command_line(overrides)
     check_paths(overrides)
     raw = compose_config(overrides)
     return RunConfig.from_dict(raw), raw
@@ -470,9 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "certs":
             if len(argv) < 2 or "=" in argv[1]:
                 raise ConfigError("certs needs a directory: python -m fedlora.deploy certs DIR nodes=N")
-            settings = dict(arg.partition("=")[::2] for arg in argv[2:])
-            nodes = int(settings.get("nodes", 2))
-            hosts = tuple(h for h in settings.get("hosts", "").split(",") if h)
+            given = parse_section(CertsOptions, dict(arg.partition("=")[::2] for arg in argv[2:]))
+            nodes = given.nodes
+            hosts = tuple(h for h in given.hosts.split(",") if h)
             files = write_certificates(Path(argv[1]), nodes, hosts)
             print(f"wrote {files['ca']}, {files['server_cert']}, {files['server_key']} and "
                   f"{nodes} node key pairs (node_<i>, node_<i>.pub) in {argv[1]}")

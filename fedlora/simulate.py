@@ -124,8 +124,8 @@ def hydra_task(conf) -> None:
 def main() -> None:
     import hydra
 
-    check_command_line(sys.argv[1:])
     try:
+        check_command_line(sys.argv[1:])  # Hydra's refusals as one line, before it starts
         check_paths(sys.argv[1:])
     except ConfigError as error:
         fail(str(error))

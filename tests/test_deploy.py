@@ -64,6 +64,18 @@ def test_bad_deploy_arguments_are_one_line_errors(argv, message):
         parse_deploy_args(argv)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["nodes=two"], "error: nodes='two' is not a number of type int; set nodes to one\n"),
+    (["node=2"], "error: 'node' is not a fedlora setting; valid keys: nodes, hosts\n"),
+])
+def test_bad_certs_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
+    # Execute
+    code = main(["certs", str(tmp_path / "certs"), *argv])
+    # Assert: exit 2, one line, nothing written
+    assert code == 2 and capsys.readouterr().err == message
+    assert not (tmp_path / "certs").exists()
+
+
 def test_bad_key_stops_before_any_process_starts(tmp_path, capsys):
     # Execute
     code = main(["local", "nodes=2", "strategy=fedsbb", f"out={tmp_path}"])

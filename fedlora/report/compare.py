@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from flwr.common.config import flatten_dict
 
 from fedlora.report import plots
 from fedlora.core.errors import ConfigError
 from fedlora.report.results import human_bytes, primary_metric
-from fedlora.core.settings import flatten
+from fedlora.core.settings import run_config_values
 
 TARGET_FRACTION = 0.9  # default target: this share of the best final accuracy among the runs
 IGNORED_KEYS = ("seed", "out")  # config keys that do not make two runs different methods
@@ -130,9 +131,10 @@ def group_runs(runs: list[Run], label_by=("strategy",)) -> dict[str, list[Run]]:
     the keys in which they differ are appended (``fedavg rank=4``)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        flat = {k: v for k, v in flatten(run.config).items() if k not in IGNORED_KEYS}
+        flat = {k: v for k, v in flatten_dict(run_config_values(run.config, null="null")).items()
+                if k not in IGNORED_KEYS}
         groups.setdefault(json.dumps(flat, sort_keys=True, default=str), []).append(run)
-    configs = {key: flatten(json.loads(key)) for key in groups}
+    configs = {key: json.loads(key) for key in groups}
 
     def base_label(key: str) -> str:
         return " ".join(str(configs[key].get(k, "")) for k in label_by)

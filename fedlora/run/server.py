@@ -376,10 +376,10 @@ def config_from_run_config(run_config: dict) -> tuple[RunConfig, Path]:
     """The RunConfig from Flower's run config (``[tool.flwr.app.config]``, ``--run-config``),
     whose keys are the same as ``python -m fedlora.simulate``'s, nested ones dotted (or nested
     tables, as pyproject.toml holds them). With ``resume=DIR``: DIR's saved config and DIR."""
-    from fedlora.core.settings import flatten, unflatten
+    from flwr.common.config import flatten_dict, unflatten_dict
 
     # Flower gives dotted keys or nested tables (pyproject.toml); "" is the key's default
-    nested = unflatten({k: None if v == "" else v for k, v in flatten(dict(run_config)).items()})
+    nested = unflatten_dict({k: None if v == "" else v for k, v in flatten_dict(dict(run_config)).items()})
     resume = nested.pop("resume", None)
     out = nested.pop("out", None) or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}-deploy"
     cfg = RunConfig.from_dict(nested)
