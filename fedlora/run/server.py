@@ -40,12 +40,13 @@ from fedlora.run.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, 
                                     set_rng_states)
 from fedlora.report.comm import CommLedger, expected_params, message_part
 from fedlora.config import RunConfig, check_deployment, client_config, resolve_noise
+from fedlora.clients.policy import NODE_POLICY
 from fedlora.tasks.data import client_partitions
 from fedlora.core.errors import ConfigError
 from fedlora.model.export import export_run
 from fedlora.model.pretrained import AdaptedModel, autocast
 from fedlora.aggregation.participation import write_participation_csv
-from fedlora.report.results import ResultsWriter, build_summary, elapsed
+from fedlora.report.results import RUN_ERROR, ResultsWriter, build_summary, elapsed
 from fedlora.strategies import get_strategy
 from fedlora.strategies.base import RoundReport
 
@@ -93,14 +94,18 @@ def wait_for_nodes(grid, count: int, timeout_s: float = 300.0) -> list[int]:
 def describe_nodes(grid, nodes: list[int], config: dict, strict: bool = True) -> dict[int, dict]:
     """Each node's partition id, number of examples and label histogram (None from a DP
     client, which does not send it; ``strict=False``: a node that fails to answer is logged
-    and left out)."""
+    and left out). A node whose own DP policy refuses the run (``fedlora.clients.policy``)
+    stops it, once every node has answered: a one-line ``ConfigError`` naming the key."""
     messages = [Message(content=RecordDict({"config": ConfigRecord(config)}),
                         message_type="query.describe", dst_node_id=node) for node in nodes]
-    info = {}
+    info, refusals = {}, []
     for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
         if reply.has_error() and not strict:
             log.warning("node %s did not describe itself: %s", reply.metadata.src_node_id,
                         reply.error.reason)
+            continue
+        if reply.has_error() and NODE_POLICY in reply.error.reason:
+            refusals.append(reply.error.reason)
             continue
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
@@ -109,6 +114,10 @@ def describe_nodes(grid, nodes: list[int], config: dict, strict: bool = True) ->
                                             "num_examples": int(metrics["num-examples"]),
                                             "label_histogram": list(metrics["label-histogram"])
                                             if "label-histogram" in metrics else None}
+    if refusals:  # a node's own DP policy refuses the run's settings: nothing to run
+        more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
+        raise ConfigError(f"{len(refusals)} of {len(messages)} nodes refuse the run: "
+                          f"{sorted(refusals)[0]}{more}")
     return info
 
 
@@ -379,4 +388,8 @@ def main(grid: Grid, context: Context) -> None:
                     "with what this server knows, so it can remove the noise; unsafe outside "
                     "experiments")
     data, bundle = prepare(cfg)
-    run_server(grid, cfg, out, bundle, data, resume=bool(context.run_config.get("resume")))
+    try:
+        run_server(grid, cfg, out, bundle, data, resume=bool(context.run_config.get("resume")))
+    except ConfigError as error:  # e.g. a node's policy refuses the run: one line, no traceback
+        log.error("%s", error)
+        (out / RUN_ERROR).write_text(f"{error}\n")
