@@ -452,7 +452,7 @@ class LocalFederation:
     def start_node(self, index: int, isolation: str = "warm", key: Path | None = None,
                    tls: bool = True, max_retries: int = 10) -> subprocess.Popen:
         """SuperNode ``index`` (partition ``index`` of ``nodes``), authenticated with ``key``
-        (default: ``certs/node_<index>``) and, with ``warm`` isolation, the ClientApp host
+        (default: its own key in ``secrets``) and, with ``warm`` isolation, the ClientApp host
         (``fedlora.run.clienthost``) that serves its messages."""
         runtime_port = free_port()
         key = key or self.certs["nodes"][index]

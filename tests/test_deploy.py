@@ -221,6 +221,28 @@ def test_a_run_the_serverapp_stopped_is_one_line_from_the_launcher(tmp_path, no_
     assert code == 2 and capsys.readouterr().err == f"error: {line}\n"
 
 
+def test_the_multi_machine_recipe_keeps_the_control_api_on_loopback():
+    """docs/deployment.md's SuperLink command leaves the Control API on 127.0.0.1 (Flower 1.39
+    authenticates no user there: whoever reaches it can submit runs and register node keys)
+    and its CLI connection is a loopback address."""
+    import shlex
+
+    text = (REPO / "docs" / "deployment.md").read_text()
+    blocks = re.findall(r"```(\w*)\n(.*?)```", text, re.DOTALL)
+    superlinks = [shlex.split(line) for language, block in blocks if language == "bash"
+                  for line in block.replace("\\\n", " ").splitlines()
+                  if line.strip().startswith("flower-superlink")]
+    connections = [tomllib.loads(block) for language, block in blocks
+                   if language == "toml" and "[superlink." in block]
+    assert superlinks and connections
+    for argv in superlinks:
+        hosts = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--host"]
+        assert set(hosts) <= {"127.0.0.1", "localhost"}, argv
+    for connection in connections:
+        for federation in connection["superlink"].values():
+            assert federation["address"].rpartition(":")[0] in ("127.0.0.1", "localhost")
+
+
 def test_pyproject_run_config_lists_every_simulate_key():
     """``flwr run --run-config`` can only set keys the app declares: all of simulate's."""
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
