@@ -15,6 +15,9 @@ kept parts, which take the place of the ``arrays`` ones, and the method's own no
 which its hooks take back).
 ``crash-prob`` > 0 makes a training round fail on purpose (``faults.crash_prob``): the
 client answers with an error reply instead of training.
+Before any of that, each handler checks the run's settings against the node's own DP policy
+(``fedlora.clients.policy``, from ``Context.node_config``): a run below it gets one error reply
+that names the key, and nothing else.
 
 Handlers (message types):
   query.describe     partition id, number of examples and (without DP) label histogram of
@@ -43,6 +46,7 @@ from fedlora.config import (partition_from_client_config, specs_from_client_conf
 from fedlora.tasks.data import ExampleBatches, client_partitions
 from fedlora.privacy.randomness import client_seed
 from fedlora.clients.dp import ClientPrivacy, poisson_batches
+from fedlora.clients.policy import refusal
 from fedlora.clients.hooks import ClientHooks
 from fedlora.clients.train import client_update
 from fedlora.core.registry import get_method
@@ -90,6 +94,16 @@ class ClientSetup:
         return Message(content=content, reply_to=message)
 
 
+def refused(setup: ClientSetup, message: Message, context: Context) -> Message | None:
+    """The error reply to a message whose run this node's DP policy refuses (its reason names
+    the policy key and the run's value; no metric, no tensor), or None: the node serves it."""
+    reason = refusal(context.node_config, setup.config, len(setup.indices))
+    if reason is None:
+        return None
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                         reason=f"{reason} (partition {setup.partition_id})"), reply_to=message)
+
+
 @lru_cache(maxsize=2)
 def _tokenised_train(model_spec, task, max_length: int, device: str) -> ExampleBatches:
     """The task's tokenised training split, once per process (all partitions index into it)."""
@@ -103,6 +117,9 @@ def _parts(config: ConfigRecord, key: str) -> set[str]:
 @app.query("describe")
 def describe(message: Message, context: Context) -> Message:
     setup = ClientSetup(message, context)
+    refusal_reply = refused(setup, message, context)
+    if refusal_reply is not None:  # e.g. a run without DP: no label histogram either
+        return refusal_reply
     metrics = {"partition-id": setup.partition_id, "num-examples": len(setup.indices)}
     if float(setup.config.get("dp-epsilon", 0.0)) <= 0:  # under DP: nothing unaccounted
         labels = setup.batches.labels[list(setup.indices)]
@@ -143,6 +160,9 @@ def simulated_crash(seed: int, server_round: int, partition_id: int, crash_prob:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     setup = ClientSetup(message, context)
+    refusal_reply = refused(setup, message, context)
+    if refusal_reply is not None:
+        return refusal_reply
     cfg, bundle = setup.config, setup.bundle
     crash_prob = float(cfg.get("crash-prob", 0.0))
     if simulated_crash(int(cfg["seed"]), int(cfg["server-round"]), setup.partition_id, crash_prob):
@@ -194,5 +214,8 @@ def train(message: Message, context: Context) -> Message:
 def setup(message: Message, context: Context) -> Message:
     """A method's one-time set-up step: its client hooks' ``setup`` answers it."""
     node = ClientSetup(message, context)
+    refusal_reply = refused(node, message, context)
+    if refusal_reply is not None:
+        return refusal_reply
     arrays, metrics = node.hooks.setup(node, message, context)
     return node.reply(message, arrays, metrics)

@@ -2,8 +2,12 @@
 
 What a DP client does differently from ``client_update``'s plain loop, all here:
 
-* its noise multiplier sigma_k is planned from the target epsilon over the most steps it can
-  take in the run (``fedlora.privacy.accounting.plan_noise_multiplier``; a set-up release counted);
+* its noise multiplier sigma_k is planned on the node, from the target epsilon, delta_k and its
+  own n_k, over the most steps it can take in the run
+  (``fedlora.privacy.accounting.plan_noise_multiplier``; a set-up release counted), and kept in
+  its ``Context.state``; a sigma in the server's message is never used (a node whose state was
+  lost plans the same sigma again); the settings it plans from are within the node's own
+  policy (``fedlora.clients.policy``), checked before any of this;
 * its batches are Poisson samples of its own examples at rate ``q_k = b / n_k`` (possibly
   empty: DP-SGD still takes that step, pure noise);
 * per message, the shared model is wrapped in Opacus' ``GradSampleModule`` (only the trained
@@ -77,9 +81,7 @@ class ClientPrivacy:
         own = context_state.config_records[STATE_KEY] if STATE_KEY in context_state.config_records else {}
         if "dp-noise-multiplier" in own:
             sigma = float(own["dp-noise-multiplier"])
-        elif "dp-known-noise-multiplier" in config:
-            sigma = float(config["dp-known-noise-multiplier"])
-        else:  # deterministic from the config and n_k: the server's copy would be the same
+        else:  # planned here from the run's settings and n_k; never a sigma the server sends
             sigma = privacy.plan_noise_multiplier(target, delta, rate, int(config["dp-max-steps"]),
                                                   accountant, init_rate)
         history = privacy.longer_history(privacy.history_from_record(own),

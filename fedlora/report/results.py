@@ -10,7 +10,10 @@ A run directory holds plain files, readable with ``json`` alone (no fedlora impo
   resolved config, package versions, seed and wall time;
 * ``config.yaml``: the resolved config; ``partitions.json``: each client's examples and labels;
 * ``participation.csv``: which clients were sampled in each training round (``round,c0,c1,...``,
-  1 or 0; its row i is training round i + 1).
+  1 or 0; its row i is training round i + 1);
+* ``error.txt`` (``RUN_ERROR``), only from a deployment's ServerApp that stopped on a
+  ``ConfigError`` after it started (e.g. a node's DP policy refused the run): that one line,
+  for the launcher (``fedlora.deploy``) to print.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+RUN_ERROR = "error.txt"
 
 # Every row's fields besides the task's metrics (``fedlora.tasks.Task.metrics``: accuracy and
 # loss for classification, exact_match and eval_loss for generation), which follow "strategy".

@@ -42,12 +42,13 @@ from fedlora.run.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, 
                                     set_rng_states)
 from fedlora.report.comm import CommLedger, expected_params, message_part
 from fedlora.config import RunConfig, check_deployment, client_config, resolve_noise
+from fedlora.clients.policy import NODE_POLICY
 from fedlora.tasks.data import client_partitions
 from fedlora.core.errors import ConfigError
 from fedlora.model.export import export_run
 from fedlora.model.pretrained import AdaptedModel, autocast
 from fedlora.aggregation.participation import write_participation_csv
-from fedlora.report.results import ResultsWriter, build_summary, elapsed
+from fedlora.report.results import RUN_ERROR, ResultsWriter, build_summary, elapsed
 from fedlora.strategies import get_strategy
 from fedlora.strategies.base import RoundReport
 from fedlora.strategies.replies import describe_problem
@@ -97,11 +98,16 @@ def describe_nodes(grid, nodes: list[int], config: dict, clients: int) -> dict[i
     """Each node's partition id, number of examples and label histogram (None from a DP
     client, which does not send it). A node whose answer is an error or fails the reply schema
     (``fedlora.strategies.replies.describe_problem``: a partition id outside 0..clients-1, a
-    count that is not a positive integer, a malformed histogram) is logged and left out."""
+    count that is not a positive integer, a malformed histogram) is logged and left out. A node
+    whose own DP policy refuses the run (``fedlora.clients.policy``) stops it, once every node
+    has answered: a one-line ``ConfigError`` naming the key."""
     messages = [Message(content=RecordDict({"config": ConfigRecord(config)}),
                         message_type="query.describe", dst_node_id=node) for node in nodes]
-    info = {}
+    info, refusals = {}, []
     for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
+        if reply.has_error() and NODE_POLICY in reply.error.reason:
+            refusals.append(reply.error.reason)
+            continue
         problem = describe_problem(reply, clients, config.get("num-labels"))
         if problem:
             log.warning("node %s did not describe itself (it is left out): %s",
@@ -112,6 +118,10 @@ def describe_nodes(grid, nodes: list[int], config: dict, clients: int) -> dict[i
                                             "num_examples": int(metrics["num-examples"]),
                                             "label_histogram": list(metrics["label-histogram"])
                                             if "label-histogram" in metrics else None}
+    if refusals:  # a node's own DP policy refuses the run's settings: nothing to run
+        more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
+        raise ConfigError(f"{len(refusals)} of {len(messages)} nodes refuse the run: "
+                          f"{sorted(refusals)[0]}{more}")
     return info
 
 
@@ -407,4 +417,8 @@ def main(grid: Grid, context: Context) -> None:
                     "with what this server knows, so it can remove the noise; unsafe outside "
                     "experiments")
     data, bundle = prepare(cfg)
-    run_server(grid, cfg, out, bundle, data, resume=bool(context.run_config.get("resume")))
+    try:
+        run_server(grid, cfg, out, bundle, data, resume=bool(context.run_config.get("resume")))
+    except ConfigError as error:  # e.g. a node's policy refuses the run: one line, no traceback
+        log.error("%s", error)
+        (out / RUN_ERROR).write_text(f"{error}\n")
