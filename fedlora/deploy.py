@@ -72,6 +72,8 @@ class LocalOptions:
                                   choices=NODE_ISOLATIONS)
     kill_node: str | None = setting(None, "NODE@ROUND: stop SuperNode NODE when round ROUND "
                                     "starts (a failure drill)")
+    secrets: str | None = setting(None, "folder for the CA and node keys, outside out (default: "
+                                  "a fresh 0700 folder in ~/.fedlora/deploy, deleted at the end)")
 
 
 @dataclass(frozen=True)
