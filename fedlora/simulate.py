@@ -54,18 +54,17 @@ def run(cfg: RunConfig, out, resume: bool = False, interrupts=None) -> dict:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        if interrupts is None:
+        if interrupts is not None:
+            interrupts.serving.set()
+            grid = StoppableGrid(grid, interrupts.stop)
+        try:
             result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume,
                                            owns_partitions=True)
-            return
-        interrupts.serving.set()
-        try:
-            result["summary"] = run_server(StoppableGrid(grid, interrupts.stop), cfg, out, bundle,
-                                           data, resume=resume, owns_partitions=True)
         except RunStopped:
-            pass  # the launcher prints where the run can go on from
+            pass  # Ctrl-C: the launcher prints where the run can go on from
         finally:
-            interrupts.server_done.set()
+            if interrupts is not None:
+                interrupts.server_done.set()
 
     # "local" even for null: Ray's own default would join whatever cluster RAY_ADDRESS or the
     # last `ray start` on this machine names, which on a shared machine is someone else's.

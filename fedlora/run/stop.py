@@ -1,12 +1,12 @@
 """Ctrl-C during a simulation: stopped within seconds, one line, resumable, nothing left running.
 
-The first Ctrl-C (SIGINT; SIGTERM alike) asks the round loop to stop. The loop talks to the
-clients through a ``StoppableGrid``, which raises ``RunStopped`` at its next wait for replies
-(within ``POLL_S``); the loop's ``finally`` closes ``results.jsonl`` and the tracker; the launcher
-prints one line (the round of the last checkpoint and the ``resume=`` command), ends every
-process this one started (Ray's head, its workers, W&B's service) and exits with 128 + the
-signal's number. The round being trained is abandoned: ``resume=DIR`` goes on after the last
-checkpoint (``fedlora.run.checkpoint``: written every ``checkpoint_every`` rounds, atomically).
+The first Ctrl-C (SIGINT) asks the round loop to stop. The loop talks to the clients through
+a ``StoppableGrid``, which raises ``RunStopped`` at its next wait for replies (within
+``POLL_S``); the loop's ``finally`` closes ``results.jsonl`` and the tracker; the launcher prints
+one line (the round of the last checkpoint and the ``resume=`` command), ends every process this
+one started (Ray's head, its workers, W&B's service) and exits with code 130. The round being
+trained is abandoned: ``resume=DIR`` goes on after the last checkpoint
+(``fedlora.run.checkpoint``: written every ``checkpoint_every`` rounds, atomically).
 
 The loop does not always reach a wait for replies at once (the server's evaluation of a large
 model, the set-up before round 1): after ``GRACE_S`` the launcher stops without it, and a
@@ -30,7 +30,10 @@ from fedlora.run.checkpoint import CHECKPOINT
 
 POLL_S = 0.1  # how often a wait for replies looks for them and for a stop request
 GRACE_S = 8.0  # how long the first Ctrl-C waits for the round loop to stop by itself
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGINT only: once Ray runs in this process, its driver handles SIGTERM itself (it aborts;
+# the checkpoint on disk stays whole).
+SIGNALS = (signal.SIGINT,)
+EXIT_CODE = 130  # 128 + SIGINT: the shell's convention for a run stopped by Ctrl-C
 
 
 class RunStopped(Exception):
@@ -131,7 +134,6 @@ class Interrupts:
         self.run_dir = Path(run_dir)
         self.resume_command = resume_command
         self.stop = threading.Event()
-        self.code = 130  # 128 + the signal's number: the shell's convention
         self.serving = threading.Event()
         self.server_done = threading.Event()
         self._announced = False
@@ -149,7 +151,6 @@ class Interrupts:
     def _on_signal(self, signum, frame) -> None:
         if self.stop.is_set():  # the second: no more waiting
             self.exit(grace_s=0.0)
-        self.code = 128 + signum
         self.stop.set()
         # The main thread waits inside Flower and Ray; the stop completes in a thread of its own.
         threading.Thread(target=self.exit, daemon=True).start()
@@ -172,4 +173,4 @@ class Interrupts:
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
         end_child_processes(grace_s)
-        os._exit(self.code)
+        os._exit(EXIT_CODE)
