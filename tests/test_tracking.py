@@ -261,3 +261,45 @@ def test_no_tracker_writes_nothing(tmp_path):
     tracker.log_metrics(0, logged(ROWS[0]))
     tracker.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_tracker_costs_one_warning_not_the_run(tmp_path, caplog):
+    # Prepare: DIR/tensorboard cannot be a folder (a file holds its name)
+    (tmp_path / "tensorboard").write_text("not a folder")
+
+    # Execute: what the round loop calls
+    tracker = open_tracker("tensorboard", tmp_path)
+    tracker.log_params(flat_params(CONFIG))
+    for row in ROWS:
+        tracker.log_metrics(row["round"], logged(row))
+    tracker.close()
+
+    # Assert: one warning naming the tracker; every later call is a no-op
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fedlora"]
+    assert len(warnings) == 1 and warnings[0].startswith("tracking=tensorboard failed (")
+    assert warnings[0].endswith("the run goes on without it, results.jsonl has every row")
+
+
+def test_a_tracker_failing_mid_run_stops_tracking_after_one_warning(caplog):
+    class Flaky:
+        calls = 0
+
+        def log_params(self, params):
+            pass
+
+        def log_metrics(self, step, metrics):
+            Flaky.calls += 1
+            raise ConnectionError("tracking server unreachable\nretry details")
+
+        def close(self):
+            raise AssertionError("a failed tracker is not closed again")
+
+    tracker = tracking.Guarded("mlflow", Flaky)
+    for row in ROWS:
+        tracker.log_metrics(row["round"], logged(row))
+    tracker.close()
+
+    assert Flaky.calls == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "fedlora"] == [
+        "tracking=mlflow failed (ConnectionError: tracking server unreachable); the run goes on "
+        "without it, results.jsonl has every row"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import time
@@ -83,13 +84,15 @@ def flat_params(config: dict, prefix: str = "") -> dict:
 
 def open_tracker(kind: str | None, out: Path, resumed_after: int | None = None) -> Tracker:
     """The tracker ``tracking=kind`` names (``NoTracker`` for None), writing under ``out``.
-    ``resumed_after``: the checkpoint round a resumed run goes on from."""
+    ``resumed_after``: the checkpoint round a resumed run goes on from. A tracker that fails
+    (a tracking server out of reach, a full disk) costs one warning, never the run."""
     if kind is None:
         return NoTracker()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return {"tensorboard": TensorBoardTracker, "wandb": WandbTracker,
-            "mlflow": MlflowTracker}[kind](out, resumed_after)
+    tracker_class = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker,
+                     "mlflow": MlflowTracker}[kind]
+    return Guarded(kind, lambda: tracker_class(out, resumed_after))
 
 
 class NoTracker:
@@ -103,6 +106,35 @@ class NoTracker:
 
     def close(self) -> None:
         pass
+
+
+class Guarded:
+    """A tracker whose first failure is logged as one warning and ends its tracking: the run
+    goes on, and ``results.jsonl`` keeps every row."""
+
+    def __init__(self, kind: str, make):
+        self.kind = kind
+        self.tracker: Tracker = NoTracker()
+        self._call(lambda: setattr(self, "tracker", make()))
+
+    def _call(self, action) -> None:
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 (whatever the library raises)
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            logging.getLogger("fedlora").warning(
+                "tracking=%s failed (%s: %s); the run goes on without it, results.jsonl has "
+                "every row", self.kind, type(error).__name__, first_line)
+            self.tracker = NoTracker()
+
+    def log_params(self, params: dict) -> None:
+        self._call(lambda: self.tracker.log_params(params))
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self._call(lambda: self.tracker.log_metrics(step, metrics))
+
+    def close(self) -> None:
+        self._call(self.tracker.close)
 
 
 def _saved_ids(out: Path) -> dict:
