@@ -22,7 +22,7 @@ after the checkpoint, W&B resumes the run id and MLflow the run id that ``DIR/tr
 holds. Each library is an optional extra (``pip install -e ".[tracking]"``); the config check
 says which one to install when it is missing (``missing_package``).
 
-Layer 4 (report): imports nothing of fedlora's.
+Layer 4 (report): imports only ``fedlora.core``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import os
 import time
 from pathlib import Path
 from typing import Protocol
+
+from fedlora.core.settings import flatten
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 # What each tracker imports, and the package that provides it (pyproject.toml's extras).
@@ -69,17 +71,11 @@ def numbers(row: dict) -> dict[str, float]:
             and math.isfinite(value)}
 
 
-def flat_params(config: dict, prefix: str = "") -> dict:
-    """A nested config as ``{dotted.key: value}``, lists as comma-separated text."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flat_params(value, f"{prefix}{key}."))
-        elif isinstance(value, (list, tuple)):
-            flat[prefix + key] = ",".join(str(v) for v in value)
-        else:
-            flat[prefix + key] = value
-    return flat
+def flat_params(config: dict) -> dict:
+    """A nested config as ``{dotted.key: value}`` (the command line's keys), lists as
+    comma-separated text (as ``targets=query,value`` is written)."""
+    return {key: ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+            for key, value in flatten(config).items()}
 
 
 def open_tracker(kind: str | None, out: Path, resumed_after: int | None = None) -> Tracker:
