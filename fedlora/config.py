@@ -23,6 +23,7 @@ from fedlora.core.errors import ConfigError
 from fedlora.model.pretrained import ModelSpec
 from fedlora.core.registry import default_strategy, get_method, methods
 from fedlora.tasks import EvalSpec, Task, default_task, get_task, make_task
+from fedlora.report.tracking import TRACKERS, missing_package
 from fedlora.core.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, build,
                                    parse_section, run_config_values, schema, schema_fields,
                                    setting, validated)
@@ -248,6 +249,11 @@ class RunConfig:
     checkpoint_every: int = setting(1, "write DIR/checkpoint.pt every this many rounds (and the "
                                     "last); 0: never", check=NONNEGATIVE)
     verbose: bool = setting(False, "Flower and Ray logs on the console")
+    tracking: str | None = setting(None, "also log every results row (scores, losses, bytes, "
+                                   "epsilon, lr) and the config to tensorboard (DIR/tensorboard) "
+                                   "| wandb (offline in DIR/wandb unless WANDB_MODE is set) | "
+                                   "mlflow (file store DIR/mlruns unless MLFLOW_TRACKING_URI is "
+                                   "set); null: off", choices=TRACKERS)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     fedau: FedAUConfig = field(default_factory=FedAUConfig)
@@ -342,6 +348,11 @@ class RunConfig:
             raise ConfigError(f"client_gpus={self.client_gpus} needs device=cuda; set device=cuda "
                               "or client_gpus=0")
         self._check_gpu_settings()
+        missing = missing_package(self.tracking) if self.tracking is not None else None
+        if missing:
+            raise ConfigError(f"tracking={self.tracking} needs the {missing} package; pip install "
+                              f"{missing} (or fedlora's extra: pip install -e \".[tracking]\"), "
+                              "or set tracking=null")
         if self.dp.client_level and self.participation.name != "uniform":
             raise ConfigError(f"dp.mode=client samples each client with probability "
                               f"clients_per_round/clients (the accounting needs it), so "

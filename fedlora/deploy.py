@@ -28,7 +28,9 @@ What ``local`` does, in this order (every process logs to ``DIR/deploy/<name>.lo
   6. ``flwr run`` the app in this repository against that SuperLink and wait for it; a run a
      node's policy refuses ends with that one line (exit 2);
   7. stop every process it started (each is a session leader: its whole group), also on
-     Ctrl-C, SIGTERM or failure.
+     failure, Ctrl-C or SIGTERM. After Ctrl-C or SIGTERM it prints one line, the last
+     checkpoint's round and the ``resume=`` command (``fedlora.run.stop.stop_line``), and exits
+     with code 130; a second Ctrl-C while the processes stop kills them at once.
 ``kill_node=I@R`` (a failure drill) stops SuperNode I when training round R starts.
 ``resume=DIR`` continues a killed run from ``DIR/checkpoint.pt`` on a fresh federation (the
 run's own config; logs in ``DIR/deploy-resume-<k>``).
@@ -59,6 +61,7 @@ REPO = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml'
 BIN = Path(sys.executable).parent  # flwr's console scripts of this environment
 FEDERATION = "fedlora"
 NODE_ISOLATIONS = ("warm", "subprocess")
+<<<<<<< HEAD
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ NODE_CONFIG = "node_config"  # node_config="k=v ..." (every node), node_config.I
 # noise is its own secret, whatever a run asks (fedlora.clients.policy).
 DEFAULT_NODE_CONFIG = {"dp-secret-noise-only": True}
 SECRETS_HOME = Path.home() / ".fedlora" / "deploy"  # default: a fresh private folder per run
+=======
+STOP_GRACE_S = 5.0  # Ctrl-C: how long the processes get to stop (the ServerApp closes its files)
+DEPLOY_KEYS = ("nodes", "node_isolation", "kill_node")
+>>>>>>> tracking
 
 
 # -- certificates and keys ---------------------------------------------------------------------
@@ -259,8 +266,25 @@ class Processes:
             _signal_group(process.pid, signal.SIGKILL)  # children that outlived their leader
             process.wait()
 
-    def stop_all(self) -> None:
-        self.stop(list(self.started))
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        self.stop(list(self.started), grace_s)
+
+    def kill_all(self) -> None:
+        """SIGKILL to every process group and its leader's descendants, without waiting (a
+        second Ctrl-C)."""
+        import psutil
+
+        for process in self.started.values():
+            try:
+                strays = psutil.Process(process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                strays = []
+            for stray in strays:
+                try:
+                    stray.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            _signal_group(process.pid, signal.SIGKILL)
 
 
 def _signal_group(pid: int, signum: int) -> None:
@@ -523,6 +547,7 @@ def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
     run_config = federation.work / "run_config.toml"
     run_config.write_text(toml_lines(flat))
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupted = False
     try:
         federation.start(isolation)
         if options["kill"] is not None:
@@ -541,14 +566,43 @@ def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
 
         print(f"{final_line(summary)}; results in {out}", flush=True)
         return 0
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the checkpoint on disk is where to go on
+        interrupted = True
     finally:
+<<<<<<< HEAD
         for sig in previous:  # a second Ctrl-C must not cut the clean-up short
             signal.signal(sig, signal.SIG_IGN)
         federation.processes.stop_all()
         if temporary:  # one run's CA and keys: no use once its processes are gone
             shutil.rmtree(secrets, ignore_errors=True)
+=======
+        resume = resume_command(out, nodes, isolation)
+        for sig in previous:  # a second Ctrl-C kills what is left at once
+            signal.signal(sig, lambda signum, frame: _stop_at_once(federation.processes, out, resume,
+                                                                   signum))
+        federation.processes.stop_all(STOP_GRACE_S if interrupted else 10.0)
+>>>>>>> tracking
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    from fedlora.run.stop import stop_line
+
+    print(stop_line(out, resume), file=sys.stderr, flush=True)
+    return 130
+
+
+def resume_command(out: Path, nodes: int, isolation: str) -> str:
+    """The command that continues the run in ``out`` on a fresh local federation."""
+    isolation = "" if isolation == "warm" else f" node_isolation={isolation}"
+    return f"python -m fedlora.deploy local nodes={nodes}{isolation} resume={out}"
+
+
+def _stop_at_once(processes: Processes, out: Path, resume: str, signum: int) -> None:
+    """A second Ctrl-C while the processes stop: kill them, say where to go on, leave."""
+    from fedlora.run.stop import stop_line
+
+    processes.kill_all()
+    print(stop_line(out, resume), file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def run_failed(out: Path, work: Path, code: int, started: float) -> int:
@@ -612,8 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: stopped every process this launcher started", file=sys.stderr)
+    except KeyboardInterrupt:  # before deploy_local started a process (it reports its own)
+        print("interrupted before any process started", file=sys.stderr)
         return 130
 
 

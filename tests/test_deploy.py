@@ -355,15 +355,17 @@ def _alive(marker: str) -> list[str]:
 
 
 @pytest.mark.slow  # a real deployment: SuperLink, 2 SuperNodes, flwr run
-def test_loopback_deployment_with_tls_and_authentication(tmp_path):
+def test_loopback_deployment_with_tls_and_authentication(tmp_path, monkeypatch):
     """``python -m fedlora.deploy local``: 2 authenticated SuperNodes over TLS train fedavg for
     1 round; the run directory holds a simulation's files; every process is gone after.
     About 2.5 min on 2 cores under a load average of 25 (mostly start-up and model builds)."""
     # Execute
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run([sys.executable, "-m", "fedlora.deploy", "local", "nodes=2", "strategy=fedavg",
                            "rounds=1", "clients_per_round=2", "local_steps=2", "max_length=16",
-                           f"out={tmp_path}"], capture_output=True, text=True, timeout=600, env=env)
+                           "tracking=mlflow", f"out={tmp_path}"], capture_output=True, text=True,
+                          timeout=600, env=env)
     # Assert
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "SuperLink (TLS, node authentication)" in done.stdout and "final accuracy" in done.stdout
@@ -387,6 +389,15 @@ def test_loopback_deployment_with_tls_and_authentication(tmp_path):
     assert log.count("[Fleet.ActivateNode] Activated") == 2
     assert _alive(str(tmp_path)) == []
     assert _private_key_files(tmp_path) == []  # the keys were elsewhere, and are gone
+    # tracking=mlflow: the deployed ServerApp logged each row to the run directory's file store
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in to read it
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    tracked = mlflow.get_run(json.loads((tmp_path / "tracking.json").read_text())["mlflow"])
+    assert tracked.info.status == "FINISHED" and tracked.data.params["strategy"] == "fedavg"
+    assert tracked.data.metrics["accuracy"] == rows[-1]["accuracy"]
+    assert tracked.data.metrics["bytes_up"] == rows[-1]["bytes_up"]
 
 
 @pytest.mark.slow  # a real deployment: SuperLink, 2 SuperNodes, flwr run
@@ -420,9 +431,18 @@ def test_ctrl_c_stops_every_process(tmp_path):
     assert len(_alive(str(tmp_path))) >= 5  # SuperLink, 2 SuperNodes, 2 hosts, the run
     # Execute
     launcher.send_signal(2)  # SIGINT, as Ctrl-C
+    sent = time.time()
     _, err = launcher.communicate(timeout=60)
-    # Assert
-    assert launcher.returncode == 130 and "stopped every process" in err
+    # Assert: within seconds, one line naming the checkpoint and the command that resumes
+    import torch
+
+    assert time.time() - sent < 15
+    assert launcher.returncode == 130 and "Traceback" not in err
+    last = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["round"]
+    assert sum("stopped" in line for line in err.splitlines()) == 1
+    assert err.strip().splitlines()[-1] == (
+        f"stopped after round {last} (checkpoint {tmp_path}/checkpoint.pt); resume with: "
+        f"python -m fedlora.deploy local nodes=2 resume={tmp_path}")
     assert _alive(str(tmp_path)) == []
 
 

@@ -202,7 +202,8 @@ def task_defaults_markdown() -> str:
     return "\n".join(lines)
 
 
-RESUME_MAY_CHANGE = ("resume", "out", "verbose", "ray")  # where a run goes on, not what it computes
+# Where a run goes on and what it reports to, not what it computes
+RESUME_MAY_CHANGE = ("resume", "out", "verbose", "ray", "tracking")
 
 
 def _saved_value(saved: dict, key: str):
@@ -234,8 +235,10 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
             raise ConfigError(f"resume: {key}={now} differs from the run's {key}={was}; a resumed "
                               f"run keeps its config (drop {key}= or set it to {was})")
     check_checkpoint(run_dir)  # a damaged one would fail only in the server, after Ray started
-    return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose,
-                               ray=command_line.ray)
+    resumed = RunConfig.from_saved(saved)
+    return dataclasses.replace(resumed, verbose=command_line.verbose, ray=command_line.ray,
+                               tracking=command_line.tracking if "tracking" in given
+                               else resumed.tracking)
 
 
 def run_config_table() -> str:

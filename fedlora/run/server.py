@@ -41,14 +41,15 @@ from fedlora.model.adapters import PARTS
 from fedlora.run.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
                                     set_rng_states)
 from fedlora.report.comm import CommLedger, expected_params, message_part
-from fedlora.config import RunConfig, check_deployment, client_config, resolve_noise
 from fedlora.clients.policy import NODE_POLICY
+from fedlora.config import RunConfig, check_deployment, client_config, resolve_noise, round_lr
 from fedlora.tasks.data import client_partitions
 from fedlora.core.errors import ConfigError
 from fedlora.model.export import export_run
 from fedlora.model.pretrained import AdaptedModel, autocast
 from fedlora.aggregation.participation import write_participation_csv
 from fedlora.report.results import RUN_ERROR, ResultsWriter, build_summary, elapsed
+from fedlora.report.tracking import flat_params, numbers, open_tracker
 from fedlora.strategies import get_strategy
 from fedlora.strategies.base import RoundReport
 from fedlora.strategies.replies import describe_problem
@@ -305,6 +306,9 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             **({"rejected": progress.rejected} if progress.rejected else {})})
         if strategy.privacy is not None:  # rewritten every row: an independent recomputation
             writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file
+        # tracking=...: the row's numbers and, for a training round, the clients' lr in it
+        tracker.log_metrics(server_round, {**numbers(writer.rows[-1]), **(
+            {"lr": round_lr(cfg, server_round)} if server_round else {})})
         progress.row_written(server_round)
 
     def save_checkpoint(server_round: int) -> None:
@@ -315,6 +319,8 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                          "rows": writer.rows, "progress": progress.state_dict(), "rng": rng_states(),
                          "wall_s": elapsed(started), "config": cfg.to_dict()}, out / CHECKPOINT)
 
+    tracker = open_tracker(cfg.tracking, out, checkpoint["round"] if checkpoint else None)
+    tracker.log_params(flat_params({**cfg.to_dict(), "out": str(out)}))
     try:
         if not checkpoint:
             add_row(0, evaluate_global(arrays))
@@ -339,6 +345,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             save_checkpoint(server_round)
     finally:  # rows written so far stay on disk whatever happens
         writer.close()
+        tracker.close()
         write_participation_csv(out / "participation.csv", strategy.participation_matrix())
 
     save_atomic({"adapter": arrays.to_torch_state_dict(),
