@@ -61,7 +61,6 @@ REPO = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml'
 BIN = Path(sys.executable).parent  # flwr's console scripts of this environment
 FEDERATION = "fedlora"
 NODE_ISOLATIONS = ("warm", "subprocess")
-<<<<<<< HEAD
 
 
 @dataclass(frozen=True)
@@ -94,10 +93,7 @@ NODE_CONFIG = "node_config"  # node_config="k=v ..." (every node), node_config.I
 # noise is its own secret, whatever a run asks (fedlora.clients.policy).
 DEFAULT_NODE_CONFIG = {"dp-secret-noise-only": True}
 SECRETS_HOME = Path.home() / ".fedlora" / "deploy"  # default: a fresh private folder per run
-=======
 STOP_GRACE_S = 5.0  # Ctrl-C: how long the processes get to stop (the ServerApp closes its files)
-DEPLOY_KEYS = ("nodes", "node_isolation", "kill_node")
->>>>>>> tracking
 
 
 # -- certificates and keys ---------------------------------------------------------------------
@@ -569,19 +565,13 @@ def deploy_local(options: dict, cfg: RunConfig, raw: dict) -> int:
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the checkpoint on disk is where to go on
         interrupted = True
     finally:
-<<<<<<< HEAD
-        for sig in previous:  # a second Ctrl-C must not cut the clean-up short
-            signal.signal(sig, signal.SIG_IGN)
-        federation.processes.stop_all()
-        if temporary:  # one run's CA and keys: no use once its processes are gone
-            shutil.rmtree(secrets, ignore_errors=True)
-=======
         resume = resume_command(out, nodes, isolation)
         for sig in previous:  # a second Ctrl-C kills what is left at once
             signal.signal(sig, lambda signum, frame: _stop_at_once(federation.processes, out, resume,
                                                                    signum))
         federation.processes.stop_all(STOP_GRACE_S if interrupted else 10.0)
->>>>>>> tracking
+        if temporary:  # one run's CA and keys: no use once its processes are gone
+            shutil.rmtree(secrets, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     from fedlora.run.stop import stop_line

@@ -67,7 +67,7 @@ def test_numbers_are_the_rows_numeric_fields_but_the_round():
                                 "params_up_per_client": 0.0, "wall_s": 38.113}
     assert numbers({"round": 3, "redone": True, "epsilon": float("inf")}) == {}
     assert flat_params(CONFIG) == {"strategy": "fedavg", "rank": 8, "lr": 0.01,
-                                   "targets": "query,value", "dp.epsilon": None,
+                                   "targets": "query,value", "dp.epsilon": "null",
                                    "dp.delta": 1e-05, "verbose": False, "out": "runs/x"}
 
 
