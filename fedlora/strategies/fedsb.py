@@ -153,7 +153,7 @@ class FedSBClient(ClientHooks):
         grads = private_gradient_sum(bundle.model, weights, node.batches, chosen, privacy.clip,
                                      privacy.noise_multiplier,
                                      privacy.rng("init-noise", node, context.state),
-                                     privacy.secure_rng, node.device, loss=node.task.loss)
+                                     node.device, loss=node.task.loss)
         privacy.spend(1, context.state, "init", int(node.config.get("server-round", 0)), rate=rate)
         # The Poisson sample's size is private: report the expected one.
         return grads, {**privacy.metrics(), "num-examples": share}
