@@ -44,6 +44,11 @@ from fedlora.core.errors import ConfigError
 STATE_KEY = "dp-accountant"
 
 
+class ReleaseRefused(Exception):
+    """A DP release this node will not make (nothing was sampled, noised or sent): the app
+    answers the message with an error reply whose reason is this one line."""
+
+
 @dataclass
 class ClientPrivacy:
     """One client's DP settings and accountant for one message."""
@@ -111,6 +116,18 @@ class ClientPrivacy:
         projected = privacy.add_steps(self.history, self.noise_multiplier,
                                       self.sample_rate if rate is None else rate, steps)
         return self.epsilon(projected) <= self.target_epsilon * (1 + 1e-9)
+
+    def check_setup_release(self, rate: float) -> None:
+        """Raise ``ReleaseRefused`` unless this node may make a method's set-up release (one
+        step at ``rate``) now: the first of the run (its release log has no ``init``; a server
+        asking again would get it charged again, without end) and within the target epsilon."""
+        if any(release["kind"] == "init" for release in self.releases):
+            raise ReleaseRefused("DP: this node already made its set-up release in this run; "
+                                 "it makes one per run, so nothing was released")
+        if not self.can_afford(1, rate):
+            raise ReleaseRefused(f"DP: the set-up release would take this node past "
+                                 f"dp.epsilon={self.target_epsilon:g} (spent "
+                                 f"{self.epsilon():.4g}), so nothing was released")
 
     def spend(self, steps: int, context_state, kind: str, server_round: int,
               rate: float | None = None) -> None:
