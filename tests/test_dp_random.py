@@ -193,22 +193,36 @@ def test_uniforms_lie_on_the_open_53_bit_grid():
     assert abs(uniforms.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / uniforms.numel())
 
 
-def test_hardened_noise_is_four_box_muller_draws_from_the_keystream_summed_and_halved():
-    """docs/privacy.md's construction, recomputed in plain Python from the stream's bytes."""
-    # Prepare: 3 coordinates take 12 standard draws = 6 Box-Muller pairs = 12 uniforms
-    std, count = 2.5, 3
-    words = struct.unpack("<12Q", KeyStream(KEY).read(12 * 8))
-    uniforms = [((word >> 11) + 0.5) * 2.0 ** -53 for word in words]
-    radius = [math.sqrt(-2 * math.log(u)) for u in uniforms[:6]]
-    draws = ([r * math.cos(2 * math.pi * u) for r, u in zip(radius, uniforms[6:])]
-             + [r * math.sin(2 * math.pi * u) for r, u in zip(radius, uniforms[6:])])
-    expected = [std / 2 * sum(draws[j + count * i] for i in range(4)) for j in range(count)]
+def documented_noise(key: bytes, std: float, count: int, piece: int) -> list[float]:
+    """docs/privacy.md's construction in plain Python, from the keystream's bytes: per piece of
+    m coordinates, 4m uniforms ((top 53 bits + 1/2) 2^-53), Box-Muller on (u_i, u_2m+i) giving
+    r cos first and r sin after, coordinate j = std/2 * the sum of draws j, m + j, 2m + j, 3m + j."""
+    stream, noise = KeyStream(key), []
+    for first in range(0, count, piece):
+        m = min(piece, count - first)
+        words = struct.unpack(f"<{4 * m}Q", stream.read(32 * m))
+        uniforms = [((word >> 11) + 0.5) * 2.0 ** -53 for word in words]
+        radius = [math.sqrt(-2 * math.log(u)) for u in uniforms[:2 * m]]
+        angles = [2 * math.pi * u for u in uniforms[2 * m:]]
+        draws = ([r * math.cos(a) for r, a in zip(radius, angles)]
+                 + [r * math.sin(a) for r, a in zip(radius, angles)])
+        noise += [std / 2 * sum(draws[j + m * i] for i in range(4)) for j in range(m)]
+    return noise
+
+
+@pytest.mark.parametrize("piece", [8192, 2], ids=["one-piece", "pieces-of-2"])
+def test_hardened_noise_is_four_box_muller_draws_from_the_keystream_summed_and_halved(
+        monkeypatch, piece):
+    # Prepare
+    monkeypatch.setattr(dp_random, "_PIECE", piece)
+    std, count = 2.5, 5
 
     # Execute
     noise = KeyStream(KEY).normal(std, (count,), torch.float64)
 
     # Assert
-    assert noise.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert noise.tolist() == pytest.approx(documented_noise(KEY, std, count, piece),
+                                           rel=1e-12, abs=1e-12)
 
 
 @pytest.mark.parametrize("draw", ["hardened", "box-muller"])

@@ -17,7 +17,8 @@ strategies sample a fixed fraction uniformly). Clients are identified by their i
 ``0 .. num_clients - 1`` (the partition id), never by a Flower node id.
 
 Every random draw comes from a generator seeded explicitly (``numpy.random.Generator``;
-``random.Random`` for :class:`Uniform`); the global RNGs are never touched. A participation model called as ``active(0), active(1), ...`` yields
+``random.Random`` for :class:`Uniform`), or for client-level DP's secret client sample from a
+key stream (:class:`SecretBernoulli`); the global RNGs are never touched. A participation model called as ``active(0), active(1), ...`` yields
 exactly the rows of ``matrix(num_rounds)`` of a model built with the same arguments, so the same
 seed gives the same participation matrix. Everything that must survive a restart has a
 JSON-serialisable ``state_dict()`` / ``load_state_dict()`` pair.

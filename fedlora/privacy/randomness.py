@@ -18,7 +18,7 @@ One source for every secret draw: :class:`KeyStream`, the keystream of ChaCha20 
 through ``cryptography``) under a 256-bit key. Every bit of the key changes the whole stream,
 and its outputs say nothing about the key or about each other. (The ``torch.Generator`` this
 module used before takes a 64-bit seed, but its CPU Mersenne Twister keeps only the low 32
-bits of it: a server that tried 2^32 seeds found the noise and subtracted it.)
+bits of it: a server could try all 2^32 seeds, find the noise and subtract it.)
 
 * Poisson sampling: :class:`KeyedRandom`, a ``random.Random`` whose bits are the keystream
   (so the samplers keep ``random.Random``'s interface; before, a BLAKE2b counter-mode stream,
@@ -70,6 +70,7 @@ HARDENING_DRAWS = 4  # Gaussians summed per coordinate (Opacus' secure_mode: 2n 
 # RFC 8439's nonce layout (cryptography's 16-byte "nonce"): a 32-bit block counter, then a
 # 96-bit nonce. One nonce covers 2^32 blocks of 64 bytes; the stream then moves to the next.
 _BYTES_PER_NONCE = 64 << 32
+_PIECE = 8192  # coordinates of noise drawn at a time: 256 KiB of keystream, in the CPU's cache
 
 
 class NodeSecret:
@@ -168,8 +169,10 @@ class KeyStream:
         """``count`` independent uniforms on ``(0, 1)`` (float64): the top 53 bits ``k`` of
         each 64-bit word as ``(k + 1/2) 2^-53``, never 0 or 1 (Box-Muller takes a log)."""
         words = np.frombuffer(self.read(8 * count), dtype="<u8")
-        return (torch.from_numpy((words >> np.uint64(11)).astype(np.int64)).to(torch.float64)
-                + 0.5) * 2.0 ** -53
+        uniforms = (words >> np.uint64(11)).astype(np.float64)
+        uniforms += 0.5
+        uniforms *= 2.0 ** -53
+        return torch.from_numpy(uniforms)
 
     def standard_normal(self, count: int) -> torch.Tensor:
         """``count`` independent N(0, 1) draws (float64, Box-Muller: both outputs of a pair)."""
@@ -183,13 +186,16 @@ class KeyStream:
                device: str | torch.device = "cpu") -> torch.Tensor:
         """Hardened ``N(0, std^2)`` noise of ``shape``: per coordinate the sum of
         ``HARDENING_DRAWS`` standard draws times ``std / sqrt(HARDENING_DRAWS)`` (Opacus'
-        secure_mode), computed in float64 on the CPU, then cast to ``dtype`` on ``device``."""
+        secure_mode), computed in float64 on the CPU, then cast to ``dtype`` on ``device``.
+        Drawn in pieces of ``_PIECE`` coordinates, whose draws stay in the CPU's cache."""
         shape = tuple(int(size) for size in shape)
         if std == 0:
             return torch.zeros(shape, dtype=dtype, device=device)
-        count = math.prod(shape)
-        draws = self.standard_normal(HARDENING_DRAWS * count).view(HARDENING_DRAWS, count)
-        noise = draws.sum(0) * (float(std) / math.sqrt(HARDENING_DRAWS))
+        noise = torch.empty(math.prod(shape), dtype=torch.float64)
+        for piece in noise.split(_PIECE):
+            draws = self.standard_normal(HARDENING_DRAWS * piece.numel())
+            torch.sum(draws.view(HARDENING_DRAWS, piece.numel()), 0, out=piece)
+        noise *= float(std) / math.sqrt(HARDENING_DRAWS)
         return noise.view(shape).to(dtype=dtype, device=device)
 
     def normal_like(self, std: float, references: list[torch.Tensor]) -> list[torch.Tensor]:
