@@ -107,9 +107,9 @@ class DPConfig:
     noise_multiplier: float | None = setting(None, "client: sigma itself instead of planning it "
                                              "from epsilon (then epsilon is reported, not "
                                              "targeted)", check=POSITIVE)
-    secure_rng: bool = setting(False, "Opacus' secure_mode Gaussian (2n-sample draw against "
-                               "floating-point attacks) from each node's secret; implies secret "
-                               "noise")
+    secure_rng: bool = setting(False, "kept for older configs: secret DP noise also in "
+                               "simulation (as reproducible_noise=false); secret noise is always "
+                               "hardened against floating-point attacks")
     reproducible_noise: bool | None = setting(None, "null: reproducible DP noise in simulation, "
                                               "secret on real SuperNodes; true: seeded by what "
                                               "the server knows (unsafe outside experiments); "
@@ -529,8 +529,7 @@ def dp_client_config(cfg: RunConfig) -> dict:
     setup_share = get_method(cfg.strategy).server.setup_examples_per_client(cfg)
     return {"dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,
             "dp-accountant": cfg.dp.accountant, "dp-max-steps": cfg.local_steps * cfg.rounds,
-            "dp-init-samples": setup_share, "dp-noise": cfg.dp.noise,
-            "dp-secure-rng": int(cfg.dp.secure_rng)}
+            "dp-init-samples": setup_share, "dp-noise": cfg.dp.noise}
 
 
 def round_lr(cfg: RunConfig, server_round: int, lr: float | None = None) -> float:

@@ -45,7 +45,7 @@ from fedlora.config import (partition_from_client_config, specs_from_client_conf
                             task_from_client_config)
 from fedlora.tasks.data import ExampleBatches, client_partitions
 from fedlora.privacy.randomness import client_seed
-from fedlora.clients.dp import ClientPrivacy, poisson_batches
+from fedlora.clients.dp import ClientPrivacy, ReleaseRefused, poisson_batches
 from fedlora.clients.policy import refusal
 from fedlora.clients.hooks import ClientHooks
 from fedlora.clients.train import client_update
@@ -212,10 +212,15 @@ def train(message: Message, context: Context) -> Message:
 
 @app.train("setup")  # SETUP_MESSAGE_TYPE
 def setup(message: Message, context: Context) -> Message:
-    """A method's one-time set-up step: its client hooks' ``setup`` answers it."""
+    """A method's one-time set-up step: its client hooks' ``setup`` answers it (a DP release
+    the node refuses, e.g. a second one in the run: an error reply naming why)."""
     node = ClientSetup(message, context)
     refusal_reply = refused(node, message, context)
     if refusal_reply is not None:
         return refusal_reply
-    arrays, metrics = node.hooks.setup(node, message, context)
+    try:
+        arrays, metrics = node.hooks.setup(node, message, context)
+    except ReleaseRefused as declined:
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(declined)),
+                       reply_to=message)
     return node.reply(message, arrays, metrics)

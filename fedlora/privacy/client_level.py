@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fedlora.privacy import accounting as privacy
+from fedlora.privacy.randomness import KeyStream
 
 # Andrew et al. (2021), section 3, and Flower's defaults
 INITIAL_CLIP = 0.1
@@ -80,7 +81,7 @@ def clip_update(delta: dict[str, torch.Tensor], clip: float
 
 
 def noised_mean(clipped_updates: list[dict[str, torch.Tensor]], noise_multiplier: float,
-                clip: float, expected_clients: float, generator: torch.Generator,
+                clip: float, expected_clients: float, generator: torch.Generator | KeyStream,
                 weights: list[float] | None = None) -> dict[str, torch.Tensor]:
     """DP-FedAvg's release: ``(sum_k w_k u_k + N(0, (sigma C)^2 I)) / m`` per tensor.
 
@@ -89,7 +90,8 @@ def noised_mean(clipped_updates: list[dict[str, torch.Tensor]], noise_multiplier
     presence change every coordinate by more than ``C / m``. ``weights`` (default 1) must lie in
     [0, 1]: a weight above 1 (e.g. FedAvg's ``n_k / mean n``) would let one client move the sum
     by ``w_k C``, beyond the noise's calibration; plain sample weights ``n_k / sum n`` cannot be
-    used either, as their denominator depends on every participant's private data size."""
+    used either, as their denominator depends on every participant's private data size.
+    ``generator``: a ``KeyStream`` (secret: hardened draws) or a seeded ``torch.Generator``."""
     if not clipped_updates:
         raise ValueError("noised_mean needs at least one update (the noise alone is a release "
                          "too: pass the zero update of an absent round explicitly)")
@@ -103,8 +105,13 @@ def noised_mean(clipped_updates: list[dict[str, torch.Tensor]], noise_multiplier
     mean = {}
     for key in keys:
         total = sum(w * update[key] for w, update in zip(weights, clipped_updates))
-        noise = torch.normal(0.0, noise_multiplier * clip, size=total.shape, generator=generator,
-                             device=total.device, dtype=total.dtype) if noise_multiplier > 0 else 0
+        if noise_multiplier <= 0:
+            noise = 0
+        elif isinstance(generator, KeyStream):
+            noise = generator.normal(noise_multiplier * clip, total.shape, total.dtype, total.device)
+        else:
+            noise = torch.normal(0.0, noise_multiplier * clip, size=total.shape,
+                                 generator=generator, device=total.device, dtype=total.dtype)
         mean[key] = (total + noise) / expected_clients
     return mean
 
@@ -158,12 +165,17 @@ class AdaptiveClip:
         if self.clip <= 0 or self.learning_rate <= 0 or self.expected_clients <= 0:
             raise ValueError("clip, learning_rate and expected_clients must be > 0")
 
-    def unclipped_fraction(self, norms: list[float], generator: torch.Generator) -> float:
+    def unclipped_fraction(self, norms: list[float], generator: torch.Generator | KeyStream
+                           ) -> float:
         """``b~ = (sum_k 1[norm_k <= C] + N(0, sigma_b^2)) / m``: the private estimate of the
         fraction of updates the current C leaves unclipped."""
         count = sum(1 for norm in norms if norm <= self.clip)
-        noise = (float(torch.normal(0.0, self.clipped_count_stddev, (1,), generator=generator))
-                 if self.clipped_count_stddev > 0 else 0.0)
+        if self.clipped_count_stddev <= 0:
+            noise = 0.0
+        elif isinstance(generator, KeyStream):
+            noise = float(generator.normal(self.clipped_count_stddev, (1,), torch.float64))
+        else:
+            noise = float(torch.normal(0.0, self.clipped_count_stddev, (1,), generator=generator))
         return (count + noise) / self.expected_clients
 
     def step(self, fraction: float) -> float:
@@ -171,7 +183,7 @@ class AdaptiveClip:
         self.clip *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
         return self.clip
 
-    def update(self, norms: list[float], generator: torch.Generator) -> float:
+    def update(self, norms: list[float], generator: torch.Generator | KeyStream) -> float:
         """One round's update from the sampled clients' update norms (before clipping)."""
         return self.step(self.unclipped_fraction(norms, generator))
 
@@ -253,12 +265,14 @@ class ClientLevelDP:
         adaptive: Andrew et al.'s clipping (a noised count of unclipped updates moves C).
         expected_clients: m = q N. sample_rate: q.
         delta, accountant: for the epsilon reported after every round.
-        generator: the noise's source (``dp.reproducible_noise``: seeded; else from the OS).
+        generator: the noise's source: a ``torch.Generator`` seeded from the run seed
+            (``noise="reproducible"``), or a ``KeyStream`` under a key from the OS held in
+            memory only (``"secret"``: never in a checkpoint; a resumed run draws afresh).
     """
 
     def __init__(self, noise_multiplier: float, clip: float, adaptive: bool,
                  expected_clients: float, sample_rate: float, delta: float, accountant: str,
-                 generator: torch.Generator, target_epsilon: float | None = None,
+                 generator: torch.Generator | KeyStream, target_epsilon: float | None = None,
                  noise: str = "reproducible"):
         self.noise_multiplier = noise_multiplier
         self.expected_clients = expected_clients
@@ -338,31 +352,32 @@ class ClientLevelDP:
                 "history": [list(entry) for entry in self.history], "releases": self.releases}
 
     def state_dict(self) -> dict:
-        return {"history": [list(e) for e in self.history], "releases": list(self.releases),
-                "adaptive": self.adaptive.state_dict() if self.adaptive is not None else None,
-                "generator": self.generator.get_state()}
+        state = {"history": [list(e) for e in self.history], "releases": list(self.releases),
+                 "adaptive": self.adaptive.state_dict() if self.adaptive is not None else None}
+        if isinstance(self.generator, torch.Generator):  # reproducible: resume bit for bit
+            state["generator"] = self.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [tuple(e) for e in state["history"]]
         self.releases = list(state["releases"])
         if self.adaptive is not None:
             self.adaptive.load_state_dict(state["adaptive"])
-        self.generator.set_state(state["generator"])
+        if isinstance(self.generator, torch.Generator):  # a KeyStream has no saved state
+            self.generator.set_state(state["generator"])
 
 
 def client_level_dp(cfg, setup_releases: int) -> ClientLevelDP:
     """The part for a run's config (``dp.mode=client``): sigma planned over the run's rounds
     plus the method's set-up releases, unless ``dp.noise_multiplier`` gives it."""
-    import os
-
     dp = cfg.dp
     rate = client_sample_rate(cfg.clients_per_round, cfg.clients)
     sigma = dp.noise_multiplier if dp.noise_multiplier is not None else plan_client_noise_multiplier(
         dp.epsilon, dp.delta, cfg.clients_per_round, cfg.clients, cfg.rounds + setup_releases,
         dp.accountant)
     # Reproducible (simulation's default): the run's seed, so reruns and resume are bit-exact.
-    seed = (cfg.seed * 1_000_003 + 17 if dp.noise == "reproducible"
-            else int.from_bytes(os.urandom(8), "big") >> 1)
+    generator = (torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
+                 if dp.noise == "reproducible" else KeyStream.from_os())
     return ClientLevelDP(sigma, dp.clip, dp.clipping == "adaptive", rate * cfg.clients, rate,
-                         dp.delta, dp.accountant, torch.Generator().manual_seed(seed),
+                         dp.delta, dp.accountant, generator,
                          target_epsilon=dp.epsilon, noise=dp.noise)

@@ -191,7 +191,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         self.client_dp = (client_level_dp(cfg, setup_releases=int(self.setup_examples_per_client(cfg) > 0))
                           if cfg.dp.client_level else None)
         if self.client_dp is not None:
-            self.sampler.use_rate(self.client_dp.sample_rate)
+            self.sampler.use_rate(self.client_dp.sample_rate, secret=cfg.dp.noise == "secret")
         self.server_round = 0
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
         self.setup_rejected: list[tuple[int, str]] = []  # (node id, reason) in ``initialize``

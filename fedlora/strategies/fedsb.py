@@ -134,7 +134,8 @@ class FedSBClient(ClientHooks):
     def setup(self, node, message, context):
         """``G_k``: the summed gradients of the adapted base weights over ``init-samples`` of
         this node's examples (a uniform sample; under DP a Poisson sample at rate
-        ``init-samples / n_k`` and one clipped, noised release charged to the accountant)."""
+        ``init-samples / n_k`` and one clipped, noised release charged to the accountant, once
+        per run and only within the node's budget: else ``ReleaseRefused``)."""
         bundle = node.bundle
         bundle.set_base_delta(None)  # the pretrained W0, whatever a previous client left
         bundle.load(message.content["arrays"].to_torch_state_dict())  # the global head
@@ -152,12 +153,13 @@ class FedSBClient(ClientHooks):
                                       node.device, loss=node.task.loss)
             return grads, {"num-examples": len(chosen)}
         rate = min(1.0, share / len(node.indices))
+        privacy.check_setup_release(rate)  # before the data is touched
         sampler = privacy.rng("init-poisson", node, context.state)
         chosen = [i for i in node.indices if sampler.random() < rate]
         grads = private_gradient_sum(bundle.model, weights, node.batches, chosen, privacy.clip,
                                      privacy.noise_multiplier,
                                      privacy.rng("init-noise", node, context.state),
-                                     privacy.secure_rng, node.device, loss=node.task.loss)
+                                     node.device, loss=node.task.loss)
         privacy.spend(1, context.state, "init", int(node.config.get("server-round", 0)), rate=rate)
         # The Poisson sample's size is private: report the expected one, rate * n_k.
         return grads, {**privacy.metrics(), "num-examples": min(share, len(node.indices))}
