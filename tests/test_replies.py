@@ -98,7 +98,9 @@ def from_a_stranger(message, arrays, metrics):
 
 
 DP = {"dp": {"epsilon": 3.0}}
-CLIENT_DP = {"dp": {"epsilon": 3.0, "mode": "client"}, "weighting": "uniform",
+# reproducible server noise: the twin that sees only the honest replies must draw the same noise
+CLIENT_DP = {"dp": {"epsilon": 3.0, "mode": "client", "reproducible_noise": True},
+             "weighting": "uniform",
              "clients_per_round": 2, "rounds": 8}
 
 # (id, strategy, config overrides, the bad reply, what its reason says)
