@@ -337,10 +337,8 @@ class RunConfig:
 
     def _checked(self) -> "RunConfig":
         """The rules that relate several keys."""
-        if self.clients_per_round > self.clients:
-            raise ConfigError(f"clients_per_round={self.clients_per_round} exceeds clients="
-                              f"{self.clients}; set clients_per_round <= {self.clients} or raise "
-                              "clients")
+        check_federation(self.clients, self.clients_per_round, self.participation, self.weighting,
+                         self.min_clients, self.dp)
         if self.device == "cuda" and self.client_gpus == 0:
             raise ConfigError("device=cuda needs client_gpus > 0 (e.g. client_gpus=0.25: four "
                               "clients share one GPU)")
@@ -353,17 +351,6 @@ class RunConfig:
             raise ConfigError(f"tracking={self.tracking} needs the {missing} package; pip install "
                               f"{missing} (or fedlora's extra: pip install -e \".[tracking]\"), "
                               "or set tracking=null")
-        if self.dp.client_level and self.participation.name != "uniform":
-            raise ConfigError(f"dp.mode=client samples each client with probability "
-                              f"clients_per_round/clients (the accounting needs it), so "
-                              f"participation={self.participation.name} cannot apply; use "
-                              "participation=uniform")
-        if self.dp.client_level and self.weighting == "fedau":
-            raise ConfigError("dp.mode=client weights every clipped update equally (its "
-                              "sensitivity); weighting=fedau cannot apply: use weighting=uniform")
-        if self.min_clients > self.clients_per_round and self.participation.name == "uniform":
-            raise ConfigError(f"min_clients={self.min_clients} exceeds clients_per_round="
-                              f"{self.clients_per_round}; set min_clients <= {self.clients_per_round}")
         return self
 
     def _check_gpu_settings(self) -> None:
@@ -400,6 +387,27 @@ class RunConfig:
     def from_saved(cls, saved: dict) -> "RunConfig":
         """The config a run saved in its ``config.yaml`` (``to_dict``'s layout, plus ``out``)."""
         return cls.from_dict(saved)
+
+
+def check_federation(clients: int, clients_per_round: int, participation: ParticipationConfig,
+                     weighting: str, min_clients: int, dp: DPConfig) -> None:
+    """The rules relating the keys a strategy takes (``RunConfig`` and a strategy's own
+    arguments, ``fedlora.strategies.base.FederatedLoRA``): a one-line ``ConfigError``."""
+    if clients_per_round > clients:
+        raise ConfigError(f"clients_per_round={clients_per_round} exceeds clients="
+                          f"{clients}; set clients_per_round <= {clients} or raise "
+                          "clients")
+    if dp.client_level and participation.name != "uniform":
+        raise ConfigError(f"dp.mode=client samples each client with probability "
+                          f"clients_per_round/clients (the accounting needs it), so "
+                          f"participation={participation.name} cannot apply; use "
+                          "participation=uniform")
+    if dp.client_level and weighting == "fedau":
+        raise ConfigError("dp.mode=client weights every clipped update equally (its "
+                          "sensitivity); weighting=fedau cannot apply: use weighting=uniform")
+    if min_clients > clients_per_round and participation.name == "uniform":
+        raise ConfigError(f"min_clients={min_clients} exceeds clients_per_round="
+                          f"{clients_per_round}; set min_clients <= {clients_per_round}")
 
 
 def run_schema() -> type:
@@ -526,20 +534,20 @@ def dp_client_config(cfg: RunConfig) -> dict:
     not credited) and the examples of the method's one-time set-up release, if it has one."""
     if not cfg.dp.record_level:  # client-level DP happens on the server
         return {"dp-epsilon": 0.0}
-    setup_share = get_method(cfg.strategy).server.setup_examples_per_client(cfg)
+    setup_share = get_method(cfg.strategy).server.setup_examples_per_client(cfg.settings,
+                                                                            cfg.clients_per_round)
     return {"dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,
             "dp-accountant": cfg.dp.accountant, "dp-max-steps": cfg.local_steps * cfg.rounds,
             "dp-init-samples": setup_share, "dp-noise": cfg.dp.noise}
 
 
-def round_lr(cfg: RunConfig, server_round: int, lr: float | None = None) -> float:
-    """The clients' learning rate in a round: constant, or cosine-decayed from ``lr`` (default
-    ``cfg.lr``) in round 1 to ``0.1 * lr`` in the last round (a stable final model despite
+def scheduled_lr(lr: float, server_round: int, rounds: int, schedule: str) -> float:
+    """The clients' learning rate in a round of ``rounds``: constant, or (``cosine``) decayed
+    from ``lr`` in round 1 to ``0.1 * lr`` in the last round (a stable final model despite
     client drift)."""
-    lr = cfg.lr if lr is None else lr
-    if cfg.lr_schedule == "constant" or cfg.rounds == 1:
+    if schedule == "constant" or rounds == 1:
         return lr
-    progress = (server_round - 1) / (cfg.rounds - 1)
+    progress = (server_round - 1) / (rounds - 1)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

@@ -283,7 +283,7 @@ def dp_federation(bundle, strategy="fedavg", rounds=3, **dp):
                                "rank": 2, "seed": 0, "local_steps": 2, "batch_size": 4,
                                "max_length": 16, "rounds": rounds,
                                "dp": {"epsilon": 3.0, **dp}})
-    server = get_strategy(strategy)(cfg, bundle.head_keys)
+    server = get_strategy(strategy).from_config(cfg, bundle.head_keys)
     server.register_nodes({10 + p: p for p in range(4)})
     return cfg, server
 
@@ -338,7 +338,7 @@ def test_epsilon_grows_persists_across_recreation_matches_reference_and_clients_
                              if sum(partition in t for t in sampled[:i + 1]) == 3)
         assert all(partition not in s for s in sampled[first_decline + 1:])
     # the server's copy survives a strategy restart (checkpoint)
-    restored = get_strategy("fedavg")(cfg, bundle.head_keys)
+    restored = get_strategy("fedavg").from_config(cfg, bundle.head_keys)
     restored.load_state_dict(json.loads(json.dumps(server.state_dict())))
     assert restored.privacy.report() == report
 

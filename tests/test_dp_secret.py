@@ -43,7 +43,7 @@ def fresh_context() -> Context:
 
 def train_message(cfg: RunConfig, bundle) -> Message:
     """The server's train message to partition ``PARTITION`` in round ``ROUND``."""
-    server = get_strategy(cfg.strategy)(cfg, bundle.head_keys)
+    server = get_strategy(cfg.strategy).from_config(cfg, bundle.head_keys)
     server.register_nodes({10 + p: p for p in range(4)})
     messages = server.configure_train(ROUND, ArrayRecord(bundle.initial_state),
                                       ConfigRecord(client_config(cfg, NUM_LABELS)), None)

@@ -367,17 +367,16 @@ class ClientLevelDP:
             self.generator.set_state(state["generator"])
 
 
-def client_level_dp(cfg, setup_releases: int) -> ClientLevelDP:
-    """The part for a run's config (``dp.mode=client``): sigma planned over the run's rounds
-    plus the method's set-up releases, unless ``dp.noise_multiplier`` gives it."""
-    dp = cfg.dp
-    rate = client_sample_rate(cfg.clients_per_round, cfg.clients)
+def client_level_dp(dp, *, clients: int, clients_per_round: int, rounds: int, seed: int,
+                    setup_releases: int) -> ClientLevelDP:
+    """The part for a run's ``dp`` section (``dp.mode=client``): sigma planned over the run's
+    rounds plus the method's set-up releases, unless ``dp.noise_multiplier`` gives it."""
+    rate = client_sample_rate(clients_per_round, clients)
     sigma = dp.noise_multiplier if dp.noise_multiplier is not None else plan_client_noise_multiplier(
-        dp.epsilon, dp.delta, cfg.clients_per_round, cfg.clients, cfg.rounds + setup_releases,
-        dp.accountant)
+        dp.epsilon, dp.delta, clients_per_round, clients, rounds + setup_releases, dp.accountant)
     # Reproducible (simulation's default): the run's seed, so reruns and resume are bit-exact.
-    generator = (torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17)
+    generator = (torch.Generator().manual_seed(seed * 1_000_003 + 17)
                  if dp.noise == "reproducible" else KeyStream.from_os())
-    return ClientLevelDP(sigma, dp.clip, dp.clipping == "adaptive", rate * cfg.clients, rate,
+    return ClientLevelDP(sigma, dp.clip, dp.clipping == "adaptive", rate * clients, rate,
                          dp.delta, dp.accountant, generator,
                          target_epsilon=dp.epsilon, noise=dp.noise)

@@ -34,15 +34,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.model.adapters import PARTS
 from fedlora.run.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
                                     set_rng_states)
 from fedlora.report.comm import CommLedger, expected_params, message_part
-from fedlora.clients.policy import NODE_POLICY
-from fedlora.config import RunConfig, check_deployment, client_config, resolve_noise, round_lr
+from fedlora.config import (RunConfig, check_deployment, client_config, resolve_noise,
+                            scheduled_lr)
 from fedlora.tasks.data import client_partitions
 from fedlora.core.errors import ConfigError
 from fedlora.model.export import export_run
@@ -52,11 +52,9 @@ from fedlora.report.results import RUN_ERROR, ResultsWriter, build_summary, elap
 from fedlora.report.tracking import flat_params, numbers, open_tracker
 from fedlora.strategies import get_strategy
 from fedlora.strategies.base import RoundReport
-from fedlora.strategies.replies import describe_problem
+from fedlora.strategies.grid import REPLY_TIMEOUT_S, describe_nodes, wait_for_nodes
 
 log = logging.getLogger("fedlora")
-
-REPLY_TIMEOUT_S = 3600.0
 
 
 class Exchange:
@@ -81,49 +79,6 @@ class Exchange:
                             sent_to.get(reply.metadata.reply_to_message_id), reply.error.reason)
         self.ledger.record(server_round, "up", replies, self.one_time_parts)
         return replies
-
-
-def wait_for_nodes(grid, count: int, timeout_s: float = 300.0) -> list[int]:
-    """Block until ``count`` nodes are connected, so round 1 samples from all of them."""
-    deadline = time.time() + timeout_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.time() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {count} clients connected in {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
-def describe_nodes(grid, nodes: list[int], config: dict, clients: int) -> dict[int, dict]:
-    """Each node's partition id, number of examples and label histogram (None from a DP
-    client, which does not send it). A node whose answer is an error or fails the reply schema
-    (``fedlora.strategies.replies.describe_problem``: a partition id outside 0..clients-1, a
-    count that is not a positive integer, a malformed histogram) is logged and left out. A node
-    whose own DP policy refuses the run (``fedlora.clients.policy``) stops it, once every node
-    has answered: a one-line ``ConfigError`` naming the key."""
-    messages = [Message(content=RecordDict({"config": ConfigRecord(config)}),
-                        message_type="query.describe", dst_node_id=node) for node in nodes]
-    info, refusals = {}, []
-    for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
-        if reply.has_error() and NODE_POLICY in reply.error.reason:
-            refusals.append(reply.error.reason)
-            continue
-        problem = describe_problem(reply, clients, config.get("num-labels"))
-        if problem:
-            log.warning("node %s did not describe itself (it is left out): %s",
-                        reply.metadata.src_node_id, problem)
-            continue
-        metrics = reply.content["metrics"]
-        info[reply.metadata.src_node_id] = {"partition_id": int(metrics["partition-id"]),
-                                            "num_examples": int(metrics["num-examples"]),
-                                            "label_histogram": list(metrics["label-histogram"])
-                                            if "label-histogram" in metrics else None}
-    if refusals:  # a node's own DP policy refuses the run's settings: nothing to run
-        more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
-        raise ConfigError(f"{len(refusals)} of {len(messages)} nodes refuse the run: "
-                          f"{sorted(refusals)[0]}{more}")
-    return info
 
 
 def server_label_histograms(cfg: RunConfig, data) -> list[list[int]]:
@@ -231,7 +186,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
     """
     checkpoint = load_checkpoint(out) if resume else None
     started = time.time() - (checkpoint["wall_s"] if checkpoint else 0.0)
-    strategy = get_strategy(cfg.strategy)(cfg, bundle.head_keys)
+    strategy = get_strategy(cfg.strategy).from_config(cfg, bundle.head_keys)
     config = client_config(cfg, len(data.label_names))
     ledger = CommLedger(lambda key: message_part(key, bundle.head_keys))
     exchange = Exchange(grid, ledger, config, strategy.one_time_parts_down, cfg.round_timeout)
@@ -308,7 +263,8 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file
         # tracking=...: the row's numbers and, for a training round, the clients' lr in it
         tracker.log_metrics(server_round, {**numbers(writer.rows[-1]), **(
-            {"lr": round_lr(cfg, server_round)} if server_round else {})})
+            {"lr": scheduled_lr(cfg.lr, server_round, cfg.rounds, cfg.lr_schedule)}
+            if server_round else {})})
         progress.row_written(server_round)
 
     def save_checkpoint(server_round: int) -> None:

@@ -59,12 +59,12 @@ class FedSB(FederatedLoRA):
         return rank * rank
 
     @classmethod
-    def setup_examples_per_client(cls, cfg) -> int:
+    def setup_examples_per_client(cls, settings: FedSBSettings, clients_per_round: int) -> int:
         """Each round-0 client's share of ``init_samples`` (its DP release is planned for it)."""
-        return -(-cfg.settings.init_samples // cfg.clients_per_round)
+        return -(-settings.init_samples // clients_per_round)
 
-    def __init__(self, cfg, head_keys):
-        super().__init__(cfg, head_keys)
+    def __init__(self, **arguments):  # FederatedLoRA's keyword arguments
+        super().__init__(**arguments)
         self.has_factors: set[int] = set()  # nodes that hold B and A
 
     def payload_down(self, node_id, state):
@@ -119,7 +119,7 @@ class FedSB(FederatedLoRA):
             for grad_key in expected:  # '<layer>.base.weight', every one in every reply
                 layer = grad_key[: -len(".base.weight")]
                 grad_sum = torch.stack([g[grad_key].to(torch.float64) for g in grads]).sum(0)
-                B, R, A = lora_sb_init(grad_sum, self.cfg.rank, self.settings.init_lr)
+                B, R, A = lora_sb_init(grad_sum, self.rank, self.settings.init_lr)
                 state[f"{layer}.lora_B.weight"] = B.float()
                 state[f"{layer}.lora_R.weight"] = R.float()
                 state[f"{layer}.lora_A.weight"] = A.float()

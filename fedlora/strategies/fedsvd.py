@@ -41,8 +41,8 @@ class FedSVD(FFA):
     def params_down(m: int, n: int, rank: int) -> int:
         return rank * (m + n)  # period 1: A and B after every re-factorisation
 
-    def __init__(self, cfg, head_keys):
-        super().__init__(cfg, head_keys)
+    def __init__(self, **arguments):  # FederatedLoRA's keyword arguments
+        super().__init__(**arguments)
         self.a_version = 0  # re-factorisations that changed A so far (0: the seeded A_0)
         self.a_version_held: dict[int, int] = {}  # node id -> version of the A it holds
 

@@ -53,8 +53,8 @@ class RoLoRA(FederatedLoRA):
         up, down = cls.params_up(m, n, rank), cls.params_down(m, n, rank)
         return (up, down) if cls.trained_factor(server_round) == "B" else (down, up)
 
-    def __init__(self, cfg, head_keys):
-        super().__init__(cfg, head_keys)
+    def __init__(self, **arguments):  # FederatedLoRA's keyword arguments
+        super().__init__(**arguments)
         self.version = dict.fromkeys(FACTORS, 0)  # aggregations of each factor so far (0: seeded)
         self.version_held: dict[int, dict[str, int]] = {}  # node id -> versions it holds
 
