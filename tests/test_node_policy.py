@@ -109,7 +109,7 @@ def message_to(cfg, bundle, message_type: str, partition: int, **extra) -> Messa
     as the method's strategy builds it), its config with ``extra`` added."""
     config = {**client_config(cfg, NUM_LABELS), **extra}
     if message_type == "train":
-        server = get_strategy(cfg.strategy)(cfg, bundle.head_keys)
+        server = get_strategy(cfg.strategy).from_config(cfg, bundle.head_keys)
         server.register_nodes({10 + p: p for p in range(CLIENTS)})
         messages = server.configure_train(1, ArrayRecord(bundle.initial_state),
                                           ConfigRecord(config), None)
