@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedlora.config import RunConfig, check_deployment
+from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml's [tool.flwr.app]
@@ -481,7 +481,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg, raw = resolve_config(overrides, options["nodes"])
         if raw.get("resume"):
             cfg, raw = resumed_deployment(overrides, options["nodes"], cfg, raw)
-        check_deployment(cfg)  # what the ServerApp would refuse, before any process starts
         return deploy_local(options, cfg, raw)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

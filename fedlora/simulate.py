@@ -51,8 +51,7 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume,
-                                       owns_partitions=True)
+        result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume)
 
     # "local" even for null: Ray's own default would join whatever cluster RAY_ADDRESS or the
     # last `ray start` on this machine names, which on a shared machine is someone else's.

@@ -17,8 +17,8 @@ which its hooks take back).
 client answers with an error reply instead of training.
 
 Handlers (message types):
-  query.describe     partition id, number of examples and (without DP) label histogram of
-                     this node
+  query.describe     partition id, number of examples and (without DP, in either mode)
+                     label histogram of this node
   train              local steps on the parts named in ``trained-parts``; reply with them
   train.setup        a method's one-time set-up step (``ClientHooks.setup``)
 """
@@ -104,7 +104,7 @@ def _parts(config: ConfigRecord, key: str) -> set[str]:
 def describe(message: Message, context: Context) -> Message:
     setup = ClientSetup(message, context)
     metrics = {"partition-id": setup.partition_id, "num-examples": len(setup.indices)}
-    if float(setup.config.get("dp-epsilon", 0.0)) <= 0:  # under DP: nothing unaccounted
+    if "dp-mode" not in setup.config:  # under DP, record- or client-level: nothing unaccounted
         labels = setup.batches.labels[list(setup.indices)]
         metrics["label-histogram"] = torch.bincount(
             labels, minlength=setup.model_spec.num_labels).tolist()
