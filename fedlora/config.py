@@ -114,6 +114,10 @@ class DPConfig:
                                               "secret on real SuperNodes; true: seeded by what "
                                               "the server knows (unsafe outside experiments); "
                                               "false: secret")
+    publish_participation: bool = setting(False, "client: also write participation.csv, which "
+                                          "clients each round sampled; epsilon then does NOT "
+                                          "hold against whoever reads it (the accounting "
+                                          "assumes the sample is secret)")
 
     @property
     def enabled(self) -> bool:
@@ -402,6 +406,15 @@ def check_federation(clients: int, clients_per_round: int, participation: Partic
                           f"clients_per_round/clients (the accounting needs it), so "
                           f"participation={participation.name} cannot apply; use "
                           "participation=uniform")
+    if dp.record_level and participation.name != "uniform":
+        raise ConfigError(f"participation={participation.name} draws who trains from each "
+                          "client's label histogram, which under DP does not leave the client "
+                          "(and would tie who trains to its data); use participation=uniform or "
+                          "drop dp.epsilon")
+    if dp.client_level and min_clients > 1:
+        raise ConfigError(f"min_clients={min_clients} with dp.mode=client would drop a round's "
+                          "updates when too few clients were sampled, so one client could change "
+                          "the release by more than dp.clip; set min_clients=1")
     if dp.client_level and weighting == "fedau":
         raise ConfigError("dp.mode=client weights every clipped update equally (its "
                           "sensitivity); weighting=fedau cannot apply: use weighting=uniform")
@@ -474,6 +487,10 @@ def _dp(section: dict) -> DPConfig:
     if dp.noise_multiplier is not None and dp.mode == "record":
         raise ConfigError("dp.noise_multiplier is for dp.mode=client; record-level clients plan "
                           "their noise from dp.epsilon")
+    if dp.publish_participation and not dp.client_level:
+        raise ConfigError("dp.publish_participation=true is for client-level DP (dp.mode=client "
+                          "with dp.epsilon or dp.noise_multiplier); otherwise participation.csv "
+                          "is always written: drop the key")
     return dp
 
 
@@ -486,16 +503,6 @@ def resolve_noise(cfg: RunConfig, deployment: bool) -> RunConfig:
         return cfg
     reproducible = not deployment and not cfg.dp.secure_rng
     return replace(cfg, dp=replace(cfg.dp, reproducible_noise=reproducible))
-
-
-def check_deployment(cfg: RunConfig) -> None:
-    """What a deployment cannot do (a one-line ``ConfigError`` before any process starts): a
-    label-correlated participation model under DP, since DP clients send no label histogram
-    and the server does not hold their data to count it."""
-    if cfg.dp.enabled and cfg.participation.name != "uniform":
-        raise ConfigError(f"participation={cfg.participation.name} needs each client's label "
-                          "histogram, which DP clients do not send on real SuperNodes; use "
-                          "participation=uniform or drop dp.epsilon")
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,14 +536,20 @@ def from_record(section_class, record, section: str):
 
 
 def dp_client_config(cfg: RunConfig) -> dict:
-    """The DP settings a client needs to plan its noise multiplier on its own (0: no DP):
-    the most training steps it can take in the run (local steps x rounds: participation is
-    not credited) and the examples of the method's one-time set-up release, if it has one."""
-    if not cfg.dp.record_level:  # client-level DP happens on the server
+    """The DP settings a client needs: ``dp-mode`` (record | client; absent without DP), by
+    which it knows to send nothing about its data beyond what the mode accounts for, and under
+    record-level DP what it needs to plan its noise multiplier on its own (``dp-epsilon`` 0:
+    no DP-SGD): the most training steps it can take in the run (local steps x rounds:
+    participation is not credited) and the examples of the method's one-time set-up release,
+    if it has one."""
+    if cfg.dp.client_level:  # it happens on the server; the client only keeps its data to itself
+        return {"dp-epsilon": 0.0, "dp-mode": "client"}
+    if not cfg.dp.record_level:
         return {"dp-epsilon": 0.0}
     setup_share = get_method(cfg.strategy).server.setup_examples_per_client(cfg.settings,
                                                                             cfg.clients_per_round)
-    return {"dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,
+    return {"dp-mode": "record",
+            "dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,
             "dp-accountant": cfg.dp.accountant, "dp-max-steps": cfg.local_steps * cfg.rounds,
             "dp-init-samples": setup_share, "dp-noise": cfg.dp.noise}
 

@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from fedlora.config import RunConfig, check_deployment
+from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError
 from fedlora.core.settings import POSITIVE, parse_section, run_config_values, setting
 
@@ -651,7 +651,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg, raw = resolve_config(overrides, options["nodes"])
         if raw.get("resume"):
             cfg, raw = resumed_deployment(overrides, options["nodes"], cfg, raw)
-        check_deployment(cfg)  # what the ServerApp would refuse, before any process starts
         return deploy_local(options, cfg, raw)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

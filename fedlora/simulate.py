@@ -58,8 +58,7 @@ def run(cfg: RunConfig, out, resume: bool = False, interrupts=None) -> dict:
             interrupts.serving.set()
             grid = StoppableGrid(grid, interrupts.stop)
         try:
-            result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume,
-                                           owns_partitions=True)
+            result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume)
         except RunStopped:
             pass  # Ctrl-C: the launcher prints where the run can go on from
         finally:

@@ -359,7 +359,9 @@ def test_dp_simulation_reports_epsilon_per_round_and_privacy_json(tmp_path):
     epsilons = [r["epsilon"] for r in rows]
     assert epsilons[0] > 0  # the privatised Fed-SB init is charged before round 1
     assert all(a <= b for a, b in zip(epsilons, epsilons[1:])) and epsilons[-1] <= 3.0
-    assert [r["clients_trained"] for r in rows[1:]] == [2, 2]
+    assert all(r["clients_trained"] is None for r in rows)  # DP rows count no clients ...
+    sampled = (tmp_path / "participation.csv").read_text().splitlines()[1:]
+    assert [line.count(",1") for line in sampled] == [2, 2]  # ... the server's own sample does
     report = json.loads((tmp_path / "privacy.json").read_text())
     assert report["max_epsilon"] == epsilons[-1] and report["accountant"] == "rdp"
     for client in report["clients"].values():

@@ -20,8 +20,8 @@ Before any of that, each handler checks the run's settings against the node's ow
 that names the key, and nothing else.
 
 Handlers (message types):
-  query.describe     partition id, number of examples and (without DP) label histogram of
-                     this node
+  query.describe     partition id, number of examples and (without DP, in either mode)
+                     label histogram of this node
   train              local steps on the parts named in ``trained-parts``; reply with them
   train.setup        a method's one-time set-up step (``ClientHooks.setup``)
 """
@@ -121,7 +121,7 @@ def describe(message: Message, context: Context) -> Message:
     if refusal_reply is not None:  # e.g. a run without DP: no label histogram either
         return refusal_reply
     metrics = {"partition-id": setup.partition_id, "num-examples": len(setup.indices)}
-    if float(setup.config.get("dp-epsilon", 0.0)) <= 0:  # under DP: nothing unaccounted
+    if "dp-mode" not in setup.config:  # under DP, record- or client-level: nothing unaccounted
         labels = setup.batches.labels[list(setup.indices)]
         metrics["label-histogram"] = torch.bincount(
             labels, minlength=setup.model_spec.num_labels).tolist()

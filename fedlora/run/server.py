@@ -3,9 +3,8 @@
 The loop, in this order (the same in simulation and deployment):
   0. wait until all ``clients`` nodes are connected (Flower registers them over the first
      seconds), ask each for its partition id and label histogram (``query.describe``; under
-     DP a client sends no histogram: in simulation the server computes them from the
-     partitioner it owns, in deployment there are none); a node whose answer is an error or
-     fails the reply schema (``fedlora.strategies.replies``) is left out of the run;
+     DP, in either mode, a client sends no histogram and none is computed for it: the
+     label-correlated participation models are refused under DP);
   1. the strategy's one-time initialisation (Fed-SB: round-0 gradient upload, counted);
   2. evaluate the initial global model on the held-out test split (round 0);
   3. for each round: ``configure_train`` (sampling: possibly nobody, under a participation
@@ -17,8 +16,15 @@ The loop, in this order (the same in simulation and deployment):
      last) ``checkpoint.pt`` is written (``fedlora.run.checkpoint``); replies that are missing
      after ``round_timeout`` or rejected count as ``clients_failed``, the rejected ones also
      listed with their reasons in the row's ``rejected``;
-  4. the participation matrix (rounds x clients) goes to ``participation.csv``, the final
-     global adapter (and FedEx's base delta) to ``final_adapter.pt``.
+  4. the participation matrix (rounds x clients) goes to ``participation.csv`` (not under
+     client-level DP, whose accounting needs the sample secret, unless
+     ``dp.publish_participation``), the final global adapter (and FedEx's base delta) to
+     ``final_adapter.pt``.
+
+Under DP nothing computed from the clients' data reaches the results files but through the
+noise (docs/privacy.md, "What leaves a client and what is written"): ``partitions.json`` has
+no label histograms (nor, at client level, sizes), rows and ``summary.json`` count no
+clients (nor, at client level, bytes, which count them too; ``fedlora.report.results``).
 
 A resumed run (``resume``) starts at step 3 after the checkpoint's round, with the nodes made
 whole again by the strategy (``FederatedLoRA.nodes_restarted``). So is a SuperNode that
@@ -41,14 +47,13 @@ from fedlora.model.adapters import PARTS
 from fedlora.run.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
                                     set_rng_states)
 from fedlora.report.comm import CommLedger, expected_params, message_part
-from fedlora.config import (RunConfig, check_deployment, client_config, resolve_noise,
+from fedlora.config import (RunConfig, client_config, resolve_noise,
                             scheduled_lr)
-from fedlora.tasks.data import client_partitions
 from fedlora.core.errors import ConfigError
 from fedlora.model.export import export_run
 from fedlora.model.pretrained import AdaptedModel, autocast
 from fedlora.aggregation.participation import write_participation_csv
-from fedlora.report.results import RUN_ERROR, ResultsWriter, build_summary, elapsed
+from fedlora.report.results import RUN_ERROR, ResultsWriter, build_summary, elapsed, withheld
 from fedlora.report.tracking import flat_params, numbers, open_tracker
 from fedlora.strategies import get_strategy
 from fedlora.strategies.base import RoundReport
@@ -81,15 +86,20 @@ class Exchange:
         return replies
 
 
-def server_label_histograms(cfg: RunConfig, data) -> list[list[int]]:
-    """Each partition's label histogram from the partitioner the server owns (simulation)."""
-    counts = []
-    for indices in client_partitions(cfg.task_spec(), cfg.clients, cfg.partition, cfg.seed):
-        histogram = [0] * len(data.label_names)
-        for index in indices:
-            histogram[int(data.train.labels[index])] += 1
-        counts.append(histogram)
-    return counts
+def published_partitions(nodes: dict[int, dict], dp) -> list[dict]:
+    """``partitions.json``: each partition's id and, without DP, its number of examples and
+    label histogram. Under record-level DP n_k stays (it is public there: the accounting
+    publishes ``q_k = b / n_k``) and the histogram goes; under client-level DP the size goes
+    too, being a statistic of the unit protected, a client's whole data set."""
+    published = []
+    for info in sorted(nodes.values(), key=lambda i: i["partition_id"]):
+        entry = {"partition_id": info["partition_id"]}
+        if not dp.client_level:
+            entry["num_examples"] = info["num_examples"]
+        if not dp.enabled:
+            entry["label_histogram"] = info["label_histogram"]
+        published.append(entry)
+    return published
 
 
 def rejoined_nodes(grid, known: set[int], config: dict, clients: int, server_round: int) -> dict[int, int]:
@@ -174,15 +184,12 @@ class LoopProgress:
 
 
 def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
-               resume: bool = False, owns_partitions: bool = False) -> dict:
+               resume: bool = False) -> dict:
     """Run all rounds of ``cfg`` on ``grid``; write the run directory; return the summary.
 
     ``data``: the task's dataset (``cfg.task_spec().dataset()``); its test split is scored
     by the task's evaluator (``fedlora.tasks.Task.evaluator``) into each row's metrics.
     ``resume``: continue the run in ``out`` from ``out/checkpoint.pt`` (``fedlora.run.checkpoint``).
-    ``owns_partitions``: the clients' data is ``data`` split by ``fedlora.tasks.data.client_partitions``
-    (a simulation), so under DP the server computes the label histograms the clients no longer
-    send; in deployment a node's data is its own.
     """
     checkpoint = load_checkpoint(out) if resume else None
     started = time.time() - (checkpoint["wall_s"] if checkpoint else 0.0)
@@ -207,17 +214,16 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                     "themselves); %s", sorted(set(range(cfg.clients)) - set(held))[:12], hint)
     partition_of = {node: info["partition_id"] for node, info in nodes.items()}
     known_nodes = set(connected)  # a node left out is asked again only under a new id
-    if cfg.dp.enabled and owns_partitions:  # what DP clients do not send, from the partitioner
-        histograms = server_label_histograms(cfg, data)
-        for info in nodes.values():
-            info["label_histogram"] = histograms[info["partition_id"]]
-    strategy.register_nodes(partition_of,
+    strategy.register_nodes(partition_of, None if cfg.dp.enabled else
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()},
                             {info["partition_id"]: info["num_examples"] for info in nodes.values()})
-    writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
+    writer.write_json("partitions.json", published_partitions(nodes, cfg.dp))
 
     score = task.evaluator(bundle, data.test, cfg.max_length, cfg.device)
     example_report = task.example_report(bundle.tokenizer, data, cfg.max_length)
+    if cfg.dp.enabled:  # counted over the clients' training data without noise
+        example_report = {k: v for k, v in example_report.items()
+                          if k not in task.training_data_counts}
     for key, count in example_report.items():
         if count:
             log.warning("%s: %d (max_length=%d; prompts lose tokens from the left)", key, count,
@@ -247,7 +253,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
 
     def add_row(server_round: int, metrics: dict) -> None:
         rounds = range(progress.last_row_round + 1, server_round + 1)
-        writer.row({
+        writer.row(withheld({
             "round": server_round, "strategy": cfg.strategy, **metrics,
             "train_loss": progress.mean_train_loss(),
             "clients_trained": progress.trained, "clients_failed": progress.failed,
@@ -258,7 +264,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             "params_up_per_client": ledger.params_up_per_client(server_round),
             "epsilon": strategy.privacy.max_epsilon() if strategy.privacy else None,
             "wall_s": elapsed(started),
-            **({"rejected": progress.rejected} if progress.rejected else {})})
+            **({"rejected": progress.rejected} if progress.rejected else {})}, cfg.dp))
         if strategy.privacy is not None:  # rewritten every row: an independent recomputation
             writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file
         # tracking=...: the row's numbers and, for a training round, the clients' lr in it
@@ -302,7 +308,8 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
     finally:  # rows written so far stay on disk whatever happens
         writer.close()
         tracker.close()
-        write_participation_csv(out / "participation.csv", strategy.participation_matrix())
+        if not cfg.dp.client_level or cfg.dp.publish_participation:  # else the sample is secret
+            write_participation_csv(out / "participation.csv", strategy.participation_matrix())
 
     save_atomic({"adapter": arrays.to_torch_state_dict(),
                  "base_delta": strategy.global_base_delta()}, out / FINAL_ADAPTER)
@@ -373,7 +380,6 @@ def main(grid: Grid, context: Context) -> None:
 
     cfg, out = config_from_run_config(dict(context.run_config))
     cfg = resolve_noise(cfg, deployment=True)  # null: secret DP noise on real SuperNodes
-    check_deployment(cfg)
     setup_logging(out, quiet=not cfg.verbose)  # DIR/run.log, as in a simulation
     if cfg.dp.enabled and cfg.dp.noise == "reproducible":
         log.warning("dp.reproducible_noise=true: the clients seed their DP noise and sampling "

@@ -46,7 +46,8 @@ One training round, in this order (``configure_train`` then ``aggregate_train``)
   7. commit what each node was sent (``accepted``; ``not_accepted`` for the others);
   8. under client-level DP (``dp.mode=client``, ``fedlora.privacy.client_level.ClientLevelDP``) the valid
      updates become one pseudo-update, the previous value plus the noised mean of their clipped
-     deltas, with weight 1 (clients were Poisson-sampled in step 1);
+     deltas, with weight 1 (clients were Poisson-sampled in step 1); a round without a valid
+     update releases the noise alone, as an empty Poisson sample must;
   9. aggregate on deltas, ``x <- x + eta * sum_k c_k (x_k - x)`` (``aggregate``, with the
      previous global value as one more weighted "client" where that rule needs it), and report
      the round (``RoundReport``).
@@ -519,7 +520,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
         """Steps 3 to 8: validate, weight and aggregate one round's replies. Call it every
         round, with no replies too; ``arrays`` is None if none is valid (the global state stays
-        as it was)."""
+        as it was), but under client-level DP, which releases noise in every round."""
         self.server_round = server_round
         report = RoundReport()
         replies = self.record_privacy(replies, report.declined)
@@ -558,14 +559,13 @@ class FederatedLoRA(Strategy, Generic[Sent]):
             self.accepted(node_id, self.nodes.sent.get(node_id))
         for node_id in set(self.nodes.sent) - set(nodes):
             self.not_accepted(node_id, self.nodes.sent[node_id])
-        if not valid:
-            if self.client_dp is not None and server_round > 0:
-                self.client_dp.account_empty_round(server_round)
+        if not valid and (self.client_dp is None or server_round == 0):
             return report
         updates = [r.content["arrays"].to_torch_state_dict() for r in valid]
         normalised = self.weighting.normalised
         if self.client_dp is not None:  # one noised pseudo-update; the method post-processes it
-            updates = [self.client_dp.private_update(self.current, updates, server_round)]
+            # (noise alone when no update arrived: skipping it would publish that none did)
+            updates = [self.client_dp.private_update(expected, updates, server_round)]
             coefficients, normalised = [1.0], True
         weights, previous_weight = server_step_weights(coefficients, self.server_lr,
                                                        normalised=normalised)
@@ -574,10 +574,10 @@ class FederatedLoRA(Strategy, Generic[Sent]):
             weights.append(previous_weight)
         with single_threaded():
             new_state = self.aggregate(self.current, updates, weights)
-        losses = sample_weights(num_examples)  # the reported loss is always the sample mean
         report.arrays = ArrayRecord(new_state)
         if self.client_dp is None and all("train_loss" in r.content["metrics"] for r in valid):
             # none under DP: record-level clients send none, client-level rows release none
+            losses = sample_weights(num_examples)  # the reported loss is always the sample mean
             report.train_loss = sum(w * r.content["metrics"]["train_loss"]
                                     for w, r in zip(losses, valid))
         report.clients_trained = len(valid)

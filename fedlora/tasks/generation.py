@@ -575,6 +575,7 @@ class Generation(Task):
                     "clients_per_round": 2}
     default_max_examples: ClassVar[int | None] = None  # eval.max_examples null: every example
     metrics = ("exact_match", "eval_loss")
+    training_data_counts = ("truncated_train_examples",)
     default_answer = "text"
 
     @property
