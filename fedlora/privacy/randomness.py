@@ -51,6 +51,7 @@ import hashlib
 import hmac
 import os
 import random
+from functools import lru_cache
 
 import torch
 
@@ -237,14 +238,39 @@ def make_dp_optimizer(optimizer: torch.optim.Optimizer, noise_multiplier: float,
 
     A generator is required: without one Opacus falls back on the global torch RNG, which the
     run seed makes predictable. ``secure_mode`` turns on Opacus' 2n-sample Gaussian (n = 2)."""
-    from opacus.optimizers import DPOptimizer
-
     if not isinstance(generator, torch.Generator):
         raise TypeError("make_dp_optimizer needs a torch.Generator (from dp_rng); without one "
                         "Opacus draws its noise from the global torch RNG")
-    return DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
-                       expected_batch_size=expected_batch_size, loss_reduction="mean",
-                       generator=generator, secure_mode=bool(secure_mode))
+    return _fp32_clipping_optimizer()(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
+        expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
+        secure_mode=bool(secure_mode))
+
+
+@lru_cache(maxsize=1)
+def _fp32_clipping_optimizer() -> type:
+    """Opacus' ``DPOptimizer`` that makes every per-example gradient fp32 (the parameter's
+    dtype) before it computes their norms. Under bf16 autocast Opacus' per-example gradients
+    are bf16, and it would take their norms in bf16: a norm rounded down by up to 2^-8 gives a
+    clip factor that leaves the example's gradient up to 0.4 % longer than C, beyond the
+    sensitivity the accountant assumes. In fp32 the bound holds as it does without autocast;
+    the gradients themselves may come from bf16 matmuls (any function of an example is fine,
+    so long as what is released is clipped and noised exactly). Opacus casts each per-example
+    gradient to the parameter's dtype after the norms anyway, so this costs nothing; for fp32
+    gradients it changes nothing. (A class made on first use: importing Opacus takes seconds.)"""
+    from opacus.optimizers import DPOptimizer
+
+    class Fp32ClippingDPOptimizer(DPOptimizer):
+        def clip_and_accumulate(self):
+            for param in self.params:
+                samples = param.grad_sample
+                if isinstance(samples, list):  # several forward passes before one step
+                    param.grad_sample = [s.to(param.dtype) for s in samples]
+                elif samples is not None and samples.dtype != param.dtype:
+                    param.grad_sample = samples.to(param.dtype)
+            super().clip_and_accumulate()
+
+    return Fp32ClippingDPOptimizer
 
 
 def gaussian_noise(std: float, shape, generator: torch.Generator, secure_mode: bool) -> torch.Tensor:
