@@ -20,7 +20,7 @@ from flwr.common.config import flatten_dict, unflatten_dict
 
 from fedlora.tasks.data import DataSpec
 from fedlora.core.errors import ConfigError
-from fedlora.model.pretrained import ModelSpec
+from fedlora.model.pretrained import PRECISIONS, ModelSpec
 from fedlora.core.registry import default_strategy, get_method, methods
 from fedlora.tasks import EvalSpec, Task, default_task, get_task, make_task
 from fedlora.report.tracking import TRACKERS, missing_package
@@ -34,7 +34,6 @@ WEIGHTINGS = ("samples", "uniform", "fedau")
 LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
 QUANTIZATIONS = (4,)
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -228,9 +227,12 @@ class RunConfig:
                                  check=POSITIVE)
     client_gpus: float = setting(0.0, "Ray GPUs per client, fractional (device=cuda)",
                                  check=NONNEGATIVE)
-    precision: str = setting("fp32", "fp32 | bf16: torch.autocast to bfloat16 around the "
-                             "clients' forward/backward and the server's evaluation (weights "
-                             "and optimiser state stay fp32; also runs on CPU)",
+    precision: str = setting("auto", "auto | fp32 | bf16: torch.autocast to bfloat16 around "
+                             "the clients' forward/backward and the server's evaluation "
+                             "(adapters, optimiser state, DP clipping and aggregation stay fp32); "
+                             "auto: bf16 where the device has fast bf16 (a CUDA GPU with bf16, "
+                             "a CPU with AMX or AVX-512 BF16), fp32 elsewhere, decided by each "
+                             "process for its own hardware (summary.json: the server's)",
                              choices=PRECISIONS)
     grad_checkpointing: bool = setting(False, "recompute activations in the backward pass "
                                        "(Hugging Face gradient checkpointing, non-reentrant): "
@@ -358,11 +360,8 @@ class RunConfig:
         return self
 
     def _check_gpu_settings(self) -> None:
-        """Precision, checkpointing and quantisation against the device, DP and the method."""
-        if self.dp.record_level and self.precision != "fp32":
-            raise ConfigError(f"precision={self.precision} is not supported with record-level DP "
-                              "(dp.epsilon: Opacus' per-example gradients run in fp32 here); set "
-                              "precision=fp32 or dp.mode=client")
+        """Checkpointing and quantisation against the device, DP and the method (any precision
+        works with DP: Opacus clips and noises in fp32, ``fedlora.privacy.randomness``)."""
         if self.dp.record_level and self.grad_checkpointing:
             raise ConfigError("grad_checkpointing=true with record-level DP (dp.epsilon): "
                               "Opacus' hooks would see every recomputed forward twice; set "

@@ -345,9 +345,7 @@ def make_dp_optimizer(optimizer: torch.optim.Optimizer, noise_multiplier: float,
     if isinstance(noise, KeyStream):
         return _key_stream_dp_optimizer()(optimizer, noise, **settings)
     if isinstance(noise, torch.Generator):
-        from opacus.optimizers import DPOptimizer
-
-        return DPOptimizer(optimizer, generator=noise, **settings)
+        return _fp32_clipping_optimizer()(optimizer, generator=noise, **settings)
     raise TypeError("make_dp_optimizer needs a KeyStream or a torch.Generator (from dp_rng); "
                     "without one Opacus draws its noise from the global torch RNG")
 
@@ -357,10 +355,9 @@ def _key_stream_dp_optimizer() -> type:
     """Opacus' ``DPOptimizer`` with ``add_noise`` drawing from a :class:`KeyStream` (built on
     first use: importing Opacus takes seconds). Everything else (clipping, accumulation, the
     mean over the expected batch size, the step) is Opacus'."""
-    from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    class KeyStreamDPOptimizer(DPOptimizer):
+    class KeyStreamDPOptimizer(_fp32_clipping_optimizer()):
         def __init__(self, optimizer, noise_stream: KeyStream, **settings):
             super().__init__(optimizer, generator=None, secure_mode=False, **settings)
             self.noise_stream = noise_stream
@@ -375,3 +372,29 @@ def _key_stream_dp_optimizer() -> type:
                 _mark_as_processed(param.summed_grad)
 
     return KeyStreamDPOptimizer
+
+
+@functools.cache
+def _fp32_clipping_optimizer() -> type:
+    """Opacus' ``DPOptimizer`` that makes every per-example gradient fp32 (the parameter's
+    dtype) before it computes their norms. Under bf16 autocast Opacus' per-example gradients
+    are bf16, and it would take their norms in bf16: a norm rounded down by up to 2^-8 gives a
+    clip factor that leaves the example's gradient up to 0.4 % longer than C, beyond the
+    sensitivity the accountant assumes. In fp32 the bound holds as it does without autocast;
+    the gradients themselves may come from bf16 matmuls (any function of an example is fine,
+    so long as what is released is clipped and noised exactly). Opacus casts each per-example
+    gradient to the parameter's dtype after the norms anyway, so this costs nothing; for fp32
+    gradients it changes nothing. (A class made on first use: importing Opacus takes seconds.)"""
+    from opacus.optimizers import DPOptimizer
+
+    class Fp32ClippingDPOptimizer(DPOptimizer):
+        def clip_and_accumulate(self):
+            for param in self.params:
+                samples = param.grad_sample
+                if isinstance(samples, list):  # several forward passes before one step
+                    param.grad_sample = [s.to(param.dtype) for s in samples]
+                elif samples is not None and samples.dtype != param.dtype:
+                    param.grad_sample = samples.to(param.dtype)
+            super().clip_and_accumulate()
+
+    return Fp32ClippingDPOptimizer

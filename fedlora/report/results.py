@@ -206,8 +206,8 @@ def elapsed(since: float) -> float:
 
 def build_summary(cfg, rows: list[dict], ledger, progress, *, params_per_client_formula,
                   adapted_layers: int, head_params: int, wall_s: float,
-                  metrics: tuple[str, str] = CLASSIFICATION_METRICS, examples: dict | None = None
-                  ) -> dict:
+                  metrics: tuple[str, str] = CLASSIFICATION_METRICS, examples: dict | None = None,
+                  precision: dict | None = None) -> dict:
     """``summary.json``: the final and best metrics of ``rows``, the byte totals of the
     ``ledger`` (``fedlora.report.comm.CommLedger``; one-time, wire and recovery bytes apart), the
     loop's totals (``progress``: failures, rounds not aggregated, resumptions, client
@@ -215,7 +215,10 @@ def build_summary(cfg, rows: list[dict], ledger, progress, *, params_per_client_
     the package versions. ``metrics``: the task's (primary metric, held-out loss) row keys:
     ``primary_metric`` names the first, and ``final_/best_/initial_<metric>`` and
     ``final_<loss>`` are reported (classification: ``final_accuracy``, ``final_loss`` ...).
-    ``examples``: the task's counts about its examples (e.g. truncated ones)."""
+    ``examples``: the task's counts about its examples (e.g. truncated ones). ``precision``:
+    what the server's process chose for ``precision`` (requested, chosen, the bf16 hardware it
+    found; ``fedlora.model.pretrained.AdaptedModel.precision``), which simulated clients on the
+    same machine choose too."""
     eval_seconds = progress.eval_seconds
     primary, loss = metrics
     return withheld({
@@ -239,6 +242,7 @@ def build_summary(cfg, rows: list[dict], ledger, progress, *, params_per_client_
         "client_processes": {str(pid): builds for pid, builds in
                              sorted(progress.client_processes.items())},
         "eval_s_total": round(sum(eval_seconds), 3), "evaluations": len(eval_seconds),
+        "precision": precision or {},
         "wall_s": wall_s, "config": cfg.to_dict(), "versions": package_versions(),
     }, cfg.dp)
 

@@ -246,7 +246,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
         begin = time.time()
         bundle.set_base_delta(strategy.global_base_delta())
         bundle.load(arrays.to_torch_state_dict())
-        with autocast(bundle.model):  # precision=bf16: the evaluation's forward passes too
+        with autocast(bundle.model):  # bf16 chosen: the evaluation's forward passes too
             metrics = score()
         progress.eval_seconds.append(time.time() - begin)
         return metrics
@@ -321,7 +321,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                                                                       cfg.rank, head_params),
                             adapted_layers=len(layers), head_params=head_params,
                             wall_s=elapsed(started), metrics=task.metrics,
-                            examples=example_report)
+                            examples=example_report, precision=bundle.precision)
     writer.write_json("summary.json", summary)
     return summary
 
