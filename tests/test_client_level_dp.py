@@ -193,7 +193,8 @@ def test_adaptive_clipping_at_the_readmes_setting_reports_the_epsilon_it_spends(
     cfg = RunConfig.from_dict({"strategy": "fedsvd", "clients": 100, "clients_per_round": 10,
                                "rounds": 25, "weighting": "uniform",
                                "dp": {"mode": "client", "epsilon": 8, "clipping": "adaptive"}})
-    dp = client_level_dp(cfg, setup_releases=0)
+    dp = client_level_dp(cfg.dp, clients=cfg.clients, clients_per_round=cfg.clients_per_round,
+                         rounds=cfg.rounds, seed=cfg.seed, setup_releases=0)
     current = {"w": torch.zeros(5, dtype=torch.float64)}
     generator = torch.Generator().manual_seed(0)
 

@@ -165,15 +165,17 @@ def test_auto_is_the_default_and_the_model_autocasts_as_this_machine_chooses(lla
 # ----------------------------------------------------------------------------- DP-SGD under bf16
 
 
-def test_dp_clips_bf16_per_example_gradients_with_fp32_norms():
+@pytest.mark.parametrize("noise", ["reproducible", "secret"])
+def test_dp_clips_bf16_per_example_gradients_with_fp32_norms(noise):
     # Prepare: one example whose bf16 gradient has norm 4.0156, which bf16 rounds down to 4.0:
-    # a clip factor from the rounded norm would leave it 0.39 % longer than C
-    from fedlora.privacy.randomness import make_dp_optimizer
+    # a clip factor from the rounded norm would leave it 0.39 % longer than C (both noise
+    # sources' optimisers clip alike)
+    from fedlora.privacy.randomness import KeyStream, make_dp_optimizer
 
     param = nn.Parameter(torch.zeros(2))
+    source = torch.Generator() if noise == "reproducible" else KeyStream.from_os()
     optimizer = make_dp_optimizer(torch.optim.SGD([param], lr=0.0), noise_multiplier=0.0,
-                                  clip=1.0, expected_batch_size=1, generator=torch.Generator(),
-                                  secure_mode=False)
+                                  clip=1.0, expected_batch_size=1, noise=source)
     param.grad_sample = torch.tensor([[0.5, 3.984375]], dtype=torch.bfloat16)
     # Execute: clipping, no noise, the mean over the one example
     optimizer.step()
