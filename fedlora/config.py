@@ -234,6 +234,16 @@ class RunConfig:
     server_lr: float = setting(1.0, "eta in x <- x + eta sum_k c_k (x_k - x)", check=POSITIVE)
     min_clients: int = setting(1, "a round with fewer valid replies is not aggregated",
                                check=POSITIVE)
+    client_batch: int = setting(1, "simulation: a node trains up to this many of a round's "
+                                "clients together, rows of all of them in one pass through one "
+                                "copy of the base model, each with its own adapter factors "
+                                "(docs/design/client-batching.md); 1: one client at a time",
+                                check=POSITIVE)
+    client_hosts: int | None = setting(None, "simulation: virtual SuperNodes that host the clients "
+                                       "(partition p on node p mod client_hosts; a node's clients "
+                                       "keep their state in its Context.state); null: one node "
+                                       "per client if client_batch=1, else "
+                                       "ceil(clients_per_round / client_batch)", check=POSITIVE)
     round_timeout: float = setting(3600.0, "seconds the server waits for a round's replies",
                                    check=POSITIVE)
     checkpoint_every: int = setting(1, "write DIR/checkpoint.pt every this many rounds (and the "
@@ -262,6 +272,16 @@ class RunConfig:
                          latent=get_method(self.strategy).server.latent, init_seed=self.seed,
                          precision=self.precision, grad_checkpointing=self.grad_checkpointing,
                          quantization=self.quantization)
+
+    @property
+    def hosts(self) -> int | None:
+        """How many simulated SuperNodes host the clients (``client_hosts``, resolved); None:
+        one node per client (the engine without hosts)."""
+        if self.client_hosts is not None:
+            return self.client_hosts
+        if self.client_batch == 1:
+            return None
+        return min(self.clients, -(-self.clients_per_round // self.client_batch))
 
     def task_spec(self) -> Task:
         """The task of this run with its data and evaluation settings (``fedlora.tasks``)."""
@@ -353,6 +373,14 @@ class RunConfig:
         if self.dp.client_level and self.weighting == "fedau":
             raise ConfigError("dp.mode=client weights every clipped update equally (its "
                               "sensitivity); weighting=fedau cannot apply: use weighting=uniform")
+        if self.client_hosts is not None and self.client_hosts > self.clients:
+            raise ConfigError(f"client_hosts={self.client_hosts} exceeds clients={self.clients}: a "
+                              f"node would host no client; set client_hosts <= {self.clients}")
+        if self.client_batch > 1 and self.dp.record_level:
+            raise ConfigError(f"client_batch={self.client_batch} with record-level DP (dp.epsilon, "
+                              "dp.mode=record): DP-SGD inside a batch of clients is not built yet; "
+                              "set client_batch=1 (client_hosts still shares a node's model) or "
+                              "dp.mode=client")
         if self.min_clients > self.clients_per_round and self.participation.name == "uniform":
             raise ConfigError(f"min_clients={self.min_clients} exceeds clients_per_round="
                               f"{self.clients_per_round}; set min_clients <= {self.clients_per_round}")
@@ -446,9 +474,14 @@ def resolve_noise(cfg: RunConfig, deployment: bool) -> RunConfig:
 
 
 def check_deployment(cfg: RunConfig) -> None:
-    """What a deployment cannot do (a one-line ``ConfigError`` before any process starts): a
-    label-correlated participation model under DP, since DP clients send no label histogram
-    and the server does not hold their data to count it."""
+    """What a deployment cannot do (a one-line ``ConfigError`` before any process starts):
+    host several clients on one node (a real SuperNode is one client), or a label-correlated
+    participation model under DP, since DP clients send no label histogram and the server does
+    not hold their data to count it."""
+    if cfg.client_batch > 1 or cfg.client_hosts is not None:
+        raise ConfigError(f"client_batch={cfg.client_batch}, client_hosts={cfg.client_hosts}: a "
+                          "real SuperNode is one client; set client_batch=1 and client_hosts=null "
+                          "(they are for simulation)")
     if cfg.dp.enabled and cfg.participation.name != "uniform":
         raise ConfigError(f"participation={cfg.participation.name} needs each client's label "
                           "histogram, which DP clients do not send on real SuperNodes; use "

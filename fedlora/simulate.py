@@ -2,7 +2,8 @@
 
 The ServerApp (``fedlora.run.server``) and the ClientApp (``fedlora.clients.app``) run through
 ``flwr.simulation.run_simulation`` on Ray: one virtual SuperNode per client, each Ray worker
-serving many of them with one copy of the base model. Config keys: ``fedlora/conf/config.yaml``
+serving many of them with one copy of the base model (with ``client_hosts`` or
+``client_batch`` > 1: fewer nodes, each hosting several clients, ``fedlora.run.hosted``). Config keys: ``fedlora/conf/config.yaml``
 (Hydra: ``key=value`` overrides, ``-m`` for sweeps). The whole config, the data and the model
 are checked before Ray starts; a bad value is one line on stderr and exit code 2.
 """
@@ -37,6 +38,7 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
 
     from fedlora.clients.app import app as client_app
     from fedlora.run.cli import setup_logging
+    from fedlora.run.hosted import HostedGrid
     from fedlora.run.server import prepare, run_server
 
     out = Path(out)
@@ -51,6 +53,8 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg.hosts is not None:  # nodes hosting several clients each: one node id per client
+            grid = HostedGrid(grid, cfg.clients, cfg.hosts, cfg.client_batch)
         result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume,
                                        owns_partitions=True)
 
@@ -60,7 +64,8 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
                "init_args": {"address": ray_address,
                              "include_dashboard": False, "log_to_driver": not quiet,
                              "logging_level": logging.WARNING if quiet else logging.INFO}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
+    run_simulation(server_app=server_app, client_app=client_app,
+                   num_supernodes=cfg.hosts or cfg.clients,
                    backend_config=backend, verbose_logging=cfg.verbose)
     if "summary" not in result:
         raise RuntimeError(f"the simulation ended without finishing its rounds; rows so far are in {out}")

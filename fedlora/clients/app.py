@@ -21,6 +21,10 @@ Handlers (message types):
                      this node
   train              local steps on the parts named in ``trained-parts``; reply with them
   train.setup        a method's one-time set-up step (``ClientHooks.setup``)
+
+Each handler also serves a host node's packed message (simulation with ``client_hosts`` or
+``client_batch``; ``fedlora.clients.host``): every client of it with a Context of its own, as
+if it were a node of its own.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from fedlora.config import (partition_from_client_config, specs_from_client_conf
 from fedlora.tasks.data import ExampleBatches, client_partitions
 from fedlora.privacy.randomness import client_seed
 from fedlora.clients.dp import ClientPrivacy, poisson_batches
+from fedlora.clients.host import is_hosted, serve_hosted
 from fedlora.clients.hooks import ClientHooks
 from fedlora.clients.train import client_update
 from fedlora.core.registry import get_method
@@ -102,6 +107,8 @@ def _parts(config: ConfigRecord, key: str) -> set[str]:
 
 @app.query("describe")
 def describe(message: Message, context: Context) -> Message:
+    if is_hosted(message):
+        return serve_hosted(message, context, describe)
     setup = ClientSetup(message, context)
     metrics = {"partition-id": setup.partition_id, "num-examples": len(setup.indices)}
     if float(setup.config.get("dp-epsilon", 0.0)) <= 0:  # under DP: nothing unaccounted
@@ -142,6 +149,8 @@ def simulated_crash(seed: int, server_round: int, partition_id: int, crash_prob:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    if is_hosted(message):  # several clients of a host node (client_hosts, client_batch)
+        return serve_hosted(message, context, train)
     setup = ClientSetup(message, context)
     cfg, bundle = setup.config, setup.bundle
     crash_prob = float(cfg.get("crash-prob", 0.0))
@@ -193,6 +202,8 @@ def train(message: Message, context: Context) -> Message:
 @app.train("setup")  # SETUP_MESSAGE_TYPE
 def setup(message: Message, context: Context) -> Message:
     """A method's one-time set-up step: its client hooks' ``setup`` answers it."""
+    if is_hosted(message):
+        return serve_hosted(message, context, setup)
     node = ClientSetup(message, context)
     arrays, metrics = node.hooks.setup(node, message, context)
     return node.reply(message, arrays, metrics)
