@@ -1,17 +1,20 @@
-"""Hosted clients (docs/design/client-batching.md), without Ray.
+"""Hosted clients and batched local training (docs/design/client-batching.md), without Ray.
 
 ``run_server`` drives in-process grids whose nodes answer with the ClientApp's own handlers
 (``tests.test_generation_federation.ClientAppGrid``): one node per client (today's engine), or
-``HostedGrid`` over a few host nodes that serve their clients one after another. The oracle is
-the one-node-per-client engine itself.
+``HostedGrid`` over a few host nodes that serve their clients one after another
+(``client_batch=1``) or up to ``client_batch`` in one pass. The oracle of every comparison is
+the one-node-per-client engine itself, run on the same messages.
 
-Model: a tiny random BERT (2 layers, hidden and attention dropout 0.1, SDPA) with MiniLM's
-tokenizer for the classification task, saved as a local folder.
+Models: a tiny random BERT (2 layers, hidden and attention dropout 0.1, SDPA) with MiniLM's
+tokenizer for the classification task, and the tiny random Llama of the generation tests (with
+attention dropout 0.1 here) for the causal-LM task, both saved as local folders.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 import fedlora.model.pretrained as models
+from fedlora.clients.app import balanced_chunks
 from fedlora.clients.host import (HOSTED, HostedClient, client_context, keep_client_state, pack,
                                   unpack)
 from fedlora.config import RunConfig, check_deployment, resolve_noise
@@ -26,13 +30,14 @@ from fedlora.core.errors import ConfigError
 from fedlora.run.hosted import HostedGrid, virtual_node_id
 from fedlora.run.server import prepare, run_server
 from fedlora.strategies import STRATEGIES
-from tests.test_generation_federation import ClientAppGrid
+from tests.test_generation_federation import ClientAppGrid, sft_data  # noqa: F401 (fixture)
+from tests.test_generation_task import char_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 # --------------------------------------------------------------------------------------------
-# Packing and contexts
+# Packing, contexts, chunks
 
 
 def test_pack_and_unpack_name_each_record_by_partition():
@@ -72,6 +77,17 @@ def test_a_hosted_clients_state_lives_under_its_prefix_of_the_hosts_state():
     assert sorted(host.state.keys()) == ["clients/14/kept", "clients/4/kept", "clients/4/mark"]
     assert host.state["clients/4/kept"].to_torch_state_dict()["a"].item() == 2.0
     assert host.state["clients/14/kept"].to_torch_state_dict()["a"].item() == 1.0
+
+
+@pytest.mark.parametrize("count, size, expected", [(8, 5, [4, 4]), (5, 5, [5]), (11, 5, [4, 4, 3]),
+                                                   (3, 1, [1, 1, 1]), (1, 10, [1])])
+def test_a_hosts_clients_split_into_the_fewest_chunks_of_near_equal_size(count, size, expected):
+    # Execute
+    chunks = balanced_chunks(list(range(count)), size)
+
+    # Assert: sizes as expected, every client once, in order
+    assert [len(c) for c in chunks] == expected
+    assert [i for c in chunks for i in c] == list(range(count))
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,12 +204,34 @@ def bert_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def dropout_llama_folder(tmp_path_factory):
+    """The generation tests' tiny Llama, with attention dropout 0.1."""
+    folder = tmp_path_factory.mktemp("tiny-llama-dropout")
+    tokenizer = char_tokenizer()
+    model = tiny_llama(tokenizer)
+    model.config.attention_dropout = 0.1
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def topic_config(strategy: str, bert_folder, **overrides) -> RunConfig:
     """100 clients of ~15 examples and batches of 16: clients' batches differ in rows."""
     return RunConfig.from_dict({"strategy": strategy, "model": str(bert_folder), "clients": 100,
                                 "clients_per_round": 6, "rounds": 2, "local_steps": 2,
                                 "batch_size": 16, "max_length": 16, "rank": 2, "seed": 0,
                                 "fedsb": {"init_samples": 24}, **overrides})
+
+
+def sft_run_config(strategy: str, llama_folder, sft_folder, **overrides) -> RunConfig:
+    """4 clients of 1 or 2 examples, batches of 2: unequal rows and lengths."""
+    return RunConfig.from_dict({"task": "sft", "strategy": strategy, "model": str(llama_folder),
+                                "data": {"path": str(sft_folder)}, "clients": 4,
+                                "clients_per_round": 4, "rounds": 2, "local_steps": 2,
+                                "batch_size": 2, "rank": 2, "max_length": 48, "seed": 0,
+                                "eval": {"max_examples": 2, "max_new_tokens": 3},
+                                "fedsb": {"init_samples": 4}, **overrides})
 
 
 def hosted_grid(cfg: RunConfig, hosts: int, client_batch: int) -> HostedGrid:
@@ -233,3 +271,205 @@ def test_hosted_clients_one_after_another_give_the_one_node_per_client_run_bit_f
     first = torch.load(tmp_path / "nodes" / "final_adapter.pt")["adapter"]
     second = torch.load(tmp_path / "hosted" / "final_adapter.pt")["adapter"]
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+class TwinGrid:
+    """Every message answered twice: by one node per client (``reference``) and by hosts
+    (``hosted``); the reference's replies go on to the server, cast to the dtype of the
+    tensors it sent, and the largest difference between the two of every reply is kept."""
+
+    def __init__(self, reference: ClientAppGrid, hosted: HostedGrid):
+        self.reference, self.hosted = reference, hosted
+        self.differences: list[float] = []
+        self.relative: list[float] = []
+        self.compared = 0
+
+    def get_node_ids(self):
+        return self.hosted.get_node_ids()
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        hosted = {r.metadata.src_node_id: r for r in self.hosted.send_and_receive(messages)}
+        reference = []
+        for message in messages:
+            partition_id = message.metadata.dst_node_id - virtual_node_id(0)
+            plain = Message(message.content, dst_node_id=100 + partition_id,  # the reference's ids
+                            message_type=message.metadata.message_type)
+            reference.append(self.reference.send_and_receive([plain])[0])
+        replies = []
+        for message, expected in zip(messages, reference):
+            got = hosted[message.metadata.dst_node_id]
+            assert expected.has_error() == got.has_error(), (expected, got)
+            if expected.has_error():
+                replies.append(Message(expected.error, reply_to=message))
+                continue
+            self.compare(expected.content, got.content)
+            replies.append(Message(self.as_sent(expected.content, message.content), reply_to=message))
+        return replies
+
+    def compare(self, expected: RecordDict, got: RecordDict) -> None:
+        self.compared += 1
+        assert sorted(expected.keys()) == sorted(got.keys())
+        left = expected["arrays"].to_torch_state_dict() if "arrays" in expected else {}
+        right = got["arrays"].to_torch_state_dict() if "arrays" in got else {}
+        assert sorted(left) == sorted(right)
+        for key in left:
+            difference = (left[key].double() - right[key].double()).abs().max().item()
+            self.differences.append(difference)
+            norm = left[key].double().norm().item()
+            self.relative.append((left[key].double() - right[key].double()).norm().item() / max(norm, 1e-30))
+        left_metrics, right_metrics = dict(expected["metrics"]), dict(got["metrics"])
+        assert sorted(left_metrics) == sorted(right_metrics)
+        for key, value in left_metrics.items():
+            if key == "train_loss":
+                self.differences.append(abs(value - right_metrics[key]))
+            elif key != "pid":
+                assert value == right_metrics[key], key
+
+    @staticmethod
+    def as_sent(content: RecordDict, sent: RecordDict) -> RecordDict:
+        """The reply with its tensors in the server's dtype (the clients' model may be float64)."""
+        if "arrays" not in content.array_records:
+            return content
+        sent_arrays = sent["arrays"].to_torch_state_dict() if "arrays" in sent.array_records else {}
+        arrays = {k: v.to(sent_arrays[k].dtype if k in sent_arrays else torch.float32)
+                  for k, v in content["arrays"].to_torch_state_dict().items()}
+        return RecordDict({"arrays": ArrayRecord(arrays), "metrics": content["metrics"]})
+
+
+@pytest.fixture
+def float64_clients(monkeypatch):
+    """The clients' model (``cached_model``) in float64; the server's stays float32."""
+    built = {}
+
+    def float64_model(spec, device):
+        if (spec, device) not in built:
+            built[spec, device] = models.build_model(spec, device)
+            built[spec, device].model.double()
+        return built[spec, device]
+
+    monkeypatch.setattr(models, "_cached_model", float64_model)
+
+
+def twin_run(cfg: RunConfig, out: Path, hosts: int, client_batch: int, caplog) -> TwinGrid:
+    """Both engines on the same messages; no chunk may have fallen back to one at a time."""
+    twin = TwinGrid(ClientAppGrid(cfg.clients), hosted_grid(cfg, hosts, client_batch))
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        serve(twin, cfg, out)
+    assert "trained together failed" not in caplog.text
+    return twin
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_batched_rounds_equal_one_client_at_a_time_in_float64_classification(
+        strategy, bert_folder, float64_clients, tmp_path, caplog):
+    # Execute: 6 sampled clients a round on 2 hosts, trained 2 at a time (chunks of 2 or 1)
+    twin = twin_run(topic_config(strategy, bert_folder), tmp_path, hosts=2, client_batch=2, caplog=caplog)
+
+    # Assert: every reply of every round (and the set-up's) within 1e-10
+    assert twin.compared >= 12
+    assert max(twin.differences) <= 1e-10
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_batched_rounds_equal_one_client_at_a_time_in_float64_causal_lm(
+        strategy, dropout_llama_folder, sft_data, float64_clients, tmp_path, caplog):
+    # Execute: all 4 clients in one pass
+    twin = twin_run(sft_run_config(strategy, dropout_llama_folder, sft_data), tmp_path, hosts=1,
+                    client_batch=4, caplog=caplog)
+
+    # Assert
+    assert twin.compared >= 8
+    assert max(twin.differences) <= 1e-10
+
+
+# float32 (the default): what "the same up to rounding" means in numbers, measured on these
+# runs at 4e-7 (AdamW's normalised steps keep differences at the scale of float32 rounding).
+FP32_TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsb"])
+def test_batched_rounds_in_float32_stay_within_the_stated_tolerance(strategy, bert_folder, tmp_path,
+                                                                    caplog):
+    # Execute
+    twin = twin_run(topic_config(strategy, bert_folder), tmp_path, hosts=2, client_batch=3,
+                    caplog=caplog)
+
+    # Assert: every tensor and loss within 1e-5, and each tensor's difference within 1e-5 of
+    # its norm
+    assert twin.compared >= 12
+    assert max(twin.differences) <= FP32_TOLERANCE and max(twin.relative) <= FP32_TOLERANCE
+
+
+def assert_same_rows_up_to_tolerance(first: list[dict], second: list[dict], test_size: int):
+    """Rows equal but for float32 rounding: counts, bytes and epsilon exactly; losses within
+    the tolerance; the accuracy within one test example (a prediction near a tie may flip)."""
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert set(a) == set(b)
+        for key, value in a.items():
+            if key in ("loss", "train_loss") and value is not None:
+                assert abs(value - b[key]) <= FP32_TOLERANCE, (key, a["round"], value, b[key])
+            elif key == "accuracy":
+                assert abs(value - b[key]) <= 1 / test_size + 1e-12, (a["round"], value, b[key])
+            else:
+                assert value == b[key], (key, a["round"], value, b[key])
+
+
+def test_the_same_seed_gives_the_same_results_batched_or_not(bert_folder, tmp_path):
+    # Prepare
+    cfg = topic_config("fedsvd", bert_folder, rounds=3)
+    batched = topic_config("fedsvd", bert_folder, rounds=3, client_batch=3)
+
+    # Execute
+    serve(ClientAppGrid(cfg.clients), cfg, tmp_path / "nodes")
+    serve(hosted_grid(batched, batched.hosts, 3), batched, tmp_path / "batched")
+
+    # Assert
+    test_size = len(cfg.task_spec().dataset().test.labels)
+    assert_same_rows_up_to_tolerance(rows_of(tmp_path / "nodes"), rows_of(tmp_path / "batched"),
+                                     test_size)
+
+
+@pytest.mark.parametrize("server_side", [
+    {"dp": {"mode": "client", "epsilon": 8.0}, "weighting": "uniform"},
+    {"weighting": "fedau", "participation": {"name": "bernoulli", "mean_p": 0.1}}],
+    ids=["client-level-dp", "fedau"])
+def test_client_level_dp_and_fedau_are_unaffected_by_batching(server_side, bert_folder, tmp_path):
+    # Prepare: both act on the server, on the unpacked replies of each client
+    cfg = topic_config("fedavg", bert_folder, rounds=3, **server_side)
+    batched = topic_config("fedavg", bert_folder, rounds=3, client_batch=3, **server_side)
+
+    # Execute
+    serve(ClientAppGrid(cfg.clients), cfg, tmp_path / "nodes")
+    serve(hosted_grid(batched, 2, 3), batched, tmp_path / "batched")
+
+    # Assert: the same participants, counts, bytes and epsilon; losses within the tolerance
+    nodes, hosted = rows_of(tmp_path / "nodes"), rows_of(tmp_path / "batched")
+    test_size = len(cfg.task_spec().dataset().test.labels)
+    assert_same_rows_up_to_tolerance(nodes, hosted, test_size)
+    if "dp" in server_side:
+        assert nodes[-1]["epsilon"] > 0
+    assert (tmp_path / "nodes" / "participation.csv").read_text() == \
+        (tmp_path / "batched" / "participation.csv").read_text()
+
+
+def test_a_failed_chunk_is_trained_again_client_by_client(bert_folder, tmp_path, monkeypatch, caplog):
+    # Prepare: every pass of several clients fails (as one client's bad data would make it)
+    import fedlora.clients.app as client_app
+
+    def failing(*args, **kwargs):
+        raise ValueError("an example has no response tokens to compute a loss on")
+
+    monkeypatch.setattr(client_app, "train_together", failing)
+    cfg = topic_config("fedex", bert_folder, faults={"crash_prob": 0.2})
+    batched = topic_config("fedex", bert_folder, faults={"crash_prob": 0.2}, client_batch=3)
+
+    # Execute
+    serve(ClientAppGrid(cfg.clients), cfg, tmp_path / "nodes")
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        serve(hosted_grid(batched, 2, 3), batched, tmp_path / "batched")
+
+    # Assert: each client trained alone, so the run is the one-node-per-client run exactly
+    assert "trained together failed (ValueError: an example has no response tokens" in caplog.text
+    assert rows_of(tmp_path / "batched") == rows_of(tmp_path / "nodes")
