@@ -245,6 +245,16 @@ class RunConfig:
     server_lr: float = setting(1.0, "eta in x <- x + eta sum_k c_k (x_k - x)", check=POSITIVE)
     min_clients: int = setting(1, "a round with fewer valid replies is not aggregated",
                                check=POSITIVE)
+    client_batch: int = setting(1, "simulation: a node trains up to this many of a round's "
+                                "clients together, rows of all of them in one pass through one "
+                                "copy of the base model, each with its own adapter factors "
+                                "(docs/design/client-batching.md); 1: one client at a time",
+                                check=POSITIVE)
+    client_hosts: int | None = setting(None, "simulation: virtual SuperNodes that host the clients "
+                                       "(partition p on node p mod client_hosts; a node's clients "
+                                       "keep their state in its Context.state); null: one node "
+                                       "per client if client_batch=1, else "
+                                       "ceil(clients_per_round / client_batch)", check=POSITIVE)
     round_timeout: float = setting(3600.0, "seconds the server waits for a round's replies",
                                    check=POSITIVE)
     max_update_norm: float = setting(1e6, "a reply whose update moves the global state further "
@@ -283,6 +293,16 @@ class RunConfig:
                          latent=get_method(self.strategy).server.latent, init_seed=self.seed,
                          precision=self.precision, grad_checkpointing=self.grad_checkpointing,
                          quantization=self.quantization)
+
+    @property
+    def hosts(self) -> int | None:
+        """How many simulated SuperNodes host the clients (``client_hosts``, resolved); None:
+        one node per client (the engine without hosts)."""
+        if self.client_hosts is not None:
+            return self.client_hosts
+        if self.client_batch == 1:
+            return None
+        return min(self.clients, -(-self.clients_per_round // self.client_batch))
 
     def task_spec(self) -> Task:
         """The task of this run with its data and evaluation settings (``fedlora.tasks``)."""
@@ -357,6 +377,17 @@ class RunConfig:
             raise ConfigError(f"tracking={self.tracking} needs the {missing} package; pip install "
                               f"{missing} (or fedlora's extra: pip install -e \".[tracking]\"), "
                               "or set tracking=null")
+        if self.client_hosts is not None and self.client_hosts > self.clients:
+            raise ConfigError(f"client_hosts={self.client_hosts} exceeds clients={self.clients}: a "
+                              f"node would host no client; set client_hosts <= {self.clients}")
+        if self.client_batch > 1 and self.dp.record_level:
+            raise ConfigError(f"client_batch={self.client_batch} with record-level DP (dp.epsilon, "
+                              "dp.mode=record): DP-SGD inside a batch of clients is not built yet; "
+                              "set client_batch=1 (client_hosts still shares a node's model) or "
+                              "dp.mode=client")
+        if self.min_clients > self.clients_per_round and self.participation.name == "uniform":
+            raise ConfigError(f"min_clients={self.min_clients} exceeds clients_per_round="
+                              f"{self.clients_per_round}; set min_clients <= {self.clients_per_round}")
         return self
 
     def _check_gpu_settings(self) -> None:
@@ -502,6 +533,15 @@ def resolve_noise(cfg: RunConfig, deployment: bool) -> RunConfig:
         return cfg
     reproducible = not deployment and not cfg.dp.secure_rng
     return replace(cfg, dp=replace(cfg.dp, reproducible_noise=reproducible))
+
+
+def check_deployment(cfg: RunConfig) -> None:
+    """What a deployment cannot do (a one-line ``ConfigError`` before any process starts):
+    host several clients on one node (a real SuperNode is one client)."""
+    if cfg.client_batch > 1 or cfg.client_hosts is not None:
+        raise ConfigError(f"client_batch={cfg.client_batch}, client_hosts={cfg.client_hosts}: a "
+                          "real SuperNode is one client; set client_batch=1 and client_hosts=null "
+                          "(they are for simulation)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, check_deployment
 from fedlora.core.errors import ConfigError
 from fedlora.core.settings import POSITIVE, parse_section, run_config_values, setting
 
@@ -411,7 +411,9 @@ def resolve_config(overrides: list[str], nodes: int) -> tuple[RunConfig, dict]:
     overrides = [o for o in overrides if not o.startswith("clients=")] + [f"clients={nodes}"]
     check_paths(overrides)
     raw = compose_config(overrides)
-    return RunConfig.from_dict(raw), raw
+    cfg = RunConfig.from_dict(raw)
+    check_deployment(cfg)  # a real SuperNode is one client: no hosting, no client batches
+    return cfg, raw
 
 
 def resumed_deployment(overrides: list[str], nodes: int, cfg: RunConfig, raw: dict) -> tuple[RunConfig, dict]:

@@ -2,7 +2,8 @@
 
 The ServerApp (``fedlora.run.server``) and the ClientApp (``fedlora.clients.app``) run through
 ``flwr.simulation.run_simulation`` on Ray: one virtual SuperNode per client, each Ray worker
-serving many of them with one copy of the base model. Config keys: ``fedlora/conf/config.yaml``
+serving many of them with one copy of the base model (with ``client_hosts`` or
+``client_batch`` > 1: fewer nodes, each hosting several clients, ``fedlora.run.hosted``). Config keys: ``fedlora/conf/config.yaml``
 (Hydra: ``key=value`` overrides, ``-m`` for sweeps). The whole config, the data and the model
 are checked before Ray starts; a bad value is one line on stderr and exit code 2.
 """
@@ -39,6 +40,7 @@ def run(cfg: RunConfig, out, resume: bool = False, interrupts=None) -> dict:
 
     from fedlora.clients.app import app as client_app
     from fedlora.run.cli import setup_logging
+    from fedlora.run.hosted import HostedGrid
     from fedlora.run.server import prepare, run_server
     from fedlora.run.stop import RunStopped, StoppableGrid
 
@@ -54,6 +56,8 @@ def run(cfg: RunConfig, out, resume: bool = False, interrupts=None) -> dict:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg.hosts is not None:  # nodes hosting several clients each: one node id per client
+            grid = HostedGrid(grid, cfg.clients, cfg.hosts, cfg.client_batch)
         if interrupts is not None:
             interrupts.serving.set()
             grid = StoppableGrid(grid, interrupts.stop)
@@ -71,7 +75,8 @@ def run(cfg: RunConfig, out, resume: bool = False, interrupts=None) -> dict:
                "init_args": {"address": ray_address,
                              "include_dashboard": False, "log_to_driver": not quiet,
                              "logging_level": logging.WARNING if quiet else logging.INFO}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
+    run_simulation(server_app=server_app, client_app=client_app,
+                   num_supernodes=cfg.hosts or cfg.clients,
                    backend_config=backend, verbose_logging=cfg.verbose)
     if interrupts is not None and interrupts.stop.is_set():
         interrupts.exit()  # Flower ended after the stopped loop; the stop ends the process
