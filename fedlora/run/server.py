@@ -164,8 +164,11 @@ class LoopProgress:
                      partition_of: dict[int, int]) -> None:
         """Rejected replies' reasons for the next row (partition None: a sender that is no
         node of the run)."""
-        self.rejected += [{"round": server_round, "partition": partition_of.get(node),
-                           "reason": reason} for node, reason in rejected]
+        entries = [{"round": server_round, "partition": partition_of.get(node), "reason": reason}
+                   for node, reason in rejected]
+        # replies arrive in any order: rows list them by partition, so a rerun writes the same
+        self.rejected += sorted(entries, key=lambda e: (e["partition"] is None,
+                                                        e["partition"] or 0, e["reason"]))
 
     def mean_train_loss(self) -> float | None:
         return sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
