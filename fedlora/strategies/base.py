@@ -2,9 +2,12 @@
 
 A strategy holds the global adapter state as the ``ArrayRecord`` Flower passes between
 ``configure_train`` and ``aggregate_train``; a subclass says which parts its clients train
-(``trained_parts``, or per round ``trained_parts_in``), what it sends down (``payload_down``,
-``config_down``, and what a node holds once it accepts that: ``sent_down``), how it aggregates
-(``aggregate``, calling ``fedlora.aggregation.maths``), and its per-matrix communication formula.
+(``trained_parts``, or per round ``trained_parts_in``), which they keep between rounds
+(``kept_parts``, ``additive_parts``: the record of who holds what is the coordinator's,
+``fedlora.strategies.holdings``; the method moves a part's version, ``holdings.advance``, and
+may say how a client catches up on it, ``catch_up``, or gets it back, ``restore``), what else
+it sends down (``config_down``), how it aggregates (``aggregate``, calling
+``fedlora.aggregation.maths``), and its per-matrix communication formula.
 The base only orders the round; each job is a part with one purpose, composed here once so
 that it works with every method:
 
@@ -12,7 +15,9 @@ that it works with every method:
 * ``ClientWeighting`` (``fedlora.aggregation.participation``): ``c_k`` by samples, uniform or FedAU;
 * ``ReplySchema`` (``fedlora.strategies.replies``): why a reply must be rejected (pure checks);
 * ``NodeBook``: each node's partition and its size as described, who is being restored, which
-  partitions trained, and what each node was sent this round (committed on a valid reply);
+  partitions trained;
+* ``HeldParts`` (``fedlora.strategies.holdings``): which version of each kept part every client
+  holds, keyed by partition id (what it was sent this round is committed on a valid reply);
 * ``ServerPrivacy`` (``fedlora.privacy.accounting``): the record-level DP ledger around the round's
   messages; ``ClientLevelDP`` (``fedlora.privacy.client_level``): client-level DP on the round's updates.
 
@@ -20,10 +25,12 @@ One training round, in this order (``configure_train`` then ``aggregate_train``)
   1. sample this round's clients among those still within their privacy budget: exactly
      ``clients_per_round`` with the run's seeded RNG (``participation=uniform``), or those a
      participation model marks active (bernoulli, markov, cyclic);
-  2. send each the tensors it needs (``payload_down``; with ``restore_down`` on top for a node
-     that lost its Context.state) and the client config: the round's learning rate, the parts
-     it trains (``trained_parts_in``), ``config_down`` and, under DP, the server's copy of its
-     accountant; note what it was sent (``sent_down``);
+  2. send each the tensors it needs (``payload_down``: the parts it trains that it does not
+     keep, and every kept part it holds an old version of, through ``catch_up``; with what it
+     held, ``restore``, on top for a node that lost its Context.state) and the client config:
+     the round's learning rate, the parts it trains (``trained_parts_in``), ``config_down``
+     and, under DP, the server's copy of its accountant; note what it will hold
+     (``HeldParts.send``);
   3. clients train only those parts and reply with them (``fedlora.clients``); under DP each
      reports its accountant, taken into the ledger first, and one out of budget declines
      instead (never sampled again);
@@ -37,7 +44,7 @@ One training round, in this order (``configure_train`` then ``aggregate_train``)
   5. book the valid replies: those nodes are whole again and their partitions have trained;
   6. weight the valid replies: ``c_k = n_k / sum n`` (samples), ``1/K`` (uniform) or
      ``omega_k / N`` (FedAU, whose estimator steps every round, also a round without replies);
-  7. commit what each node was sent (``accepted``; ``not_accepted`` for the others);
+  7. commit what each client was sent (``HeldParts.accept``; ``reject`` for the others);
   8. under client-level DP (``dp.mode=client``, ``fedlora.privacy.client_level.ClientLevelDP``) the valid
      updates become one pseudo-update, the previous value plus the noised mean of their clipped
      deltas, with weight 1 (clients were Poisson-sampled in step 1);
@@ -51,7 +58,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -66,12 +72,10 @@ from fedlora.report.comm import RESTORE, STATE_LOST
 from fedlora.config import round_lr
 from fedlora.aggregation.participation import ClientSampler, ClientWeighting, FedAUWeights
 from fedlora.privacy.accounting import PrivacyLedger, ServerPrivacy
+from fedlora.strategies.holdings import HeldParts
 from fedlora.strategies.replies import ReplySchema, TensorSpec, tensor_spec
 
 log = logging.getLogger("fedlora")
-
-Sent = TypeVar("Sent")  # what a method notes a node was sent in a round (``sent_down``)
-
 
 @dataclass
 class RoundReport:
@@ -107,32 +111,29 @@ class RoundReport:
 
 
 @dataclass
-class NodeBook(Generic[Sent]):
+class NodeBook:
     """Who is who among the nodes: each node's partition, each partition's number of examples
     as its node described it (the most a reply may claim), the nodes that lost their
-    Context.state and are being restored, the partitions whose node has replied validly, and
-    what each node was sent this round (``sent``, committed only on a valid reply, so a lost
-    message is simply sent again)."""
+    Context.state and are being restored, and the partitions whose node has replied validly.
+    (What each client holds is ``HeldParts``'s, keyed by partition.)"""
 
     partition_of: dict[int, int] = field(default_factory=dict)  # node id -> partition id
     examples: dict[int, int] = field(default_factory=dict)  # partition id -> described size
     restoring: set[int] = field(default_factory=set)
     partitions_trained: set[int] = field(default_factory=set)
-    sent: dict[int, Sent] = field(default_factory=dict)  # node id -> this round's record
 
     def node_of(self, partition_ids: list[int]) -> list[int]:
         by_partition = {pid: node for node, pid in self.partition_of.items()}
         return [by_partition[p] for p in partition_ids]
 
-    def restarted(self, partition_of: dict[int, int]) -> dict[int, int]:
+    def restarted(self, partition_of: dict[int, int]) -> None:
         """Nodes back with an empty Context.state (new node id -> partition id) take their
-        partitions' places and are restored; returns the renaming old id -> new id."""
+        partitions' places and are restored."""
         node_of = {pid: node for node, pid in partition_of.items()}
-        renamed = {old: node_of[pid] for old, pid in self.partition_of.items() if pid in node_of}
+        replaced = {old for old, pid in self.partition_of.items() if pid in node_of}
         self.partition_of = {node: pid for node, pid in self.partition_of.items()
                              if pid not in node_of} | dict(partition_of)
-        self.restoring = (self.restoring - set(renamed)) | set(partition_of)
-        return renamed
+        self.restoring = (self.restoring - replaced) | set(partition_of)
 
     def state_dict(self) -> dict:
         return {"partition_of": sorted(self.partition_of.items()),
@@ -143,13 +144,15 @@ class NodeBook(Generic[Sent]):
         self.partitions_trained = set(state["partitions_trained"])
 
 
-class FederatedLoRA(Strategy, Generic[Sent]):
+class FederatedLoRA(Strategy):
     name: str = ""
     latent: bool = False  # LoRA-SB's R between A and B
     exact: bool = False  # the paper's promise: the global update is E_w of the clients' updates
     trained_parts: tuple[str, ...] = ("A", "B", "head")
     one_time_parts_down: frozenset[str] = frozenset()  # bytes of these parts count as one-time
     kept_parts: frozenset[str] = frozenset()  # parts a client keeps between rounds (Context.state)
+    # kept quantities a client sums, not replaced (FedEx-LoRA's base delta): ``HeldParts.additive``
+    additive_parts: frozenset[str] = frozenset()
     keeps_node_state = property(lambda self: bool(self.kept_parts))  # FedEx: also its base delta
     seeded_parts: frozenset[str] = frozenset()  # parts a client rebuilds from the shared init seed
     moves_base_weights: bool = False  # the method adds to W0 (``global_base_delta``)
@@ -184,7 +187,10 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         self.head_keys = head_keys
         self.sampler = ClientSampler(cfg.participation, cfg.clients, cfg.clients_per_round, cfg.seed)
         self.weighting = ClientWeighting(cfg.weighting, cfg.clients, cfg.fedau.cutoff)
-        self.nodes: NodeBook[Sent] = NodeBook()
+        self.nodes = NodeBook()
+        self.holdings = HeldParts(kept=frozenset(self.kept_parts),
+                                  additive=frozenset(self.additive_parts),
+                                  seeded=frozenset(self.seeded_parts))
         self.dp = (ServerPrivacy(cfg.dp.epsilon, cfg.dp.accountant, noise=cfg.dp.noise)
                    if cfg.dp.record_level else None)
         # Client-level DP: the server clips and noises the round's updates (step 6a).
@@ -224,39 +230,49 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         return self.trained_parts
 
     def payload_down(self, node_id: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What a client receives: by default the parts it trains this round (the rest it
-        already has)."""
+        """What a client receives: the parts it trains this round that it does not keep (their
+        starting point), and each kept part it holds an old version of (``catch_up``)."""
+        partition = self.nodes.partition_of[node_id]
         trained = self.trained_parts_in(self.server_round)
-        return {k: v for k, v in state.items() if self.part(k) in trained}
+        payload = {k: v for k, v in state.items()
+                   if self.part(k) in trained and self.part(k) not in self.kept_parts}
+        for part in self.holdings.stale(partition, self.client_rank(partition)):
+            payload.update(self.catch_up(part, partition, state))
+        return payload
+
+    def catch_up(self, part: str, partition: int, state: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+        """The tensors that bring ``partition`` from the version of kept ``part`` it holds
+        (``self.holdings``) to the current one: by default the current value. A method whose
+        kept quantity is a sum (``additive_parts``) sends the updates it missed."""
+        return {k: v for k, v in state.items() if self.part(k) == part}
+
+    def restore(self, part: str, partition: int, state: dict[str, torch.Tensor],
+                payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a client that lost its Context.state held of kept ``part``, on top of
+        ``payload`` (which already carries the part where it was stale), and the config values
+        that go with it: by default the current value (what it held, being up to date)."""
+        return {k: v for k, v in self.catch_up(part, partition, state).items() if k not in payload}, {}
+
+    def restore_down(self, node_id: int, state: dict[str, torch.Tensor],
+                     payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a node that lost its Context.state needs on top of ``payload`` to train exactly
+        as if it had kept it (``restore`` of each kept part), and the config that goes with it."""
+        partition = self.nodes.partition_of[node_id]
+        tensors, config = {}, {}
+        for part in sorted(self.holdings.parts):
+            part_tensors, part_config = self.restore(part, partition, state, payload)
+            tensors.update(part_tensors)
+            config.update(part_config)
+        return tensors, config
 
     def config_down(self, node_id: int) -> dict:
         """Extra ConfigRecord values for one node (by default none)."""
         return {}
 
-    def sent_down(self, node_id: int) -> Sent | None:
-        """What the node will hold once it accepts this round's message (called right after
-        ``payload_down``); None: nothing to commit (the default)."""
-        return None
-
-    def accepted(self, node_id: int, sent: Sent | None) -> None:
-        """The node replied with a valid update, so it holds what it was sent this round
-        (``sent``, from ``sent_down``). Committing only now means a lost message is simply
-        sent again."""
-
-    def not_accepted(self, node_id: int, sent: Sent) -> None:
-        """The node was sent ``sent`` but gave no valid reply: it may or may not hold it now."""
-
-    def restore_down(self, node_id: int, state: dict[str, torch.Tensor],
-                     payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-        """What a node that lost its Context.state needs on top of ``payload`` to train exactly
-        as if it had kept it, and the config values that go with it: by default the current
-        value of the parts it keeps (Fed-SB's B and A, FedSVD's A)."""
-        return {k: v for k, v in state.items()
-                if self.part(k) in self.kept_parts and k not in payload}, {}
-
-    def rename_nodes(self, renamed: dict[int, int]) -> None:
-        """Re-key per-node bookkeeping from the old node ids to ``renamed[old]`` (ids not in
-        ``renamed`` stay)."""
+    def client_rank(self, partition: int) -> int:
+        """The adapter rank ``partition`` trains at."""
+        return self.holdings.ranks.get(partition, self.cfg.rank)
 
     def aggregate(self, state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
                   weights: list[float]) -> dict[str, torch.Tensor]:
@@ -289,7 +305,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         """Everything a restart needs, as plain Python values (JSON-able) in the base class;
         subclasses may add tensors (then save with ``torch.save``)."""
         state = {**self.nodes.state_dict(), "sampler": self.sampler.state_dict(),
-                 "weighting": self.weighting.state_dict()}
+                 "weighting": self.weighting.state_dict(), "holdings": self.holdings.state_dict()}
         if self.dp is not None:
             state["privacy"] = self.dp.state_dict()
         if self.client_dp is not None:
@@ -298,6 +314,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
 
     def load_state_dict(self, state: dict) -> None:
         self.nodes.load_state_dict(state)
+        self.holdings.load_state_dict(state["holdings"])
         self.sampler.load_state_dict(state["sampler"])
         self.weighting.load_state_dict(state["weighting"])
         if self.dp is not None:
@@ -323,11 +340,11 @@ class FederatedLoRA(Strategy, Generic[Sent]):
     def nodes_restarted(self, partition_of: dict[int, int]) -> None:
         """Nodes that came back with an empty Context.state, under new ids (``partition_of``,
         new node id -> partition id): all of them after a server restart
-        (``load_state_dict``), or SuperNodes that rejoined during a run. The bookkeeping of
-        who holds what is kept, re-keyed by partition, so messages and byte counts stay those
-        of an uninterrupted run; each node's next message also carries a ``RESTORE`` record
-        with what it lost (counted apart, ``fedlora.report.comm.CommLedger``)."""
-        self.rename_nodes(self.nodes.restarted(partition_of))
+        (``load_state_dict``), or SuperNodes that rejoined during a run. The record of who
+        holds what is keyed by partition and stays as it is, so messages and byte counts stay
+        those of an uninterrupted run; each node's next message also carries a ``RESTORE``
+        record with what it lost (``restore``; counted apart, ``fedlora.report.comm.CommLedger``)."""
+        self.nodes.restarted(partition_of)
 
     def sample(self, server_round: int) -> list[int]:
         """This round's node ids in partition order (step 1), reproducible from the seed."""
@@ -347,16 +364,13 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         """Steps 1 and 2: one train message per sampled node."""
         self.server_round = server_round
         self.current = arrays.to_torch_state_dict()
-        self.nodes.sent = {}
+        self.holdings.pending = {}
         trained = self.trained_parts_in(server_round)
         messages = []
         for node_id in self.sample(server_round):
             partition_id = self.nodes.partition_of[node_id]
             restoring = node_id in self.nodes.restoring
             payload = self.payload_down(node_id, self.current)
-            sent = self.sent_down(node_id)
-            if sent is not None:
-                self.nodes.sent[node_id] = sent
             restore, restore_config = ({}, {}) if not restoring else \
                 self.restore_down(node_id, self.current, payload)
             node_config = ConfigRecord({**config, "server-round": server_round,
@@ -371,6 +385,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
                                                             and partition_id in self.nodes.partitions_trained),
                                         **self.config_down(node_id), **restore_config,
                                         **(self.dp.outgoing(partition_id) if self.dp else {})})
+            self.holdings.send(partition_id, self.client_rank(partition_id))
             content = RecordDict({"arrays": ArrayRecord(payload), "config": node_config})
             if restore:
                 content[RESTORE] = ArrayRecord(restore)
@@ -416,10 +431,9 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         report.client_reports = [dict(r.content["metrics"]) for r in valid]
         num_examples = [int(r.content["metrics"]["num-examples"]) for r in valid]
         coefficients = self.weighting.coefficients(partitions, num_examples)
-        for node_id in nodes:
-            self.accepted(node_id, self.nodes.sent.get(node_id))
-        for node_id in set(self.nodes.sent) - set(nodes):
-            self.not_accepted(node_id, self.nodes.sent[node_id])
+        for partition in partitions:
+            self.holdings.accept(partition)
+        self.holdings.end_round()  # the other messaged clients gave no valid reply
         if not valid:
             if self.client_dp is not None and server_round > 0:
                 self.client_dp.account_empty_round(server_round)
@@ -496,3 +510,4 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         log.info("%s: %s weighting, %s participation, server_lr %g%s", type(self).__name__,
                  self.cfg.weighting, self.cfg.participation.name, self.cfg.server_lr,
                  f", DP epsilon {self.cfg.dp.epsilon:g}" if self.dp else "")
+
