@@ -180,7 +180,13 @@ class RunConfig:
                                 "SmolLM2-135M-Instruct) | a Hugging Face id / local model folder; "
                                 "null: the task's default (classification: minilm, generation: "
                                 "smollm2)")
-    rank: int | None = setting(None, "adapter rank; null: the method's default", check=POSITIVE)
+    rank: int | None = setting(None, "adapter rank; null: the method's default (with "
+                               "client_ranks: their largest)", check=POSITIVE)
+    client_ranks: tuple[int, ...] = setting((), "clients of different ranks: partition p trains "
+                                            "at client_ranks[p % len], e.g. [2,4,8,16]; the "
+                                            "global adapter has the largest rank and every "
+                                            "client the scale alpha / rank; empty: every client "
+                                            "at rank (docs/algorithms.md)")
     alpha: float | None = setting(None, "LoRA scale s = alpha / rank; null: the method's default",
                                   check=POSITIVE)
     targets: tuple[str, ...] = setting((), "Linear layers to adapt; empty: peft's default for "
@@ -277,6 +283,7 @@ class RunConfig:
         each method's settings as its own top-level section."""
         out = asdict(self)
         out["targets"] = list(self.targets)
+        out["client_ranks"] = list(self.client_ranks)
         out.update(out.pop("methods"))
         return out
 
@@ -312,6 +319,7 @@ class RunConfig:
         if isinstance(targets, str):
             targets = tuple(t.strip() for t in targets.split(",") if t.strip())
         nested["targets"] = tuple(targets)
+        nested["client_ranks"] = _client_ranks(raw.get("client_ranks"), raw.get("rank"), strategy)
         top = {k: v for k, v in raw.items() if k not in sections and k not in PLACEMENT_KEYS}
         task = raw.get("task") or default_task(nested["data"])
         task_class = get_task(str(task))
@@ -330,8 +338,10 @@ class RunConfig:
         return cfg._with_method_defaults(method.server.defaults)._checked()
 
     def _with_method_defaults(self, defaults: dict) -> "RunConfig":
-        """Rank, alpha and lr left null take the method's defaults."""
-        rank = defaults["rank"] if self.rank is None else self.rank
+        """Rank, alpha and lr left null take the method's defaults (the rank: the largest of
+        ``client_ranks`` if given)."""
+        rank = self.rank if self.rank is not None else \
+            max(self.client_ranks) if self.client_ranks else defaults["rank"]
         return replace(self, rank=rank,
                        alpha=float(defaults["alpha_per_rank"] * rank) if self.alpha is None
                        else self.alpha,
@@ -350,6 +360,9 @@ class RunConfig:
             raise ConfigError(f"client_gpus={self.client_gpus} needs device=cuda; set device=cuda "
                               "or client_gpus=0")
         self._check_gpu_settings()
+        problem = get_method(self.strategy).server.config_problem(self)
+        if problem:
+            raise ConfigError(problem)
         if self.dp.client_level and self.participation.name != "uniform":
             raise ConfigError(f"dp.mode=client samples each client with probability "
                               f"clients_per_round/clients (the accounting needs it), so "
@@ -397,6 +410,32 @@ class RunConfig:
     def from_saved(cls, saved: dict) -> "RunConfig":
         """The config a run saved in its ``config.yaml`` (``to_dict``'s layout, plus ``out``)."""
         return cls.from_dict(saved)
+
+
+def _client_ranks(raw, rank, strategy: str) -> tuple[int, ...]:
+    """``client_ranks`` as positive integers (a list, or "2,4,8" / "[2,4,8]" from a run config),
+    checked against ``rank`` (the global rank: their largest) and the method, which must have a
+    rule for clients of different ranks (``FederatedLoRA.rank_rule``)."""
+    if raw is None or raw == "" or raw == []:
+        return ()
+    items = raw.strip("[] ").split(",") if isinstance(raw, str) else list(raw)
+    try:
+        ranks = tuple(int(str(r).strip()) for r in items)
+    except ValueError:
+        ranks = ()
+    if not ranks or any(r <= 0 or str(r) != str(i).strip() for r, i in zip(ranks, items)):
+        raise ConfigError(f"client_ranks={raw!r} is not a list of positive integers; give e.g. "
+                          "client_ranks=[2,4,8,16]")
+    if rank is not None and int(rank) != max(ranks):
+        raise ConfigError(f"rank={rank} with client_ranks={list(ranks)}: the global adapter has "
+                          f"the largest client rank; drop rank or set rank={max(ranks)}")
+    server = get_method(strategy).server
+    if server.rank_rule is None:
+        supported = sorted(name for name, m in methods().items() if m.server.rank_rule is not None)
+        raise ConfigError(f"strategy={strategy} has no rule for clients of different ranks "
+                          f"(client_ranks={list(ranks)}); drop client_ranks or choose one of: "
+                          f"{', '.join(supported)}")
+    return ranks
 
 
 def hydra_tree() -> dict:

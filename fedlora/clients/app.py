@@ -5,7 +5,9 @@ its ConfigRecord. The pretrained model is built once per process and kept
 (``fedlora.model.pretrained.cached_model``); each message loads the full adapter state it needs into it,
 so virtual clients sharing a Ray worker never see each other's tensors. That state is, key by
 key, what the server sent, else what the node kept from an earlier round (``keep-parts``,
-in ``Context.state``), else the shared-seed init (``seeded-parts``). The app names no method:
+in ``Context.state``), else the shared-seed init (``seeded-parts``), at the client's own rank
+(``client-rank``, clients of different ranks: the cached model's adapters are resized, and a
+seeded factor is the first ``client-rank`` rows / columns of the seed's). The app names no method:
 what a method's clients do beyond this (a set-up step, node state of their own such as a base
 delta added to the pretrained W0) is its client hooks' (``fedlora.clients.hooks``), looked up
 by the ``strategy`` of each message's config.
@@ -36,7 +38,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedlora.model import pretrained as models
-from fedlora.model.adapters import part_of
+from fedlora.model.adapters import part_of, state_at_rank
 from fedlora.report.comm import RESTORE, STATE_LOST
 from fedlora.config import (partition_from_client_config, specs_from_client_config,
                             task_from_client_config)
@@ -153,6 +155,8 @@ def train(message: Message, context: Context) -> Message:
                        reply_to=message)
     check_state_kept(cfg, NODE_MARK in context.state.config_records)
     context.state[NODE_MARK] = ConfigRecord({"server-round": int(cfg["server-round"])})
+    rank = int(cfg.get("client-rank", 0)) or setup.model_spec.rank
+    bundle.set_rank(rank)  # the build's rank unless the server gives this client its own
     received = message.content["arrays"].to_torch_state_dict()
     restore = (message.content[RESTORE].to_torch_state_dict()
                if RESTORE in message.content.array_records else {})
@@ -164,7 +168,8 @@ def train(message: Message, context: Context) -> Message:
     if delivered:  # the latest value of the tensors this node keeps
         kept = {**kept, **delivered}
         context.state["kept"] = ArrayRecord(kept)
-    initial = {k: v for k, v in bundle.initial_state.items() if part_of(k, bundle.head_keys) in seeded}
+    initial = state_at_rank({k: v for k, v in bundle.initial_state.items()
+                             if part_of(k, bundle.head_keys) in seeded}, rank)
     bundle.load(full_adapter_state(received, kept, initial, bundle.shapes()))
     trained = _parts(cfg, "trained-parts")
     trainable = bundle.set_trainable(trained)
@@ -182,11 +187,13 @@ def train(message: Message, context: Context) -> Message:
     head = [param for key, param in bundle.model.named_parameters()
             if param.requires_grad and key in bundle.head_keys]
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
-                            privacy, loss=setup.task.loss, optimizer=str(cfg["optimizer"]),
-                            head=head, head_lr=float(cfg["head-lr"]))
+                            privacy, loss=setup.hooks.training_loss(setup, setup.task.loss),
+                            optimizer=str(cfg["optimizer"]), head=head,
+                            head_lr=float(cfg["head-lr"]))
     if privacy is not None:  # the un-noised loss and step count stay on the node
         privacy.spend(local_steps, context.state, "train", int(cfg["server-round"]))
         metrics = privacy.metrics()
+    metrics = setup.hooks.after_training(setup, context, metrics)
     return setup.reply(message, bundle.state(trained), metrics)
 
 

@@ -12,11 +12,13 @@ The loop, in this order (the same in simulation and deployment):
      model) -> clients train -> ``aggregate_train`` (called in every round, so FedAU's
      counters advance in a round without participants too); the bytes of every message are
      measured; every ``eval_every`` rounds (and the last) the global model (with the
-     strategy's base-weight delta: FedEx-LoRA) is evaluated on the server and a row is
-     appended to ``results.jsonl``; every ``checkpoint_every`` rounds (after round 0, and the
-     last) ``checkpoint.pt`` is written (``fedlora.run.checkpoint``); replies that are missing
-     after ``round_timeout`` or rejected count as ``clients_failed``, the rejected ones also
-     listed with their reasons in the row's ``rejected``;
+     strategy's base-weight delta: FedEx-LoRA) is evaluated on the server (with
+     ``client_ranks``, also the model a client of each rank holds after its download, in the
+     row's ``tiers``) and a row is appended to ``results.jsonl``; every ``checkpoint_every``
+     rounds (after round 0, and the last) ``checkpoint.pt`` is written
+     (``fedlora.run.checkpoint``); replies that are missing after ``round_timeout`` or
+     rejected count as ``clients_failed``, the rejected ones also listed with their reasons
+     in the row's ``rejected``;
   4. the participation matrix (rounds x clients) goes to ``participation.csv``, the final
      global adapter (and FedEx's base delta) to ``final_adapter.pt``.
 
@@ -37,7 +39,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.model.adapters import PARTS
+from fedlora.model.adapters import PARTS, state_at_rank
 from fedlora.run.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
                                     set_rng_states)
 from fedlora.report.comm import CommLedger, expected_params, message_part
@@ -248,6 +250,9 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
     strategy.register_nodes(partition_of,
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()},
                             {info["partition_id"]: info["num_examples"] for info in nodes.values()})
+    if cfg.client_ranks:  # the rank each client trains at (docs/algorithms.md)
+        for info in nodes.values():
+            info["rank"] = strategy.client_rank(info["partition_id"])
     writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
 
     score = task.evaluator(bundle, data.test, cfg.max_length, cfg.device)
@@ -276,6 +281,17 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
         bundle.load(arrays.to_torch_state_dict())
         with autocast(bundle.model):  # precision=bf16: the evaluation's forward passes too
             metrics = score()
+        if cfg.client_ranks:  # what a client of each rank holds after its download
+            state = arrays.to_torch_state_dict()
+            tiers = {}
+            for rank in sorted(set(cfg.client_ranks)):
+                bundle.set_rank(rank)
+                bundle.load(state_at_rank(state, rank))
+                with autocast(bundle.model):
+                    tiers[str(rank)] = score()
+            bundle.set_rank(cfg.rank)
+            bundle.load(state)
+            metrics = {**metrics, "tiers": tiers}
         progress.eval_seconds.append(time.time() - begin)
         return metrics
 
@@ -291,7 +307,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             "bytes_down_cum": ledger.total("down", server_round),
             "params_up_per_client": ledger.params_up_per_client(server_round),
             "epsilon": strategy.privacy.max_epsilon() if strategy.privacy else None,
-            "wall_s": elapsed(started),
+            "wall_s": elapsed(started), **strategy.round_metrics(),
             **({"rejected": progress.rejected} if progress.rejected else {})})
         if strategy.privacy is not None:  # rewritten every row: an independent recomputation
             writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file

@@ -64,7 +64,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.model.adapters import factor_key, layer_names, part_of
+from fedlora.model.adapters import factor_key, layer_names, part_of, state_at_rank
 from fedlora.privacy.client_level import ClientLevelDP, client_level_dp
 from fedlora.aggregation.maths import (sample_weights, server_step_weights, single_threaded,
                                        weighted_mean_states)
@@ -156,8 +156,20 @@ class FederatedLoRA(Strategy):
     keeps_node_state = property(lambda self: bool(self.kept_parts))  # FedEx: also its base delta
     seeded_parts: frozenset[str] = frozenset()  # parts a client rebuilds from the shared init seed
     moves_base_weights: bool = False  # the method adds to W0 (``global_base_delta``)
+    # Clients of different ranks (``client_ranks``, docs/algorithms.md). None: the method refuses
+    # them. "pad": the global factors have the largest rank; a client is sent (and keeps) their
+    # first r_k components, and its reply is zero-padded to the largest rank before
+    # ``aggregate``. "stack": the same downloads, but ``aggregate`` takes each reply at its
+    # own rank.
+    rank_rule: str | None = None
     # Defaults for keys left null in the config: rank, LoRA scale alpha/rank, client lr.
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-3}
+
+    @classmethod
+    def config_problem(cls, cfg) -> str | None:
+        """A setting the method cannot run with, as a one-line ``ConfigError`` message
+        (naming the key, the value and the fix); None: none."""
+        return None
 
     @classmethod
     def setup_examples_per_client(cls, cfg) -> int:
@@ -201,6 +213,7 @@ class FederatedLoRA(Strategy):
         self.server_round = 0
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
         self.setup_rejected: list[tuple[int, str]] = []  # (node id, reason) in ``initialize``
+        self.previous_in_updates = False  # ``aggregate``'s last update is the previous state
 
     # Read-only views of the parts, for reports and tests.
 
@@ -234,8 +247,9 @@ class FederatedLoRA(Strategy):
         starting point), and each kept part it holds an old version of (``catch_up``)."""
         partition = self.nodes.partition_of[node_id]
         trained = self.trained_parts_in(self.server_round)
-        payload = {k: v for k, v in state.items()
-                   if self.part(k) in trained and self.part(k) not in self.kept_parts}
+        payload = state_at_rank({k: v for k, v in state.items()
+                                 if self.part(k) in trained and self.part(k) not in self.kept_parts},
+                                self.client_rank(partition))
         for part in self.holdings.stale(partition, self.client_rank(partition)):
             payload.update(self.catch_up(part, partition, state))
         return payload
@@ -245,7 +259,8 @@ class FederatedLoRA(Strategy):
         """The tensors that bring ``partition`` from the version of kept ``part`` it holds
         (``self.holdings``) to the current one: by default the current value. A method whose
         kept quantity is a sum (``additive_parts``) sends the updates it missed."""
-        return {k: v for k, v in state.items() if self.part(k) == part}
+        return state_at_rank({k: v for k, v in state.items() if self.part(k) == part},
+                             self.client_rank(partition))
 
     def restore(self, part: str, partition: int, state: dict[str, torch.Tensor],
                 payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -271,8 +286,16 @@ class FederatedLoRA(Strategy):
         return {}
 
     def client_rank(self, partition: int) -> int:
-        """The adapter rank ``partition`` trains at."""
-        return self.holdings.ranks.get(partition, self.cfg.rank)
+        """The adapter rank ``partition`` trains at: ``client_ranks[partition % len]`` (or
+        ``rank``), until the client reports another (``next-rank``, rank self-pruning)."""
+        if partition in self.holdings.ranks:
+            return self.holdings.ranks[partition]
+        ranks = self.cfg.client_ranks
+        return ranks[partition % len(ranks)] if ranks else self.cfg.rank
+
+    def round_metrics(self) -> dict:
+        """Values of the method's own for the next results row (by default none)."""
+        return {}
 
     def aggregate(self, state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
                   weights: list[float]) -> dict[str, torch.Tensor]:
@@ -383,6 +406,8 @@ class FederatedLoRA(Strategy):
                                         # a node that trained before must still hold its state
                                         "expect-state": int(self.keeps_node_state and not restoring
                                                             and partition_id in self.nodes.partitions_trained),
+                                        **({"client-rank": self.client_rank(partition_id)}
+                                           if self.cfg.client_ranks else {}),
                                         **self.config_down(node_id), **restore_config,
                                         **(self.dp.outgoing(partition_id) if self.dp else {})})
             self.holdings.send(partition_id, self.client_rank(partition_id))
@@ -402,13 +427,19 @@ class FederatedLoRA(Strategy):
         replies = self.record_privacy(replies, report.declined)
         expected = {k: v for k, v in self.current.items()
                     if self.part(k) in self.trained_parts_in(server_round)}
-        schema = ReplySchema(tensor_spec(expected), self.nodes.examples,
-                             accountant=self.dp is not None, reference=expected,
-                             max_update_norm=self.cfg.max_update_norm)
+        schemas: dict[int, ReplySchema] = {}  # one per client rank: what it was sent
         valid = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
-            reason = schema.problem(reply, self.nodes.partition_of)
+            partition = self.nodes.partition_of.get(node_id)
+            rank = self.cfg.rank if partition is None else self.client_rank(partition)
+            if rank not in schemas:
+                sent = state_at_rank(expected, rank)
+                schemas[rank] = ReplySchema(tensor_spec(sent), self.nodes.examples,
+                                            accountant=self.dp is not None, reference=sent,
+                                            max_update_norm=self.cfg.max_update_norm)
+            reason = (schemas[rank].problem(reply, self.nodes.partition_of)
+                      or next_rank_problem(reply, rank))
             if reason is None:
                 valid.append(reply)
                 continue
@@ -434,18 +465,30 @@ class FederatedLoRA(Strategy):
         for partition in partitions:
             self.holdings.accept(partition)
         self.holdings.end_round()  # the other messaged clients gave no valid reply
+        trained_ranks = [self.client_rank(p) for p in partitions]
+        next_ranks = [int(r.content["metrics"].get("next-rank", rank))
+                      for r, rank in zip(valid, trained_ranks)]
+        for partition, rank, next_rank in zip(partitions, trained_ranks, next_ranks):
+            if next_rank != rank:  # the client pruned its rank: it trains at next_rank from now
+                self.holdings.ranks[partition] = next_rank
         if not valid:
             if self.client_dp is not None and server_round > 0:
                 self.client_dp.account_empty_round(server_round)
             return report
-        updates = [r.content["arrays"].to_torch_state_dict() for r in valid]
+        # A pruned client's components beyond its new rank are dropped; under "pad" (and under
+        # client-level DP, whose deltas need one shape) replies are zero-padded to the global rank.
+        updates = [state_at_rank(r.content["arrays"].to_torch_state_dict(), rank)
+                   for r, rank in zip(valid, next_ranks)]
+        if self.rank_rule == "pad" or self.client_dp is not None:
+            updates = [state_at_rank(update, self.cfg.rank) for update in updates]
         normalised = self.weighting.normalised
         if self.client_dp is not None:  # one noised pseudo-update; the method post-processes it
             updates = [self.client_dp.private_update(self.current, updates, server_round)]
             coefficients, normalised = [1.0], True
         weights, previous_weight = server_step_weights(coefficients, self.cfg.server_lr,
                                                        normalised=normalised)
-        if previous_weight != 0.0:
+        self.previous_in_updates = previous_weight != 0.0
+        if self.previous_in_updates:
             updates.append({key: self.current[key] for key in updates[0]})
             weights.append(previous_weight)
         with single_threaded():
@@ -511,3 +554,14 @@ class FederatedLoRA(Strategy):
                  self.cfg.weighting, self.cfg.participation.name, self.cfg.server_lr,
                  f", DP epsilon {self.cfg.dp.epsilon:g}" if self.dp else "")
 
+
+def next_rank_problem(reply: Message, rank: int) -> str | None:
+    """Why a valid reply's ``next-rank`` (the rank a client trains at from its next round, after
+    pruning its own) cannot be used, or None: it must be an integer from 1 to ``rank``."""
+    if reply.has_error() or "metrics" not in reply.content.metric_records:
+        return None
+    value = reply.content["metrics"].get("next-rank")
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                         and value == int(value) and 1 <= value <= rank):
+        return None
+    return f"'next-rank' is {value!r}, not an integer from 1 to the client's rank {rank}"

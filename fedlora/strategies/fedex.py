@@ -102,7 +102,7 @@ class FedEx(FedIT):
         for layer in missed[0]:
             B_stack = torch.cat([r[layer][0] for r in missed], dim=1)  # sum of products =
             A_stack = torch.cat([r[layer][1] for r in missed], dim=0)  # product of stacks
-            if self.settings.residual == "dense":
+            if self.dense_messages():
                 dense = B_stack.to(torch.float64) @ A_stack.to(torch.float64)
                 message[residual_key(layer)] = dense.to(B_stack.dtype)
             else:
@@ -119,12 +119,22 @@ class FedEx(FedIT):
             B_stack, A_stack = product_mean_residual_factors([u[B_key] for u in updates],
                                                       [u[A_key] for u in updates], weights)
             residual[layer] = [scale * B_stack, A_stack]
-            increment = residual[layer][0].to(torch.float64) @ A_stack.to(torch.float64)
+        self.merge_into_base(residual)
+        return new_state
+
+    def dense_messages(self) -> bool:
+        """Whether missed residuals travel as their m x n sum (else as stacked factors)."""
+        return self.settings.residual == "dense"
+
+    def merge_into_base(self, residual: dict[str, list[torch.Tensor]]) -> None:
+        """Add one round's ``{layer: [B_stack, A_stack]}`` (scale folded into B) to the base
+        weights: the server's sum, and the version of ``base`` clients must catch up to."""
+        for layer, (B_stack, A_stack) in residual.items():
+            increment = B_stack.to(torch.float64) @ A_stack.to(torch.float64)
             self.base_delta[layer] = self.base_delta.get(layer, 0) + increment
         self.residuals.append(residual)
         self.holdings.advance("base")
         self._catch_up = {}
-        return new_state
 
     def global_base_delta(self):
         return dict(self.base_delta) or None

@@ -31,6 +31,7 @@ class RoLoRA(FederatedLoRA):
     trained_parts = ("A", "B", "head")  # over the run; ``trained_parts_in`` says which per round
     kept_parts = frozenset(FACTORS)  # the latest A and B a client received
     seeded_parts = frozenset(FACTORS)  # A_0 and B_0 from the shared init
+    rank_rule = "pad"  # clients of different ranks: zero-padded (docs/algorithms.md)
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-2}
 
     @staticmethod
