@@ -351,3 +351,48 @@ def test_hetlora_pruning_refuses_record_level_dp_in_one_line():
     with pytest.raises(ConfigError, match="hetlora.prune=true with record-level DP"):
         RunConfig.from_dict(raw)
     assert not RunConfig.from_dict({**raw, "hetlora": {"prune": False}}).settings.prune
+
+
+def test_a_pruned_rank_survives_a_server_restart():
+    # Prepare: partition 2 prunes to rank 3 in round 1
+    fed = Federation("hetlora", client_ranks=RANKS)
+    messages = fed.configure()
+    replies = fed.train(messages)
+    replies[2] = reply(messages[2], fed.clients[102].update, 30, **{"next-rank": 3})
+    fed.arrays = fed.strategy.aggregate_train(1, replies).arrays
+
+    # Execute: a new strategy loads the state (a restart)
+    restarted = Federation("hetlora", client_ranks=RANKS).strategy
+    restarted.load_state_dict(fed.strategy.state_dict())
+
+    # Assert
+    assert [restarted.client_rank(p) for p in range(CLIENTS)] == [1, 2, 3, 1]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flora", "flexlora", "hetlora"])
+def test_killed_and_resumed_run_with_client_ranks_equals_an_uninterrupted_one(strategy, tmp_path):
+    from fedlora.run.checkpoint import FINAL_ADAPTER
+    from fedlora.run.server import run_server
+    from tests.test_resume import Killed, SeededGrid, fresh_clients, make_run, rows_of, without_timing
+    from tests.test_server_loop import make_tiny_bundle
+
+    # Prepare: ranks 1 and 2 (the tiny model's adapters have rank 2)
+    cfg, data = make_run(strategy, client_ranks=[1, 2])
+    bundle = make_tiny_bundle()
+    run_server(SeededGrid(fresh_clients(bundle, 100)), cfg, tmp_path / "reference", bundle, data)
+
+    # Execute: killed in round 6, resumed on new nodes
+    bundle = make_tiny_bundle()
+    with pytest.raises(Killed):
+        run_server(SeededGrid(fresh_clients(bundle, 100), kill_in=6), cfg, tmp_path / "run",
+                   bundle, data)
+    bundle = make_tiny_bundle()
+    run_server(SeededGrid(fresh_clients(bundle, 500)), cfg, tmp_path / "run", bundle, data,
+               resume=True)
+
+    # Assert: the same rows (tiers included) and the same final adapter, bit for bit
+    rows = without_timing(rows_of(tmp_path / "run"))
+    assert rows == without_timing(rows_of(tmp_path / "reference"))
+    assert all(set(row["tiers"]) == {"1", "2"} for row in rows)
+    final, expected = (torch.load(tmp_path / d / FINAL_ADAPTER)["adapter"] for d in ("run", "reference"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
