@@ -12,7 +12,9 @@
 # (<setting>: default-ranks, default-r16, default-r2, arithmetic-ranks, ...; not kept by git),
 # then runs.csv and rounds.csv (fedlora.report.archive: every number, which git keeps),
 # comparison.csv/.md and the plots (experiments/heterogeneous_table.py). docs/results/
-# heterogeneous.md is generated from them (python experiments/make_pages.py).
+# heterogeneous.md is generated from them (python experiments/make_pages.py). A finished run
+# (its summary.json) is not run again, and a run that was stopped (a kill, a lost Ray
+# worker) continues from its checkpoint (resume=), bit for bit: rerun the same command.
 #
 # A default-task run takes ~5-10 min on 2 cores (the four tier evaluations add to each round's
 # one), an arithmetic one ~15 min: the whole grid (9 methods x 3 settings x 2 tasks x 2 seeds)
@@ -35,11 +37,29 @@ RANKS='client_ranks=[2,4,8,16]'
 ARITHMETIC=(task=arithmetic clients=20 rounds=5 eval_every=5 fedex.residual=factored
             flora.stack=factored)
 
-sweep() {  # sweep SETTING KEY=VALUE...: every method x seed into runs/SETTING/
-    local setting=$1
+run_one() {  # run_one DIR KEY=VALUE...: one run; a stopped one continues from its checkpoint
+    local dir=$1 attempt
     shift
-    python -m fedlora.simulate -m "seed=$SEEDS" "strategy=$METHODS" "$@" \
-        "hydra.sweep.dir=$OUT/runs/$setting" 'hydra.sweep.subdir=${strategy}-seed${seed}'
+    [[ -f $dir/summary.json ]] && return 0
+    for attempt in 1 2 3 4 5; do
+        if [[ -f $dir/checkpoint.pt ]]; then
+            python -m fedlora.simulate "resume=$dir" && return 0
+        else
+            python -m fedlora.simulate "$@" "out=$dir" && return 0
+        fi
+        echo "$dir stopped (attempt $attempt): continuing from its checkpoint" >&2
+    done
+    return 1
+}
+
+sweep() {  # sweep SETTING KEY=VALUE...: every seed x method into runs/SETTING/
+    local setting=$1 seed strategy
+    shift
+    for seed in ${SEEDS//,/ }; do
+        for strategy in ${METHODS//,/ }; do
+            run_one "$OUT/runs/$setting/$strategy-seed$seed" "strategy=$strategy" "seed=$seed" "$@"
+        done
+    done
 }
 
 want() { [[ $PART == "$1" || $PART == all ]]; }
