@@ -396,3 +396,23 @@ def test_killed_and_resumed_run_with_client_ranks_equals_an_uninterrupted_one(st
     assert all(set(row["tiers"]) == {"1", "2"} for row in rows)
     final, expected = (torch.load(tmp_path / d / FINAL_ADAPTER)["adapter"] for d in ("run", "reference"))
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_a_client_that_prunes_in_a_run_of_equal_ranks_is_told_its_new_rank():
+    # Prepare: HetLoRA at rank 2 for everyone (no client_ranks); partition 1 prunes to 1
+    fed = Federation("hetlora")
+    messages = fed.configure()
+    replies = fed.train(messages)
+    assert all("client-rank" not in m.content["config"] for m in messages)
+    replies[1] = reply(messages[1], fed.clients[101].update, 20, **{"next-rank": 1})
+    fed.arrays = fed.strategy.aggregate_train(1, replies).arrays
+
+    # Execute
+    following = fed.configure()
+    fed.train(following)
+
+    # Assert: its message names rank 1 and carries rank-1 factors; the others are unchanged
+    assert following[1].content["config"]["client-rank"] == 1
+    assert tensors(following[1])[factor_key(LAYERS[0], "B")].shape == (M, 1)
+    assert "client-rank" not in following[0].content["config"]
+    assert fed.clients[101].update[factor_key(LAYERS[0], "A")].shape == (1, N)

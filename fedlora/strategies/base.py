@@ -406,8 +406,10 @@ class FederatedLoRA(Strategy):
                                         # a node that trained before must still hold its state
                                         "expect-state": int(self.keeps_node_state and not restoring
                                                             and partition_id in self.nodes.partitions_trained),
+                                        # its own rank (client_ranks, or pruned since)
                                         **({"client-rank": self.client_rank(partition_id)}
-                                           if self.cfg.client_ranks else {}),
+                                           if self.cfg.client_ranks or partition_id in
+                                           self.holdings.ranks else {}),
                                         **self.config_down(node_id), **restore_config,
                                         **(self.dp.outgoing(partition_id) if self.dp else {})})
             self.holdings.send(partition_id, self.client_rank(partition_id))
