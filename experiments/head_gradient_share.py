@@ -19,10 +19,10 @@ import json
 import random
 
 import torch
+from flwr.common.config import unflatten_dict
 
 from fedlora.config import RunConfig
 from fedlora.model.pretrained import build_model
-from fedlora.core.settings import unflatten
 from fedlora.strategies import get_strategy
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = RunConfig.from_dict({"strategy": args.strategy, "seed": args.seed,
-                               **unflatten(dict(k.split("=", 1) for k in args.keys))})
+                               **unflatten_dict(dict(k.split("=", 1) for k in args.keys))})
     task = cfg.task_spec()
     data = task.dataset()
     bundle = build_model(cfg.model_spec(data.num_labels))

@@ -12,16 +12,21 @@ strategies and the run loop import it.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
+
+from flwr.common.config import flatten_dict, unflatten_dict
 
 from fedlora.tasks.data import DataSpec
 from fedlora.core.errors import ConfigError
-from fedlora.model.pretrained import ModelSpec
+from fedlora.model.pretrained import PRECISIONS, ModelSpec
 from fedlora.core.registry import default_strategy, get_method, methods
 from fedlora.tasks import EvalSpec, Task, default_task, get_task, make_task
-from fedlora.core.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, defaults,
-                                   parse_section, setting)
+from fedlora.report.tracking import TRACKERS, missing_package
+from fedlora.core.settings import (AT_MOST_ONE, BELOW_ONE, NONNEGATIVE, POSITIVE, build,
+                                   parse_section, run_config_values, schema, schema_fields,
+                                   setting, validated)
 
 PARTITIONS = ("iid", "dirichlet", "pathological")
 PARTICIPATIONS = ("uniform", "bernoulli", "markov", "cyclic")
@@ -29,7 +34,6 @@ WEIGHTINGS = ("samples", "uniform", "fedau")
 LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
 QUANTIZATIONS = (4,)
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -102,13 +106,17 @@ class DPConfig:
     noise_multiplier: float | None = setting(None, "client: sigma itself instead of planning it "
                                              "from epsilon (then epsilon is reported, not "
                                              "targeted)", check=POSITIVE)
-    secure_rng: bool = setting(False, "Opacus' secure_mode Gaussian (2n-sample draw against "
-                               "floating-point attacks) from each node's secret; implies secret "
-                               "noise")
+    secure_rng: bool = setting(False, "kept for older configs: secret DP noise also in "
+                               "simulation (as reproducible_noise=false); secret noise is always "
+                               "hardened against floating-point attacks")
     reproducible_noise: bool | None = setting(None, "null: reproducible DP noise in simulation, "
                                               "secret on real SuperNodes; true: seeded by what "
                                               "the server knows (unsafe outside experiments); "
                                               "false: secret")
+    publish_participation: bool = setting(False, "client: also write participation.csv, which "
+                                          "clients each round sampled; epsilon then does NOT "
+                                          "hold against whoever reads it (the accounting "
+                                          "assumes the sample is secret)")
 
     @property
     def enabled(self) -> bool:
@@ -225,9 +233,12 @@ class RunConfig:
                                  check=POSITIVE)
     client_gpus: float = setting(0.0, "Ray GPUs per client, fractional (device=cuda)",
                                  check=NONNEGATIVE)
-    precision: str = setting("fp32", "fp32 | bf16: torch.autocast to bfloat16 around the "
-                             "clients' forward/backward and the server's evaluation (weights "
-                             "and optimiser state stay fp32; also runs on CPU)",
+    precision: str = setting("auto", "auto | fp32 | bf16: torch.autocast to bfloat16 around "
+                             "the clients' forward/backward and the server's evaluation "
+                             "(adapters, optimiser state, DP clipping and aggregation stay fp32); "
+                             "auto: bf16 where the device has fast bf16 (a CUDA GPU with bf16, "
+                             "a CPU with AMX or AVX-512 BF16), fp32 elsewhere, decided by each "
+                             "process for its own hardware (summary.json: the server's)",
                              choices=PRECISIONS)
     grad_checkpointing: bool = setting(False, "recompute activations in the backward pass "
                                        "(Hugging Face gradient checkpointing, non-reentrant): "
@@ -240,6 +251,16 @@ class RunConfig:
     server_lr: float = setting(1.0, "eta in x <- x + eta sum_k c_k (x_k - x)", check=POSITIVE)
     min_clients: int = setting(1, "a round with fewer valid replies is not aggregated",
                                check=POSITIVE)
+    client_batch: int = setting(1, "simulation: a node trains up to this many of a round's "
+                                "clients together, rows of all of them in one pass through one "
+                                "copy of the base model, each with its own adapter factors "
+                                "(docs/design/client-batching.md); 1: one client at a time",
+                                check=POSITIVE)
+    client_hosts: int | None = setting(None, "simulation: virtual SuperNodes that host the clients "
+                                       "(partition p on node p mod client_hosts; a node's clients "
+                                       "keep their state in its Context.state); null: one node "
+                                       "per client if client_batch=1, else "
+                                       "ceil(clients_per_round / client_batch)", check=POSITIVE)
     round_timeout: float = setting(3600.0, "seconds the server waits for a round's replies",
                                    check=POSITIVE)
     max_update_norm: float = setting(1e6, "a reply whose update moves the global state further "
@@ -250,6 +271,11 @@ class RunConfig:
     checkpoint_every: int = setting(1, "write DIR/checkpoint.pt every this many rounds (and the "
                                     "last); 0: never", check=NONNEGATIVE)
     verbose: bool = setting(False, "Flower and Ray logs on the console")
+    tracking: str | None = setting(None, "also log every results row (scores, losses, bytes, "
+                                   "epsilon, lr) and the config to tensorboard (DIR/tensorboard) "
+                                   "| wandb (offline in DIR/wandb unless WANDB_MODE is set) | "
+                                   "mlflow (file store DIR/mlruns unless MLFLOW_TRACKING_URI is "
+                                   "set); null: off", choices=TRACKERS)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     fedau: FedAUConfig = field(default_factory=FedAUConfig)
@@ -274,6 +300,16 @@ class RunConfig:
                          precision=self.precision, grad_checkpointing=self.grad_checkpointing,
                          quantization=self.quantization)
 
+    @property
+    def hosts(self) -> int | None:
+        """How many simulated SuperNodes host the clients (``client_hosts``, resolved); None:
+        one node per client (the engine without hosts)."""
+        if self.client_hosts is not None:
+            return self.client_hosts
+        if self.client_batch == 1:
+            return None
+        return min(self.clients, -(-self.clients_per_round // self.client_batch))
+
     def task_spec(self) -> Task:
         """The task of this run with its data and evaluation settings (``fedlora.tasks``)."""
         return make_task(self.task, self.data, self.eval)
@@ -290,41 +326,29 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
         """Validate a nested config dict (Hydra's, resolved; Flower's run config, unflattened;
-        a saved ``config.yaml``) and fill the method's defaults."""
-        raw = dict(raw)
-        registered = methods()
-        sections = set(SECTIONS) | {"data"} | set(registered)
-        known = {f.name for f in fields(cls)} - {"methods"} | sections | set(PLACEMENT_KEYS)
-        for key in raw:
-            if key not in known:
-                raise ConfigError(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml "
-                                  "for the valid keys")
-        strategy = raw.get("strategy") or default_strategy()
+        a saved ``config.yaml``) and fill the method's defaults. The schema (``run_schema``)
+        refuses unknown keys and values of the wrong type; the fields' rules and the rules
+        relating keys are checked here."""
+        keys = validated(run_schema(), _spelled_out(raw))
+        strategy = keys.pop("strategy") or default_strategy()
         method = get_method(strategy)
         nested = {}
         for name, section_class in SECTIONS.items():
             if name == "dp":
                 continue  # its own rules (``_dp``)
-            section = raw.get(name)
-            if isinstance(section, str):  # partition=dirichlet, participation=markov
-                section = {"name": section}
-            nested[name] = parse_section(section_class, section, name)
-        nested["dp"] = _dp(raw.get("dp"))
-        nested["data"] = parse_section(DataSpec, raw.get("data"), "data")
+            nested[name] = build(section_class, keys.pop(name), name)
+        nested["dp"] = _dp(keys.pop("dp"))
+        nested["data"] = build(DataSpec, keys.pop("data"), "data")
         if nested["data"].path and nested["data"].name:
             raise ConfigError("data.path and data.name are both set; give one of them")
-        nested["methods"] = {name: parse_section(m.settings, raw.get(name), name)
-                             for name, m in registered.items() if m.settings is not None}
-        targets = raw.get("targets") or ()
-        if isinstance(targets, str):
-            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        nested["targets"] = tuple(targets)
-        nested["client_ranks"] = _client_ranks(raw.get("client_ranks"), raw.get("rank"), strategy)
-        top = {k: v for k, v in raw.items() if k not in sections and k not in PLACEMENT_KEYS}
-        task = raw.get("task") or default_task(nested["data"])
-        task_class = get_task(str(task))
-        cfg = parse_section(cls, top, "", replace={**nested, "strategy": strategy,
-                                                     "task": task_class.name})
+        nested["methods"] = {name: build(m.settings, keys.pop(name), name)
+                             for name, m in methods().items() if m.settings is not None}
+        nested["targets"] = tuple(keys.pop("targets"))
+        nested["client_ranks"] = parse_client_ranks(keys.pop("client_ranks"), keys["rank"], strategy)
+        for key in PLACEMENT_KEYS:
+            keys.pop(key)
+        task_class = get_task(str(keys.pop("task") or default_task(nested["data"])))
+        cfg = build(cls, {**keys, **nested, "strategy": strategy, "task": task_class.name})
         sized = task_class.run_defaults  # what one run of this task costs on 2 CPU cores
         cfg = replace(cfg, model=cfg.model or task_class.default_model,
                       max_length=cfg.max_length or task_class.default_max_length,
@@ -349,10 +373,8 @@ class RunConfig:
 
     def _checked(self) -> "RunConfig":
         """The rules that relate several keys."""
-        if self.clients_per_round > self.clients:
-            raise ConfigError(f"clients_per_round={self.clients_per_round} exceeds clients="
-                              f"{self.clients}; set clients_per_round <= {self.clients} or raise "
-                              "clients")
+        check_federation(self.clients, self.clients_per_round, self.participation, self.weighting,
+                         self.min_clients, self.dp)
         if self.device == "cuda" and self.client_gpus == 0:
             raise ConfigError("device=cuda needs client_gpus > 0 (e.g. client_gpus=0.25: four "
                               "clients share one GPU)")
@@ -360,28 +382,30 @@ class RunConfig:
             raise ConfigError(f"client_gpus={self.client_gpus} needs device=cuda; set device=cuda "
                               "or client_gpus=0")
         self._check_gpu_settings()
-        problem = get_method(self.strategy).server.config_problem(self)
+        problem = get_method(self.strategy).server.config_problem(self.settings, self.dp)
         if problem:
             raise ConfigError(problem)
-        if self.dp.client_level and self.participation.name != "uniform":
-            raise ConfigError(f"dp.mode=client samples each client with probability "
-                              f"clients_per_round/clients (the accounting needs it), so "
-                              f"participation={self.participation.name} cannot apply; use "
-                              "participation=uniform")
-        if self.dp.client_level and self.weighting == "fedau":
-            raise ConfigError("dp.mode=client weights every clipped update equally (its "
-                              "sensitivity); weighting=fedau cannot apply: use weighting=uniform")
+        missing = missing_package(self.tracking) if self.tracking is not None else None
+        if missing:
+            raise ConfigError(f"tracking={self.tracking} needs the {missing} package; pip install "
+                              f"{missing} (or fedlora's extra: pip install -e \".[tracking]\"), "
+                              "or set tracking=null")
+        if self.client_hosts is not None and self.client_hosts > self.clients:
+            raise ConfigError(f"client_hosts={self.client_hosts} exceeds clients={self.clients}: a "
+                              f"node would host no client; set client_hosts <= {self.clients}")
+        if self.client_batch > 1 and self.dp.record_level:
+            raise ConfigError(f"client_batch={self.client_batch} with record-level DP (dp.epsilon, "
+                              "dp.mode=record): DP-SGD inside a batch of clients is not built yet; "
+                              "set client_batch=1 (client_hosts still shares a node's model) or "
+                              "dp.mode=client")
         if self.min_clients > self.clients_per_round and self.participation.name == "uniform":
             raise ConfigError(f"min_clients={self.min_clients} exceeds clients_per_round="
                               f"{self.clients_per_round}; set min_clients <= {self.clients_per_round}")
         return self
 
     def _check_gpu_settings(self) -> None:
-        """Precision, checkpointing and quantisation against the device, DP and the method."""
-        if self.dp.record_level and self.precision != "fp32":
-            raise ConfigError(f"precision={self.precision} is not supported with record-level DP "
-                              "(dp.epsilon: Opacus' per-example gradients run in fp32 here); set "
-                              "precision=fp32 or dp.mode=client")
+        """Checkpointing and quantisation against the device, DP and the method (any precision
+        works with DP: Opacus clips and noises in fp32, ``fedlora.privacy.randomness``)."""
         if self.dp.record_level and self.grad_checkpointing:
             raise ConfigError("grad_checkpointing=true with record-level DP (dp.epsilon): "
                               "Opacus' hooks would see every recomputed forward twice; set "
@@ -412,7 +436,7 @@ class RunConfig:
         return cls.from_dict(saved)
 
 
-def _client_ranks(raw, rank, strategy: str) -> tuple[int, ...]:
+def parse_client_ranks(raw, rank, strategy: str) -> tuple[int, ...]:
     """``client_ranks`` as positive integers (a list, or "2,4,8" / "[2,4,8]" from a run config),
     checked against ``rank`` (the global rank: their largest) and the method, which must have a
     rule for clients of different ranks (``FederatedLoRA.rank_rule``)."""
@@ -436,33 +460,89 @@ def _client_ranks(raw, rank, strategy: str) -> tuple[int, ...]:
                           f"(client_ranks={list(ranks)}); drop client_ranks or choose one of: "
                           f"{', '.join(supported)}")
     return ranks
+def check_federation(clients: int, clients_per_round: int, participation: ParticipationConfig,
+                     weighting: str, min_clients: int, dp: DPConfig) -> None:
+    """The rules relating the keys a strategy takes (``RunConfig`` and a strategy's own
+    arguments, ``fedlora.strategies.base.FederatedLoRA``): a one-line ``ConfigError``."""
+    if clients_per_round > clients:
+        raise ConfigError(f"clients_per_round={clients_per_round} exceeds clients="
+                          f"{clients}; set clients_per_round <= {clients} or raise "
+                          "clients")
+    if dp.client_level and participation.name != "uniform":
+        raise ConfigError(f"dp.mode=client samples each client with probability "
+                          f"clients_per_round/clients (the accounting needs it), so "
+                          f"participation={participation.name} cannot apply; use "
+                          "participation=uniform")
+    if dp.record_level and participation.name != "uniform":
+        raise ConfigError(f"participation={participation.name} draws who trains from each "
+                          "client's label histogram, which under DP does not leave the client "
+                          "(and would tie who trains to its data); use participation=uniform or "
+                          "drop dp.epsilon")
+    if dp.client_level and min_clients > 1:
+        raise ConfigError(f"min_clients={min_clients} with dp.mode=client would drop a round's "
+                          "updates when too few clients were sampled, so one client could change "
+                          "the release by more than dp.clip; set min_clients=1")
+    if dp.client_level and weighting == "fedau":
+        raise ConfigError("dp.mode=client weights every clipped update equally (its "
+                          "sensitivity); weighting=fedau cannot apply: use weighting=uniform")
+    if min_clients > clients_per_round and participation.name == "uniform":
+        raise ConfigError(f"min_clients={min_clients} exceeds clients_per_round="
+                          f"{clients_per_round}; set min_clients <= {clients_per_round}")
+
+
+def run_schema() -> type:
+    """Every key of the command line as one OmegaConf structured config: ``RunConfig``'s
+    fields, its sections, each registered method's ``<name>.*`` section and where the run
+    goes (``out``, ``resume``). Hydra's ConfigStore holds it (``fedlora.run.cli``), so Hydra
+    refuses an unknown key or a value of the wrong type; ``from_dict`` validates any other dict
+    against it too. Generated from the dataclasses, so a key and its default are written once."""
+    return _run_schema(tuple(methods()))
+
+
+@functools.cache
+def _run_schema(method_names: tuple[str, ...]) -> type:
+    own = {spec[0]: spec for spec in schema_fields(RunConfig) if spec[0] != "methods"}
+    _, kind, default = own["strategy"]  # the run directory's name needs the resolved one
+    own["strategy"] = ("strategy", kind, field(default=default_strategy(), metadata=default.metadata))
+    sections = [*SECTIONS, "data"]  # after the top-level keys, in the command line's order
+    specs = [spec for name, spec in own.items() if name not in sections]
+    specs += [own[name] for name in sections]
+    for name in method_names:
+        settings_class = methods()[name].settings
+        if settings_class is not None:
+            specs.append((name, schema(settings_class), field(default_factory=schema(settings_class))))
+    specs += [(key, str | None, field(default=None)) for key in PLACEMENT_KEYS]
+    return make_dataclass("RunConfigKeys", specs)
 
 
 def hydra_tree() -> dict:
     """Every key of the command line with its default (null: "the method's default" where the
-    field says so), nested as the command line writes it: the tree ``fedlora.run.cli`` gives Hydra.
-    Generated from the dataclasses, so a key and its default are written once."""
-    tree = {f.name: (list(f.default) if isinstance(f.default, tuple) else f.default)
-            for f in fields(RunConfig) if f.name not in SECTIONS and f.name not in ("data", "methods")}
-    tree["strategy"] = default_strategy()  # the run directory's name needs the resolved one
-    for name, section_class in {**SECTIONS, "data": DataSpec}.items():
-        tree[name] = defaults(section_class)
-    for name, method in methods().items():
-        if method.settings is not None:
-            tree[name] = defaults(method.settings)
-    tree.update({key: None for key in PLACEMENT_KEYS})
-    return tree
+    field says so), nested as the command line writes it: ``run_schema``'s defaults."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(run_schema()))
 
 
-def _dp(raw) -> DPConfig:
-    section = dict(raw or {})
-    epsilon = section.get("epsilon")
-    try:
-        if float(epsilon) == math.inf:
-            section["epsilon"] = None  # inf: no DP (so a sweep can include the non-private run)
-    except (TypeError, ValueError):
-        pass  # None, or not a number (reported by parse_section)
-    dp = parse_section(DPConfig, section, "dp")
+def _spelled_out(raw: dict) -> dict:
+    """``raw`` with the short forms the schema does not take spelled out: a preset's name for
+    its section (``partition: dirichlet``) and a list as Flower's run config writes it
+    (``targets: "query,value"``)."""
+    raw = dict(raw)
+    for name, section_class in SECTIONS.items():
+        if isinstance(raw.get(name), str) and any(f.metadata.get("names_section")
+                                                  for f in fields(section_class)):
+            raw[name] = {"name": raw[name]}
+    for key in ("targets", "client_ranks"):  # Flower's run config: "query,value", "2,4,8"
+        if isinstance(raw.get(key), str):
+            raw[key] = [t.strip() for t in raw[key].strip("[] ").split(",") if t.strip()]
+    return raw
+
+
+def _dp(section: dict) -> DPConfig:
+    section = dict(section)
+    if section["epsilon"] == math.inf:
+        section["epsilon"] = None  # inf: no DP (so a sweep can include the non-private run)
+    dp = build(DPConfig, section, "dp")
     if dp.delta >= 1:
         raise ConfigError(f"dp.delta={dp.delta} must be < 1 (usually well below 1/n: 1e-5)")
     if dp.secure_rng and dp.reproducible_noise:
@@ -475,6 +555,10 @@ def _dp(raw) -> DPConfig:
     if dp.noise_multiplier is not None and dp.mode == "record":
         raise ConfigError("dp.noise_multiplier is for dp.mode=client; record-level clients plan "
                           "their noise from dp.epsilon")
+    if dp.publish_participation and not dp.client_level:
+        raise ConfigError("dp.publish_participation=true is for client-level DP (dp.mode=client "
+                          "with dp.epsilon or dp.noise_multiplier); otherwise participation.csv "
+                          "is always written: drop the key")
     return dp
 
 
@@ -490,13 +574,12 @@ def resolve_noise(cfg: RunConfig, deployment: bool) -> RunConfig:
 
 
 def check_deployment(cfg: RunConfig) -> None:
-    """What a deployment cannot do (a one-line ``ConfigError`` before any process starts): a
-    label-correlated participation model under DP, since DP clients send no label histogram
-    and the server does not hold their data to count it."""
-    if cfg.dp.enabled and cfg.participation.name != "uniform":
-        raise ConfigError(f"participation={cfg.participation.name} needs each client's label "
-                          "histogram, which DP clients do not send on real SuperNodes; use "
-                          "participation=uniform or drop dp.epsilon")
+    """What a deployment cannot do (a one-line ``ConfigError`` before any process starts):
+    host several clients on one node (a real SuperNode is one client)."""
+    if cfg.client_batch > 1 or cfg.client_hosts is not None:
+        raise ConfigError(f"client_batch={cfg.client_batch}, client_hosts={cfg.client_hosts}: a "
+                          "real SuperNode is one client; set client_batch=1 and client_hosts=null "
+                          "(they are for simulation)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,54 +588,56 @@ def check_deployment(cfg: RunConfig) -> None:
 
 
 def client_config(cfg: RunConfig, num_labels: int) -> dict:
-    """The flat ConfigRecord values the server sends with every message."""
-    return {"strategy": cfg.strategy, "task": cfg.task, "model": cfg.model,
-            "num-labels": num_labels, **to_record(cfg.eval, "eval."),
-            "rank": cfg.rank, "alpha": cfg.alpha, "targets": ",".join(cfg.targets),
-            "latent": cfg.model_spec(num_labels).latent, "init-seed": cfg.seed,
-            **to_record(cfg.data, "data."), **to_record(cfg.partition, "partition."),
-            "seed": cfg.seed, "max-length": cfg.max_length, "device": cfg.device,
-            "precision": cfg.precision, "grad-checkpointing": int(cfg.grad_checkpointing),
-            "quantization": cfg.quantization or 0,
-            "client-cpus": cfg.client_cpus, "local-steps": cfg.local_steps,
-            "batch-size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
-            "crash-prob": cfg.faults.crash_prob,
-            **dp_client_config(cfg)}
+    """The flat ConfigRecord values the server sends with every message (sections as dotted
+    keys, ``eval.max_new_tokens``; null as "")."""
+    return flatten_dict(run_config_values({
+        "strategy": cfg.strategy, "task": cfg.task, "model": cfg.model,
+        "num-labels": num_labels, "eval": asdict(cfg.eval),
+        "rank": cfg.rank, "alpha": cfg.alpha, "targets": ",".join(cfg.targets),
+        "latent": cfg.model_spec(num_labels).latent, "init-seed": cfg.seed,
+        "data": asdict(cfg.data), "partition": asdict(cfg.partition),
+        "seed": cfg.seed, "max-length": cfg.max_length, "device": cfg.device,
+        "precision": cfg.precision, "grad-checkpointing": int(cfg.grad_checkpointing),
+        "quantization": cfg.quantization or 0,
+        "client-cpus": cfg.client_cpus, "local-steps": cfg.local_steps,
+        "batch-size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
+        "crash-prob": cfg.faults.crash_prob,
+        **dp_client_config(cfg)}))
 
 
-def to_record(section, prefix: str) -> dict:
-    """A settings dataclass as flat ConfigRecord values (``prefix + field``; None as "")."""
-    return {prefix + k: "" if v is None else v for k, v in asdict(section).items()}
-
-
-def from_record(section_class, record, prefix: str):
-    """The settings dataclass ``to_record`` flattened (missing keys: the defaults)."""
-    raw = {f.name: record[prefix + f.name] for f in fields(section_class) if prefix + f.name in record}
-    return parse_section(section_class, {k: (None if v == "" else v) for k, v in raw.items()},
-                         prefix.rstrip("."))
+def from_record(section_class, record, section: str):
+    """The settings dataclass of ``client_config``'s ``section.*`` keys (missing: defaults)."""
+    flat = {key: None if value == "" else value for key, value in record.items()
+            if key.startswith(section + ".")}
+    return parse_section(section_class, unflatten_dict(flat).get(section), section)
 
 
 def dp_client_config(cfg: RunConfig) -> dict:
-    """The DP settings a client needs to plan its noise multiplier on its own (0: no DP):
-    the most training steps it can take in the run (local steps x rounds: participation is
-    not credited) and the examples of the method's one-time set-up release, if it has one."""
-    if not cfg.dp.record_level:  # client-level DP happens on the server
+    """The DP settings a client needs: ``dp-mode`` (record | client; absent without DP), by
+    which it knows to send nothing about its data beyond what the mode accounts for, and under
+    record-level DP what it needs to plan its noise multiplier on its own (``dp-epsilon`` 0:
+    no DP-SGD): the most training steps it can take in the run (local steps x rounds:
+    participation is not credited) and the examples of the method's one-time set-up release,
+    if it has one."""
+    if cfg.dp.client_level:  # it happens on the server; the client only keeps its data to itself
+        return {"dp-epsilon": 0.0, "dp-mode": "client"}
+    if not cfg.dp.record_level:
         return {"dp-epsilon": 0.0}
-    setup_share = get_method(cfg.strategy).server.setup_examples_per_client(cfg)
-    return {"dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,
+    setup_share = get_method(cfg.strategy).server.setup_examples_per_client(cfg.settings,
+                                                                            cfg.clients_per_round)
+    return {"dp-mode": "record",
+            "dp-epsilon": cfg.dp.epsilon, "dp-delta": cfg.dp.delta, "dp-clip": cfg.dp.clip,
             "dp-accountant": cfg.dp.accountant, "dp-max-steps": cfg.local_steps * cfg.rounds,
-            "dp-init-samples": setup_share, "dp-noise": cfg.dp.noise,
-            "dp-secure-rng": int(cfg.dp.secure_rng)}
+            "dp-init-samples": setup_share, "dp-noise": cfg.dp.noise}
 
 
-def round_lr(cfg: RunConfig, server_round: int, lr: float | None = None) -> float:
-    """The clients' learning rate in a round: constant, or cosine-decayed from ``lr`` (default
-    ``cfg.lr``) in round 1 to ``0.1 * lr`` in the last round (a stable final model despite
+def scheduled_lr(lr: float, server_round: int, rounds: int, schedule: str) -> float:
+    """The clients' learning rate in a round of ``rounds``: constant, or (``cosine``) decayed
+    from ``lr`` in round 1 to ``0.1 * lr`` in the last round (a stable final model despite
     client drift)."""
-    lr = cfg.lr if lr is None else lr
-    if cfg.lr_schedule == "constant" or cfg.rounds == 1:
+    if schedule == "constant" or rounds == 1:
         return lr
-    progress = (server_round - 1) / (cfg.rounds - 1)
+    progress = (server_round - 1) / (rounds - 1)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -565,13 +650,13 @@ def specs_from_client_config(record) -> tuple[ModelSpec, DataSpec]:
                       precision=str(record.get("precision", "fp32")),
                       grad_checkpointing=bool(int(record.get("grad-checkpointing", 0))),
                       quantization=int(record.get("quantization", 0)) or None)
-    return model, from_record(DataSpec, record, "data.")
+    return model, from_record(DataSpec, record, "data")
 
 
 def task_from_client_config(record, data: DataSpec) -> Task:
     """The task a client serves, on ``data`` (the message's, or the node's own copy)."""
-    return make_task(str(record["task"]), data, from_record(EvalSpec, record, "eval."))
+    return make_task(str(record["task"]), data, from_record(EvalSpec, record, "eval"))
 
 
 def partition_from_client_config(record) -> PartitionConfig:
-    return from_record(PartitionConfig, record, "partition.")
+    return from_record(PartitionConfig, record, "partition")

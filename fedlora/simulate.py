@@ -2,7 +2,8 @@
 
 The ServerApp (``fedlora.run.server``) and the ClientApp (``fedlora.clients.app``) run through
 ``flwr.simulation.run_simulation`` on Ray: one virtual SuperNode per client, each Ray worker
-serving many of them with one copy of the base model. Config keys: ``fedlora/conf/config.yaml``
+serving many of them with one copy of the base model (with ``client_hosts`` or
+``client_batch`` > 1: fewer nodes, each hosting several clients, ``fedlora.run.hosted``). Config keys: ``fedlora/conf/config.yaml``
 (Hydra: ``key=value`` overrides, ``-m`` for sweeps). The whole config, the data and the model
 are checked before Ray starts; a bad value is one line on stderr and exit code 2.
 """
@@ -28,16 +29,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
 
 
-def run(cfg: RunConfig, out, resume: bool = False) -> dict:
+def run(cfg: RunConfig, out, resume: bool = False, interrupts=None) -> dict:
     """Run one federated simulation; write ``out``; return the summary dict.
-    ``resume``: continue the killed run in ``out`` from its checkpoint."""
+    ``resume``: continue the killed run in ``out`` from its checkpoint. ``interrupts``: the
+    launcher's Ctrl-C handling (``fedlora.run.stop.Interrupts``), which this run's round loop
+    obeys; a stopped run never returns (``Interrupts.exit``)."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.app import Context
     from flwr.simulation import run_simulation
 
     from fedlora.clients.app import app as client_app
     from fedlora.run.cli import setup_logging
+    from fedlora.run.hosted import HostedGrid
     from fedlora.run.server import prepare, run_server
+    from fedlora.run.stop import RunStopped, StoppableGrid
 
     out = Path(out)
     cfg = resolve_noise(cfg, deployment=False)  # null: reproducible DP noise in simulation
@@ -51,8 +56,18 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume,
-                                       owns_partitions=True)
+        if cfg.hosts is not None:  # nodes hosting several clients each: one node id per client
+            grid = HostedGrid(grid, cfg.clients, cfg.hosts, cfg.client_batch)
+        if interrupts is not None:
+            interrupts.serving.set()
+            grid = StoppableGrid(grid, interrupts.stop)
+        try:
+            result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume)
+        except RunStopped:
+            pass  # Ctrl-C: the launcher prints where the run can go on from
+        finally:
+            if interrupts is not None:
+                interrupts.server_done.set()
 
     # "local" even for null: Ray's own default would join whatever cluster RAY_ADDRESS or the
     # last `ray start` on this machine names, which on a shared machine is someone else's.
@@ -60,8 +75,11 @@ def run(cfg: RunConfig, out, resume: bool = False) -> dict:
                "init_args": {"address": ray_address,
                              "include_dashboard": False, "log_to_driver": not quiet,
                              "logging_level": logging.WARNING if quiet else logging.INFO}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
+    run_simulation(server_app=server_app, client_app=client_app,
+                   num_supernodes=cfg.hosts or cfg.clients,
                    backend_config=backend, verbose_logging=cfg.verbose)
+    if interrupts is not None and interrupts.stop.is_set():
+        interrupts.exit()  # Flower ended after the stopped loop; the stop ends the process
     if "summary" not in result:
         raise RuntimeError(f"the simulation ended without finishing its rounds; rows so far are in {out}")
     return result["summary"]
@@ -101,6 +119,7 @@ def hydra_task(conf) -> None:
     from fedlora.config import RunConfig
     from fedlora.model.pretrained import model_path
     from fedlora.report.results import final_line
+    from fedlora.run.stop import Interrupts
 
     raw = OmegaConf.to_container(conf, resolve=True)
     hydra_config = HydraConfig.get()
@@ -115,17 +134,25 @@ def hydra_task(conf) -> None:
         task = cfg.task_spec()
         task.dataset()
         task.check_model(model_path(cfg.model))
-        summary = run(cfg, out, resume=bool(raw.get("resume")))
+        with Interrupts(out, resume_command(out, cfg)) as interrupts:
+            summary = run(cfg, out, resume=bool(raw.get("resume")), interrupts=interrupts)
     except ConfigError as error:
         fail(str(error))
     print(f"{final_line(summary)}; results in {out}")
 
 
+def resume_command(out: Path, cfg: RunConfig) -> str:
+    """The command that continues this run after a stop (the run's own config is in ``out``;
+    where its clients run is not)."""
+    ray = f" ray.address={cfg.ray.address}" if cfg.ray.address else ""
+    return f"python -m fedlora.simulate resume={out}{ray}"
+
+
 def main() -> None:
     import hydra
 
-    check_command_line(sys.argv[1:])
     try:
+        check_command_line(sys.argv[1:])  # Hydra's refusals as one line, before it starts
         check_paths(sys.argv[1:])
     except ConfigError as error:
         fail(str(error))

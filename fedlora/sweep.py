@@ -13,9 +13,9 @@ out=DIR/runs/<name>`` subprocess, one after the other, with one status line per 
   with b=x, then a=2 with b=y): a setting tuned per ε, e.g. ``dp.epsilon:head_lr=1:10,8:20``.
   Such keys name the run like any axis, and keys tied to ``dp.epsilon`` do not split the
   privacy-utility plot's lines.
-* Every combination is validated (``fedlora.simulate.check_command_line`` and
-  ``RunConfig.from_dict`` on Hydra's composed config) before the first run starts; a bad one
-  is one line on stderr and exit code 2.
+* Every combination is validated (Hydra composes it against the structured config of every
+  key, then ``RunConfig.from_dict``) before the first run starts; a bad one is one line on
+  stderr and exit code 2.
 * Resumable: run it again with the same arguments. A run whose ``summary.json`` exists is
   skipped; a run directory without one (an interrupted run) is moved aside to
   ``<name>.failed-N`` (never deleted) and the run starts again from scratch.
@@ -42,7 +42,7 @@ from fedlora.report import plots
 from fedlora.report.compare import Run, common_metric, load_run, markdown_table, summarise
 from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError
-from fedlora.run.cli import check_command_line, compose_config, fail
+from fedlora.run.cli import compose_config, fail
 
 EPSILON_KEY = "dp.epsilon"
 NO_DP = ("inf", "+inf", "infinity", "null", "none", "")
@@ -107,17 +107,11 @@ def overrides(combination: dict[str, str], fixed: list[str]) -> list[str]:
 
 def validate(plan: list[dict[str, str]], fixed: list[str]) -> None:
     """Check every combination as ``python -m fedlora.simulate`` would, before any run starts."""
-    from hydra.errors import HydraException
-
     for combination in plan:
-        keys = overrides(combination, fixed)
-        check_command_line(keys)
         try:
-            RunConfig.from_dict(compose_config(keys))
+            RunConfig.from_dict(compose_config(overrides(combination, fixed)))
         except ConfigError as error:
             fail(str(error))
-        except HydraException as error:
-            fail(f"{' '.join(keys)}: {str(error).splitlines()[0]}")
 
 
 def move_aside(run_dir: Path) -> Path:

@@ -49,7 +49,7 @@ class DPFederation:
     @cached_property
     def server(self):
         """The method's server strategy (uniform sampling: it needs no label histograms)."""
-        server = get_strategy(self.cfg.strategy)(self.cfg, self.bundle.head_keys)
+        server = get_strategy(self.cfg.strategy).from_config(self.cfg, self.bundle.head_keys)
         server.register_nodes({10 + p: p for p in range(CLIENTS)})
         return server
 

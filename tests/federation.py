@@ -130,7 +130,7 @@ class Federation:
     def __init__(self, strategy: str, sizes=SIZES, **overrides):
         self.cfg = make_cfg(strategy, **overrides)
         cls = get_strategy(strategy)
-        self.strategy = cls(self.cfg, HEAD_KEYS)
+        self.strategy = cls.from_config(self.cfg, HEAD_KEYS)
         self.initial = initial_state(cls.latent, rank=self.cfg.rank)
         self.clients = {100 + p: FakeClient(p, sizes[p], self.initial) for p in range(CLIENTS)}
         self.strategy.register_nodes({node: c.partition_id for node, c in self.clients.items()},

@@ -438,7 +438,7 @@ def make_strategy(name: str):
     from fedlora.strategies import get_strategy
 
     cfg = RunConfig.from_dict({"strategy": name, "clients": 4, "clients_per_round": 3})
-    return get_strategy(name)(cfg, frozenset({"classifier.weight", "classifier.bias"}))
+    return get_strategy(name).from_config(cfg, frozenset({"classifier.weight", "classifier.bias"}))
 
 
 def test_fedit_strategy_aggregate_is_identity_for_identical_clients():

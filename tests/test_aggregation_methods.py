@@ -660,7 +660,7 @@ def fedex_server(rank: int, alpha: float):
 
     cfg = RunConfig.from_dict({"strategy": "fedex", "clients": 4, "clients_per_round": 3,
                                "rank": rank, "alpha": alpha})
-    return get_strategy("fedex")(cfg, frozenset())
+    return get_strategy("fedex").from_config(cfg, frozenset())
 
 
 def fedex_server_round(W0, Bs, As, weights, rank, alpha):

@@ -226,7 +226,7 @@ def test_deployment_refuses_an_undeclared_run_config_key_before_starting(tmp_pat
     # Prepare: the run config the launcher builds for a DP run, and Flower's declared keys
     declared = flatten_dict(tomllib.loads((REPO / "pyproject.toml").read_text())
                             ["tool"]["flwr"]["app"]["config"])
-    _, raw = resolve_config(["dp=on", "participation=markov", "partition=pathological"], 2)
+    _, raw = resolve_config(["dp=on", "participation.mean_p=0.5", "partition=pathological"], 2)
     built = flat_run_config({**raw, "out": str(tmp_path)})
     # Execute / Assert: every key the launcher sends is declared, so Flower accepts it ...
     check_declared(built)

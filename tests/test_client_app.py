@@ -92,7 +92,7 @@ def federation(strategy: str, bundle, **overrides):
     cfg = RunConfig.from_dict({"strategy": strategy, "clients": 4, "clients_per_round": 2,
                                "rank": 2, "seed": 0, "local_steps": 1, "batch_size": 4,
                                "max_length": 16, **overrides})
-    server = get_strategy(strategy)(cfg, bundle.head_keys)
+    server = get_strategy(strategy).from_config(cfg, bundle.head_keys)
     server.register_nodes({10 + p: p for p in range(4)})
     contexts = {10 + p: Context(run_id=1, node_id=10 + p, state=RecordDict(), run_config={},
                                 node_config={"partition-id": p, "num-partitions": 4})

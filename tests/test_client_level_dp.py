@@ -2,8 +2,9 @@
 
 Oracles: the clipped-and-averaged update is recomputed here from the clients' own replies (a
 Python loop, fixed denominator m = q N); the epsilon every round reports is recomputed from
-privacy.json's history by Google's dp_accounting; Poisson client sampling is checked by its
-long-run rate.
+privacy.json's history by Google's dp_accounting, and with adaptive clipping from its releases
+alone, composing the update and count queries in dp_accounting with the count's sensitivity
+measured here; Poisson client sampling is checked by its long-run rate.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fedlora.model.adapters import part_of
 from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError
 from fedlora.privacy.accounting import RDP_ORDERS
+from fedlora.privacy.client_level import AdaptiveClip, client_level_dp
 from fedlora.strategies import STRATEGIES
 from tests.federation import CLIENTS, HEAD_KEYS, Federation, effective_weights
 
@@ -59,8 +61,15 @@ def test_the_global_update_is_the_clipped_mean_with_a_fixed_denominator(name):
         # re-factorisation keeps the product; LoRA-FAIR's correction and FedEx's residual
         # vanish for a single update; FLoRA merges it into the base weights, which hold the
         # earlier rounds' updates)
-        if not replies:
-            assert all(torch.equal(fed.state[k], before[k]) for k in before)
+        if not replies:  # noise alone, of std 1e-9 C / m (the round still releases it)
+            if name == "fedsvd":  # its re-factorisation may rotate B and A: the product stays
+                from fedlora.model.adapters import factor_key, layer_names
+                for layer in layer_names(before):
+                    B, A = factor_key(layer, "B"), factor_key(layer, "A")
+                    assert torch.allclose(fed.state[B] @ fed.state[A], before[B] @ before[A],
+                                          atol=1e-6)
+            else:
+                assert all(torch.allclose(fed.state[k], before[k], atol=1e-6) for k in before)
             continue
         trained_rounds += 1
         updates = [r.content["arrays"].to_torch_state_dict() for r in replies]
@@ -133,6 +142,100 @@ def test_adaptive_clipping_moves_the_clip_toward_the_update_norms_and_survives_a
     assert fed.strategy.client_dp.clip > start
     assert restored.strategy.client_dp.clip == fed.strategy.client_dp.clip
     assert restored.strategy.privacy.max_epsilon() == fed.strategy.privacy.max_epsilon()
+
+
+def count_query_sensitivity() -> float:
+    """The most one client moves adaptive clipping's count query, measured: the noiseless
+    release (sigma_b = 0, m = 1) with and without one more client, clipped or not."""
+    count = AdaptiveClip(expected_clients=1.0, clip=1.0, clipped_count_stddev=0.0)
+    others = [0.2, 3.0, 0.9, 5.0]
+    without = count.unclipped_fraction(others, torch.Generator())
+    return max(abs(count.unclipped_fraction(others + [norm], torch.Generator()) - without)
+               for norm in (0.5, 2.0))  # one update left unclipped, one clipped
+
+
+def independent_epsilon(report: dict, count_sensitivity: float) -> float:
+    """epsilon from privacy.json's releases alone, by dp_accounting: per release one Poisson
+    sample at its rate of the update query (Gaussian, noise multiplier sigma_delta) and, with
+    adaptive clipping, the count query (Gaussian, noise std sigma_b over the sensitivity
+    measured here, not the one recorded), composed as dp_accounting composes them."""
+    accountant = rdp.RdpAccountant(RDP_ORDERS)
+    for release in report["releases"]:
+        queries = [dp_event.GaussianDpEvent(release["update_noise_multiplier"])]
+        if release["count_noise_stddev"] is not None:
+            queries.append(dp_event.GaussianDpEvent(release["count_noise_stddev"] / count_sensitivity))
+        accountant.compose(dp_event.PoissonSampledDpEvent(release["sample_rate"],
+                                                          dp_event.ComposedDpEvent(queries)))
+    return accountant.get_epsilon(report["delta"])
+
+
+def test_the_count_query_moves_by_one_half_per_client_as_privacy_json_records():
+    # Andrew et al.'s noise split holds for a count that one client moves by 1/2 (bits
+    # shifted by -1/2); unshifted bits in {0, 1} move it by 1
+    assert count_query_sensitivity() == pytest.approx(0.5)
+
+
+def test_adaptive_clipping_epsilon_matches_an_independent_composition_of_both_queries():
+    # Prepare: the small federation, a Fed-SB-like set-up release, then 8 rounds at epsilon 3
+    fed = client_dp_federation("fedavg", epsilon=3.0, clipping="adaptive", clip=0.05)
+    fed.strategy.private_setup([{"w": torch.ones(3, dtype=torch.float64)}])
+
+    # Execute
+    for _ in range(8):
+        fed.run_round()
+    report = json.loads(json.dumps(fed.strategy.privacy.report()))
+
+    # Assert: every training release names both queries, the set-up release only its sum
+    kinds = [r["kind"] for r in report["releases"]]
+    assert kinds == ["init"] + ["train"] * 8
+    assert all(r["count_sensitivity"] == pytest.approx(count_query_sensitivity())
+               for r in report["releases"][1:])
+    assert report["releases"][0]["count_noise_stddev"] is None
+    assert independent_epsilon(report, count_query_sensitivity()) == pytest.approx(
+        report["epsilon"], rel=0.01)
+
+
+def test_adaptive_clipping_at_the_readmes_setting_reports_the_epsilon_it_spends():
+    # Prepare: 100 clients, 10 a round, 25 rounds, dp.epsilon=8, adaptive clipping (the
+    # client-level sweep's setting), updates of norms around the clip
+    cfg = RunConfig.from_dict({"strategy": "fedsvd", "clients": 100, "clients_per_round": 10,
+                               "rounds": 25, "weighting": "uniform",
+                               "dp": {"mode": "client", "epsilon": 8, "clipping": "adaptive"}})
+    dp = client_level_dp(cfg.dp, clients=cfg.clients, clients_per_round=cfg.clients_per_round,
+                         rounds=cfg.rounds, seed=cfg.seed, setup_releases=0)
+    current = {"w": torch.zeros(5, dtype=torch.float64)}
+    generator = torch.Generator().manual_seed(0)
+
+    # Execute: 25 releases of about 10 clients each
+    for server_round in range(1, 26):
+        updates = [{"w": torch.randn(5, generator=generator, dtype=torch.float64) * 0.05}
+                   for _ in range(10)]
+        dp.private_update(current, updates, server_round)
+    report = json.loads(json.dumps(dp.report()))
+
+    # Assert: within the target and within 1 % of the independent composition
+    assert report["epsilon"] <= 8.0
+    assert independent_epsilon(report, count_query_sensitivity()) == pytest.approx(
+        report["epsilon"], rel=0.01)
+
+
+def test_a_round_without_updates_releases_noise_on_both_queries():
+    # Prepare: a round whose sampled clients all failed (no reply reaches aggregate_train)
+    fed = client_dp_federation("fedavg", noise_multiplier=2.0, clipping="adaptive", clip=1.0)
+    fed.configure()
+    before, clip = fed.state, fed.strategy.client_dp.clip
+
+    # Execute
+    fed.aggregate([])
+
+    # Assert: every trained tensor moved by noise of std sigma_delta C / m (m = 2), C moved by
+    # the noised count's step, and the round is one release
+    dp = fed.strategy.client_dp
+    moved = torch.cat([(fed.state[k] - before[k]).flatten() for k in before
+                       if part_of(k, HEAD_KEYS) in fed.strategy.trained_parts])
+    assert moved.std().item() == pytest.approx(dp.update_sigma * 1.0 / 2, rel=0.3)
+    assert dp.clip != clip
+    assert [r["round"] for r in dp.releases] == [1]
 
 
 def test_setup_release_is_the_clipped_sum_plus_noise_and_is_charged():

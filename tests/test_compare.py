@@ -116,6 +116,36 @@ def test_plots_are_written_and_not_blank(runs, tmp_path):
     assert not np.array_equal(*images.values())
 
 
+def withhold_bytes(run: Path) -> None:
+    """Make ``run`` look like a client-level DP run: rows and summary without bytes."""
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.update({key: None for key in ("bytes_up", "bytes_down", "bytes_up_cum",
+                                          "bytes_down_cum", "params_up_per_client")})
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(bytes_up_total=None, bytes_down_total=None, one_time_bytes_up=None,
+                   one_time_bytes_down=None)
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_runs_that_withheld_their_bytes_show_none_and_do_not_stop_the_comparison(runs, tmp_path):
+    # Prepare: the fedsb runs withheld their bytes (client-level DP), the fedavg runs did not
+    for run in ("3-fedsb-seed0", "4-fedsb-seed1"):
+        withhold_bytes(runs / run)
+
+    # Execute
+    rows = compare([runs], tmp_path / "out", target=0.45)
+
+    # Assert: fedsb has no bytes and no bytes to target, where 0 or "not reached" would mislead
+    fedavg, fedsb = rows
+    assert fedavg["bytes_up_mean"] == 200 and fedsb["bytes_up_mean"] is None
+    assert fedsb["bytes_to_target_mean"] is None and fedsb["final_accuracy_mean"] == pytest.approx(0.4)
+    fedsb_line = (tmp_path / "out" / "comparison.md").read_text().splitlines()[3]
+    assert fedsb_line.startswith("| fedsb |") and "| – | – | – |" in fedsb_line
+    assert (tmp_path / "out" / "accuracy_vs_bytes.png").stat().st_size > 10_000  # fedavg's lines
+
+
 def test_partial_run_is_read_from_config_yaml(tmp_path):
     make_run(tmp_path / "a", "ffa", 0, [0.1, 0.3, 0.5], up=50, down=50)
     make_run(tmp_path / "b", "ffa", 1, [0.1, 0.2], up=50, down=50, finished=False, rounds=2)

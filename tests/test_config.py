@@ -71,6 +71,55 @@ def test_from_dict_rejects_bad_values_with_one_line_message(raw, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["fedsb.init_samples=many"],
+     "fedsb.init_samples='many' is not a number of type int; set fedsb.init_samples to one"),
+    (["lorafair.lamda=0.1"],
+     "'lorafair.lamda' is not a fedlora setting; valid keys under lorafair: objective, lam, steps"),
+    (["verbose=maybe"], "verbose='maybe' is not a value of type bool; set verbose to one"),
+    (["targets=query"], "targets='query' is not a list; write it as targets=[a,b] (or targets=[] "
+                        "for none)"),
+    (["participation=poisson"],
+     "participation 'poisson' is unknown; choose one of: bernoulli, cyclic, markov, uniform"),
+])
+def test_hydra_refuses_unknown_keys_and_wrong_types_as_one_line(overrides, message):
+    # Hydra composes against the structured config generated from the settings dataclasses
+    # (methods' sections included), so it refuses these itself; fedlora words them as one line.
+    from fedlora.run.cli import compose_config
+
+    # Execute
+    with pytest.raises(ConfigError) as error:
+        compose_config(overrides)
+
+    # Assert
+    assert str(error.value) == message
+
+
+def test_hydra_converts_values_to_the_fields_types():
+    # Prepare
+    from fedlora.run.cli import compose_config
+
+    # Execute
+    raw = compose_config(["fedsb.init_samples=64", "partition.alpha=1", "verbose=true",
+                          "clients=null", "targets=[query,value]"])
+
+    # Assert: an int stays an int, an int given for a float becomes one, null is the default
+    assert raw["fedsb"]["init_samples"] == 64 and isinstance(raw["partition"]["alpha"], float)
+    assert raw["verbose"] is True and raw["clients"] is None and raw["targets"] == ["query", "value"]
+    assert RunConfig.from_dict(raw).clients == 100
+
+
+def test_a_multirun_checks_every_swept_value_before_hydra_starts():
+    # Prepare
+    from fedlora.run.cli import check_command_line
+
+    # Execute / Assert: the bad value is the second of its axis
+    check_command_line(["-m", "rank=4,8", "seed=0,1"])
+    with pytest.raises(ConfigError, match=r"^rank='eight' is not a number of type int; set rank "
+                                          "to one$"):
+        check_command_line(["-m", "seed=0,1", "rank=4,eight"])
+
+
 def test_config_error_is_a_value_error():
     # Execute / Assert
     with pytest.raises(ValueError):

@@ -283,7 +283,7 @@ def dp_federation(bundle, strategy="fedavg", rounds=3, **dp):
                                "rank": 2, "seed": 0, "local_steps": 2, "batch_size": 4,
                                "max_length": 16, "rounds": rounds,
                                "dp": {"epsilon": 3.0, **dp}})
-    server = get_strategy(strategy)(cfg, bundle.head_keys)
+    server = get_strategy(strategy).from_config(cfg, bundle.head_keys)
     server.register_nodes({10 + p: p for p in range(4)})
     return cfg, server
 
@@ -338,7 +338,7 @@ def test_epsilon_grows_persists_across_recreation_matches_reference_and_clients_
                              if sum(partition in t for t in sampled[:i + 1]) == 3)
         assert all(partition not in s for s in sampled[first_decline + 1:])
     # the server's copy survives a strategy restart (checkpoint)
-    restored = get_strategy("fedavg")(cfg, bundle.head_keys)
+    restored = get_strategy("fedavg").from_config(cfg, bundle.head_keys)
     restored.load_state_dict(json.loads(json.dumps(server.state_dict())))
     assert restored.privacy.report() == report
 
@@ -359,7 +359,9 @@ def test_dp_simulation_reports_epsilon_per_round_and_privacy_json(tmp_path):
     epsilons = [r["epsilon"] for r in rows]
     assert epsilons[0] > 0  # the privatised Fed-SB init is charged before round 1
     assert all(a <= b for a, b in zip(epsilons, epsilons[1:])) and epsilons[-1] <= 3.0
-    assert [r["clients_trained"] for r in rows[1:]] == [2, 2]
+    assert all(r["clients_trained"] is None for r in rows)  # DP rows count no clients ...
+    sampled = (tmp_path / "participation.csv").read_text().splitlines()[1:]
+    assert [line.count(",1") for line in sampled] == [2, 2]  # ... the server's own sample does
     report = json.loads((tmp_path / "privacy.json").read_text())
     assert report["max_epsilon"] == epsilons[-1] and report["accountant"] == "rdp"
     for client in report["clients"].values():

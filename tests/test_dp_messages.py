@@ -1,9 +1,9 @@
 """Nothing unaccounted leaves a DP client: every message of a DP federation (describe, Fed-SB's
 set-up, train) is inspected, and anything beyond the noised update, n_k, the accounting and
-the process bookkeeping fails the test. Then the server's side: in simulation it computes the
-label histograms the clients no longer send (the oracle: the histograms the same clients send
-without DP), results rows have ``train_loss: null``, and privacy.json and summary.json name
-the noise mode; in deployment a participation model that needs histograms is refused."""
+the process bookkeeping fails the test. Then the server's side, in both DP modes: no label
+histogram in partitions.json (and none computed by the server), no client counts in the rows
+or summary.json (nor bytes, nor the client sample, at client level), privacy.json and
+summary.json name the noise mode; a participation model that needs histograms is refused."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import json
 import pytest
 
 from fedlora.model.adapters import part_of
-from fedlora.config import check_deployment
 from fedlora.tasks.classification import load_dataset
 from fedlora.core.errors import ConfigError
+from fedlora.report.results import final_line
 from fedlora.run.server import run_server
 from tests.dp_round_trip import DPFederation, dp_config
 
@@ -76,34 +76,67 @@ class HandlerGrid:
 
 
 @pytest.mark.usefixtures("flower_task")
-def test_the_simulation_server_counts_labels_itself_and_reports_no_train_loss(tmp_path):
-    # Prepare: markov participation needs the histograms; the oracle is the clients' own
-    # describe replies without DP
-    cfg = dp_config("fedavg", rounds=1, participation={"name": "markov", "mean_p": 0.9})
-    plain = DPFederation(dp_config("fedavg", dp={"epsilon": None}))
-    expected = {int(r.content["metrics"]["partition-id"]): list(r.content["metrics"]["label-histogram"])
-                for r in plain.describe()}
+@pytest.mark.parametrize("mode", ["record", "client"])
+def test_under_dp_no_label_histogram_leaves_a_client_and_no_client_count_is_written(mode, tmp_path):
+    # Prepare: the real ClientApp handlers behind the real server loop, 2 rounds
+    cfg = dp_config("fedavg", rounds=2, dp={"mode": mode})
     federation = DPFederation(cfg)
-    data = load_dataset(cfg.data)
 
     # Execute
-    summary = run_server(HandlerGrid(federation), cfg, tmp_path, federation.bundle, data,
-                         owns_partitions=True)
+    summary = run_server(HandlerGrid(federation), cfg, tmp_path, federation.bundle,
+                         load_dataset(cfg.data))
 
-    # Assert
+    # Assert: the describe replies carry who the client is and its size, nothing of its labels
+    described = [r for kind, r in federation.replies if kind == "query.describe"]
+    assert described and all(set(r.content["metrics"]) == {"partition-id", "num-examples"}
+                             for r in described)
+    # partitions.json: ids; sizes only where the accounting publishes them anyway (record)
     partitions = json.loads((tmp_path / "partitions.json").read_text())
-    assert {p["partition_id"]: p["label_histogram"] for p in partitions} == expected
-    assert all("label-histogram" not in r.content["metrics"] for k, r in federation.replies
-               if k == "query.describe")
+    assert [p["partition_id"] for p in partitions] == list(range(4))
+    assert all(set(p) == ({"partition_id", "num_examples"} if mode == "record"
+                          else {"partition_id"}) for p in partitions)
+    # rows and summary: no loss, no client counts; at client level no bytes (count x size)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert rows[-1]["clients_trained"] > 0
-    assert all(row["train_loss"] is None for row in rows)
-    privacy_report = json.loads((tmp_path / "privacy.json").read_text())
-    assert privacy_report["noise"] == summary["noise"] == "reproducible"
+    counts = ["clients_trained", "clients_failed"]
+    sizes = ["bytes_up", "bytes_down", "bytes_up_cum", "bytes_down_cum", "params_up_per_client"]
+    for row in rows:
+        assert row["train_loss"] is None and row["epsilon"] is not None
+        assert all(row[key] is None for key in counts)
+        if mode == "client":
+            assert all(row[key] is None for key in sizes)
+        else:
+            assert row["bytes_up_cum"] is not None and row["bytes_down_cum"] is not None
+    assert summary["clients_failed_total"] is None and summary["rounds_not_aggregated"] is None
+    assert (summary["bytes_up_total"] is None) == (mode == "client")
+    assert ("bytes up" in final_line(summary)) == (mode == "record")  # the line a run prints
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    # the client sample: secret at client level, the server's public choice at record level
+    assert (tmp_path / "participation.csv").is_file() == (mode == "record")
+    if mode == "client":  # privacy.json: the mechanism of each release, nothing of the clients
+        privacy_report = json.loads((tmp_path / "privacy.json").read_text())
+        assert len(privacy_report["releases"]) == 2
+        for release in privacy_report["releases"]:
+            assert set(release) == {"kind", "round", "clip", "sample_rate", "noise_multiplier",
+                                    "update_noise_multiplier", "count_noise_stddev",
+                                    "count_sensitivity"}
 
 
 @pytest.mark.usefixtures("flower_task")
-def test_a_deployment_server_has_no_histograms_under_dp_and_names_secret_noise(tmp_path):
+def test_client_level_dp_can_publish_its_client_sample_when_asked(tmp_path):
+    # Prepare
+    cfg = dp_config("fedavg", rounds=1, dp={"mode": "client", "publish_participation": True})
+    federation = DPFederation(cfg)
+
+    # Execute
+    run_server(HandlerGrid(federation), cfg, tmp_path, federation.bundle, load_dataset(cfg.data))
+
+    # Assert: the matrix of the clients the strategy sampled, as without DP
+    lines = (tmp_path / "participation.csv").read_text().splitlines()
+    assert lines[0] == "round,c0,c1,c2,c3" and len(lines) == 2
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_deployment_server_names_secret_noise(tmp_path):
     # Prepare: a deployment (noise resolved as the ServerApp resolves it), uniform sampling
     cfg = dp_config("fedavg", deployment=True, rounds=1)
     federation = DPFederation(cfg)
@@ -114,22 +147,31 @@ def test_a_deployment_server_has_no_histograms_under_dp_and_names_secret_noise(t
 
     # Assert
     partitions = json.loads((tmp_path / "partitions.json").read_text())
-    assert all(p["label_histogram"] is None and p["num_examples"] > 0 for p in partitions)
+    assert all("label_histogram" not in p and p["num_examples"] > 0 for p in partitions)
     assert json.loads((tmp_path / "privacy.json").read_text())["noise"] == "secret"
     assert summary["noise"] == "secret"
 
 
+@pytest.mark.parametrize("mode", ["record", "client"])
 @pytest.mark.parametrize("participation", ["bernoulli", "markov", "cyclic"])
-def test_deployment_refuses_histogram_participation_under_dp(participation):
-    # Prepare
-    cfg = dp_config("fedavg", deployment=True, participation={"name": participation})
+def test_histogram_participation_is_refused_under_dp(participation, mode):
+    # Execute / Assert: one line naming the key and the fix, in simulation and deployment
+    for deployment in (False, True):
+        with pytest.raises(ConfigError) as error:
+            dp_config("fedavg", deployment=deployment, participation={"name": participation},
+                      dp={"mode": mode})
+        assert f"participation={participation}" in str(error.value)
+        assert "participation=uniform" in str(error.value) and "\n" not in str(error.value)
+    dp_config("fedavg", participation={"name": participation}, dp={"epsilon": None})  # no DP
 
-    # Execute / Assert: one line naming the key and the fix
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"min_clients": 2, "dp": {"mode": "client"}}, "min_clients=2 with dp.mode=client"),
+    ({"dp": {"publish_participation": True}}, "dp.publish_participation=true is for client-level DP"),
+    ({"dp": {"epsilon": None, "mode": "client", "publish_participation": True}},
+     "dp.publish_participation=true is for client-level DP"),
+])
+def test_settings_that_would_release_un_noised_counts_are_refused(overrides, message):
     with pytest.raises(ConfigError) as error:
-        check_deployment(cfg)
-    assert str(error.value) == (f"participation={participation} needs each client's label "
-                                "histogram, which DP clients do not send on real SuperNodes; use "
-                                "participation=uniform or drop dp.epsilon")
-    check_deployment(dp_config("fedavg", deployment=True))  # uniform: fine
-    check_deployment(dp_config("fedavg", deployment=True, participation={"name": participation},
-                               dp={"epsilon": None}))  # no DP: the clients send them
+        dp_config("fedavg", **overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)

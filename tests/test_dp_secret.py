@@ -43,7 +43,7 @@ def fresh_context() -> Context:
 
 def train_message(cfg: RunConfig, bundle) -> Message:
     """The server's train message to partition ``PARTITION`` in round ``ROUND``."""
-    server = get_strategy(cfg.strategy)(cfg, bundle.head_keys)
+    server = get_strategy(cfg.strategy).from_config(cfg, bundle.head_keys)
     server.register_nodes({10 + p: p for p in range(4)})
     messages = server.configure_train(ROUND, ArrayRecord(bundle.initial_state),
                                       ConfigRecord(client_config(cfg, NUM_LABELS)), None)
@@ -100,7 +100,7 @@ def test_the_server_cannot_replay_a_secret_training_round(sampled):
     # server replays the sample from (seed, round, partition id) with fedlora's own dp_rng
     secret = [arrays_of(client_app.train(secret_message, fresh_context())) for _ in range(2)]
     replayed = [arrays_of(client_app.train(replay_message, fresh_context())) for _ in range(2)]
-    server_rng = dp_rng("reproducible", "poisson", "python", seed=SEED, server_round=ROUND,
+    server_rng = dp_rng("reproducible", "poisson", seed=SEED, server_round=ROUND,
                         partition_id=PARTITION)
     servers_sample = [[i for i in indices if server_rng.random() < rate] for _ in range(2)]
 
@@ -156,7 +156,7 @@ def test_secure_rng_draws_secret_noise_even_in_simulation():
     second = arrays_of(client_app.train(message, fresh_context()))
 
     # Assert
-    assert cfg.dp.noise == "secret" and message.content["config"]["dp-secure-rng"] == 1
+    assert cfg.dp.noise == "secret" and message.content["config"]["dp-noise"] == "secret"
     assert not equal(first, second)
 
 

@@ -266,7 +266,7 @@ def test_causal_lm_adapter_loads_with_peft_with_equal_logits(strategy, tmp_path)
     cfg = RunConfig.from_dict({"strategy": strategy, "clients": 2, "rank": 4, "alpha": 8.0})
 
     # Execute
-    export_run(bundle, cls(cfg, frozenset()), bundle.state(("A", "B", "R")), tmp_path, merged=True)
+    export_run(bundle, cls.from_config(cfg, frozenset()), bundle.state(("A", "B", "R")), tmp_path, merged=True)
     exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
                                          tmp_path / ADAPTER_DIR)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / MERGED_DIR)

@@ -21,9 +21,10 @@ from fedlora.core.errors import ConfigError
 from fedlora.tasks.generation import (IGNORE_INDEX, PROBLEM_TYPES, ResponseTooLong,
                                       arithmetic_problems, collate_sft, encode_example,
                                       evaluate_generation, evaluate_operations, exact_match,
-                                      generate_answers, last_number, normalised_text,
+                                      Generation, generate_answers, last_number,
+                                      mean_response_loss, normalised_text,
                                       per_example_sft_loss, prompt_ids, regex_answer,
-                                      response_text, sft_loss)
+                                      response_head_applies, response_text, sft_loss)
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + "
           "'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
@@ -405,13 +406,16 @@ def test_lora_adapts_non_square_v_proj_and_a_step_lowers_the_sft_loss(tokenizer)
     assert sum(p.numel() for p in trainable) == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
 
 
-def test_opacus_per_example_gradients_equal_one_example_at_a_time(tokenizer):
-    # Prepare
+@pytest.mark.parametrize("head", ["every position", "response positions"])
+def test_opacus_per_example_gradients_equal_one_example_at_a_time(tokenizer, head):
+    # Prepare: the loss on the full logits, or the task's (the head on response positions
+    # only, which flattens the batch's response positions into one matrix)
     import warnings
 
     from opacus import GradSampleModule
 
     model, _, trainable = adapted_tiny_llama(tokenizer)
+    model.response_head_applies = head == "response positions" and response_head_applies(model)
     with torch.no_grad():  # B != 0, so A's gradients are not all zero
         for param in trainable:
             param.normal_(0.0, 0.1)
@@ -430,18 +434,126 @@ def test_opacus_per_example_gradients_equal_one_example_at_a_time(tokenizer):
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sft_loss(logits, batch["labels"]).backward()
+        if head == "every position":
+            logits = wrapped(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+            sft_loss(logits, batch["labels"]).backward()
+        else:
+            Generation.loss(wrapped, batch, "mean").backward()
     per_example = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
     wrapped._close()
     # Assert
     assert len(names) == 8
+    assert model.response_head_applies == (head == "response positions")
     for name in names:
         assert per_example[name].shape == (len(PAIRS), *dict(model.named_parameters())[name].shape)
         for row in range(len(PAIRS)):
             expected = oracle[row][name]
             assert expected.abs().max() > 0
             torch.testing.assert_close(per_example[name][row], expected, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- LM head
+
+
+def head_rows(model) -> list[int]:
+    """How many positions each later call of the model's LM head maps to the vocabulary."""
+    rows = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    return rows
+
+
+def response_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_the_lm_head_runs_on_response_positions_only_with_the_full_heads_loss_and_gradients(
+        tokenizer):
+    # Prepare: LoRA on the tiny Llama (B != 0), a right-padded batch; the loss and gradients of
+    # the full head as the oracle
+    model, _, trainable = adapted_tiny_llama(tokenizer)
+    with torch.no_grad():
+        for param in trainable:
+            param.normal_(0.0, 0.1)
+    model.response_head_applies = response_head_applies(model)
+    batch = sft_batch(tokenizer, PAIRS)
+    rows = head_rows(model)
+    model.train()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = per_example_sft_loss(logits, batch["labels"])
+    full_grads = torch.autograd.grad(full.mean(), trainable)
+    # Execute
+    selected = Generation.loss(model, batch, "none")
+    grads = torch.autograd.grad(selected.mean(), trainable)
+    # Assert: the head mapped only the response positions (under half of this batch), the
+    # losses and gradients are the full head's
+    positions = batch["input_ids"].numel()
+    assert model.response_head_applies
+    assert rows == [positions, response_tokens(batch["labels"])]
+    assert response_tokens(batch["labels"]) < positions / 2
+    torch.testing.assert_close(selected, full, rtol=0, atol=1e-6)
+    for grad, full_grad in zip(grads, full_grads):
+        assert full_grad.abs().max() > 0
+        torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_under_opacus_a_trained_head_maps_every_position_for_its_per_example_gradients(
+        tokenizer):
+    # Prepare: the LoRA factors and the LM head trained, the model wrapped for DP-SGD
+    import warnings
+
+    from opacus import GradSampleModule
+
+    model, _, _ = adapted_tiny_llama(tokenizer)
+    model.lm_head.weight.requires_grad_(True)
+    model.response_head_applies = response_head_applies(model)
+    batch = sft_batch(tokenizer, PAIRS)
+    rows = head_rows(model)
+    model.train()
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    # Execute
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        Generation.loss(wrapped, batch, "mean").backward()
+    per_example = model.lm_head.weight.grad_sample.clone()
+    wrapped._close()
+    # Assert: the full head, so Opacus has the head's input example by example
+    assert model.response_head_applies and rows == [batch["input_ids"].numel()]
+    assert per_example.shape == (len(PAIRS), *model.lm_head.weight.shape)
+
+
+def test_the_held_out_loss_maps_only_response_positions_to_the_vocabulary(tokenizer):
+    # Prepare: the full head's held-out loss (a model not probed takes that path)
+    model = tiny_llama(tokenizer, seed=4, init_std=0.3)
+    full = mean_response_loss(model, tokenizer, PAIRS, max_length=96, batch_size=2)
+    rows = head_rows(model)
+    # Execute
+    model.response_head_applies = response_head_applies(model)
+    selected = mean_response_loss(model, tokenizer, PAIRS, max_length=96, batch_size=2)
+    # Assert: the probe's one call on 8 tokens, then each example's response tokens once
+    expected = sum(response_tokens(torch.tensor([encode_example(tokenizer, p, r, 96).labels]))
+                   for p, r in PAIRS)
+    assert model.response_head_applies and rows[0] == 8 and sum(rows[1:]) == expected
+    assert selected == pytest.approx(full, abs=1e-6)
+
+
+def test_a_model_that_soft_caps_its_logits_keeps_the_full_head():
+    # Prepare: two tiny causal LMs of random weights: Llama (logits = head(hidden)), and
+    # Gemma 2 with and without its soft cap (logits = 30 tanh(head(hidden) / 30))
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    shape = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    torch.manual_seed(0)
+    models = {"llama": LlamaForCausalLM(LlamaConfig(**shape)),
+              "gemma2 capped": Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=30.0)),
+              "gemma2 uncapped": Gemma2ForCausalLM(Gemma2Config(**shape,
+                                                                final_logit_softcapping=None))}
+    # Execute
+    applies = {name: response_head_applies(model) for name, model in models.items()}
+    # Assert: the probe finds the cap (on random weights, whose small logits it barely bends)
+    assert applies == {"llama": True, "gemma2 capped": False, "gemma2 uncapped": True}
 
 
 # ----------------------------------------------------------------------------- embedded model

@@ -1,6 +1,6 @@
-"""The GPU-related settings on a CPU: precision=bf16 autocast, gradient checkpointing, and the
-refusals of quantization=4 (bitsandbytes, CUDA only). The GPU runs themselves are in
-tests/test_gpu.py (marked ``gpu``, skipped without CUDA)."""
+"""The GPU-related settings on a CPU: precision (auto, bf16 autocast, DP-SGD under it),
+gradient checkpointing, and the refusals of quantization=4 (bitsandbytes, CUDA only). The GPU
+runs themselves are in tests/test_gpu.py (marked ``gpu``, skipped without CUDA)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from fedlora.model.adapters import LoRALinear, lora_layers
 from fedlora.clients.train import base_gradient_sum, client_update
 from fedlora.config import RunConfig, client_config, specs_from_client_config
 from fedlora.core.errors import ConfigError
-from fedlora.model.pretrained import AdaptedModel, ModelSpec, build_model
+from fedlora.model.pretrained import (AdaptedModel, ModelSpec, build_model, chosen_precision,
+                                      cpu_bf16_flags, fast_bf16)
 from fedlora.run.server import prepare, run_server
 from tests.test_generation_federation import (CLIENTS, ROUNDS, ClientAppGrid, llama_folder,  # noqa: F401
                                               sft_config, sft_data)
@@ -112,6 +113,103 @@ def test_bf16_and_checkpointing_through_the_server_loop_and_the_client_app(llama
     spec, _ = specs_from_client_config(client_config(cfg, 1))
     assert (spec.precision, spec.grad_checkpointing, spec.quantization) == ("bf16", True, None)
     assert bundle.model.autocast_dtype is torch.bfloat16
+    assert summary["precision"] == {"requested": "bf16", "chosen": "bf16",
+                                    "bf16_hardware": fast_bf16("cpu")}
+
+
+# ----------------------------------------------------------------------------- precision=auto
+
+CPUINFO = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu sse2 avx2 avx512f {}\n\n"
+
+
+def test_auto_precision_is_bf16_on_a_cpu_with_amx_or_avx512_bf16_and_fp32_elsewhere():
+    # Prepare: /proc/cpuinfo texts of a Sapphire Rapids, a Cooper Lake, a Skylake Xeon, and
+    # one where the flag's name is only part of another word
+    texts = {"spr": CPUINFO.format("avx512_bf16 amx_bf16 amx_tile"),
+             "cpx": CPUINFO.format("avx512_bf16"), "skx": CPUINFO.format("avx512bw"),
+             "lookalike": CPUINFO.format("xamx_bf16x"), "no flags line": "processor\t: 0\n"}
+    # Execute
+    flags = {name: cpu_bf16_flags(text) for name, text in texts.items()}
+    chosen = {(requested, hardware): chosen_precision(requested, hardware)
+              for requested in ("auto", "fp32", "bf16") for hardware in (None, "cpu: amx_bf16")}
+    # Assert
+    assert flags == {"spr": ["amx_bf16", "avx512_bf16"], "cpx": ["avx512_bf16"], "skx": [],
+                     "lookalike": [], "no flags line": []}
+    assert chosen == {("auto", None): "fp32", ("auto", "cpu: amx_bf16"): "bf16",
+                      ("fp32", None): "fp32", ("fp32", "cpu: amx_bf16"): "fp32",
+                      ("bf16", None): "bf16", ("bf16", "cpu: amx_bf16"): "bf16"}
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of auto, fp32, bf16"):
+        chosen_precision("fp16", None)
+
+
+def test_auto_is_the_default_and_the_model_autocasts_as_this_machine_chooses(llama_folder):  # noqa: F811
+    # Prepare: what this machine has, from /proc/cpuinfo read independently of fedlora
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next(line for line in cpuinfo if line.startswith("flags")).split()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    fast = "amx_bf16" in flags or "avx512_bf16" in flags
+    # Execute
+    cfg = RunConfig.from_dict({})
+    bundle = tiny_bundle(llama_folder, precision="auto")
+    # Assert
+    assert cfg.precision == "auto" and cfg.model_spec(2).precision == "auto"
+    assert bundle.precision["chosen"] == ("bf16" if fast else "fp32")
+    assert bundle.model.autocast_dtype is (torch.bfloat16 if fast else None)
+    assert (bundle.precision["bf16_hardware"] is not None) == fast
+    if not torch.cuda.is_available():
+        assert fast_bf16("cuda") is None
+
+
+# ----------------------------------------------------------------------------- DP-SGD under bf16
+
+
+@pytest.mark.parametrize("noise", ["reproducible", "secret"])
+def test_dp_clips_bf16_per_example_gradients_with_fp32_norms(noise):
+    # Prepare: one example whose bf16 gradient has norm 4.0156, which bf16 rounds down to 4.0:
+    # a clip factor from the rounded norm would leave it 0.39 % longer than C (both noise
+    # sources' optimisers clip alike)
+    from fedlora.privacy.randomness import KeyStream, make_dp_optimizer
+
+    param = nn.Parameter(torch.zeros(2))
+    source = torch.Generator() if noise == "reproducible" else KeyStream.from_os()
+    optimizer = make_dp_optimizer(torch.optim.SGD([param], lr=0.0), noise_multiplier=0.0,
+                                  clip=1.0, expected_batch_size=1, noise=source)
+    param.grad_sample = torch.tensor([[0.5, 3.984375]], dtype=torch.bfloat16)
+    # Execute: clipping, no noise, the mean over the one example
+    optimizer.step()
+    # Assert: the released gradient is the example's, clipped to norm C in fp32
+    assert param.grad.dtype == torch.float32
+    assert torch.linalg.vector_norm(param.grad).item() == pytest.approx(1.0, abs=1e-6)
+    expected = torch.tensor([0.5, 3.984375]) / torch.tensor([0.5, 3.984375]).norm()
+    torch.testing.assert_close(param.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_dp_sgd_under_bf16_autocast_trains_like_fp32_with_the_same_noise(llama_folder,  # noqa: F811
+                                                                        sft_data):  # noqa: F811
+    # Prepare: fp32 and bf16 bundles from the same weights, DP-SGD with the same noise seed
+    from fedlora.clients.dp import ClientPrivacy
+
+    updates = {}
+    for precision in ("fp32", "bf16"):
+        bundle = tiny_bundle(llama_folder, precision=precision)
+        trainable = bundle.set_trainable(("A", "B"))
+        batch = sft_batch(bundle, sft_data)
+        before = bundle.state(("A", "B"))
+        privacy = ClientPrivacy(target_epsilon=8.0, delta=1e-5, clip=0.5, accountant="rdp",
+                                noise_multiplier=0.3, sample_rate=0.5, batch_size=3,
+                                noise_generator=torch.Generator().manual_seed(1))
+        # Execute: two DP-SGD steps (AdamW) on the same batch
+        client_update(bundle.model, trainable, [batch, batch], lr=1e-3, privacy=privacy)
+        after = bundle.state(("A", "B"))
+        updates[precision] = torch.cat([(after[k] - before[k]).flatten() for k in sorted(after)])
+    # Assert: the record-level DP config is accepted, and bf16's update is fp32's up to bf16
+    # rounding of the per-example gradients (the clipping and the noise are the same)
+    assert RunConfig.from_dict({"precision": "bf16", "dp": {"epsilon": 8}}).precision == "bf16"
+    fp32, bf16 = updates["fp32"], updates["bf16"]
+    assert fp32.abs().max() > 0 and not torch.equal(fp32, bf16)
+    assert torch.linalg.vector_norm(bf16 - fp32) < 0.05 * torch.linalg.vector_norm(fp32)
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -126,10 +224,7 @@ REFUSED = {
     "4-bit with a merged export": ({"quantization": 4, "export": {"merge": True}, **CUDA},
                                    ["export.merge=true would fold", "set export.merge=false"]),
     "8-bit": ({"quantization": 8}, ["quantization '8' is unknown", "choose one of: 4"]),
-    "fp16": ({"precision": "fp16"}, ["precision 'fp16' is unknown", "fp32, bf16"]),
-    "bf16 with DP-SGD": ({"precision": "bf16", "dp": {"epsilon": 8}},
-                         ["precision=bf16 is not supported with record-level DP",
-                          "set precision=fp32 or dp.mode=client"]),
+    "fp16": ({"precision": "fp16"}, ["precision 'fp16' is unknown", "auto, fp32, bf16"]),
     "checkpointing with DP-SGD": ({"grad_checkpointing": True, "dp": {"epsilon": 8}},
                                   ["grad_checkpointing=true with record-level DP",
                                    "grad_checkpointing=false"]),

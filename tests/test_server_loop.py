@@ -107,7 +107,8 @@ def test_fedex_with_fedau_and_bernoulli_participation_runs_through_empty_rounds(
 
     def recording_get_strategy(name):
         cls = original(name)
-        return lambda *args: created.append(cls(*args)) or created[-1]
+        return SimpleNamespace(from_config=lambda *args: created.append(cls.from_config(*args))
+                               or created[-1])
 
     monkeypatch.setattr(fedlora.run.server, "get_strategy", recording_get_strategy)
 

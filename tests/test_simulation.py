@@ -35,7 +35,8 @@ def read_run(out: Path) -> tuple[list[dict], dict]:
 def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     done = simulate(out, f"strategy={request.param}", f"clients={CLIENTS}",
-                    f"clients_per_round={PER_ROUND}", f"rounds={ROUNDS}", "local_steps=6")
+                    f"clients_per_round={PER_ROUND}", f"rounds={ROUNDS}", "local_steps=6",
+                    "tracking=tensorboard")
     assert done.returncode == 0, done.stderr[-3000:]
     rows, summary = read_run(out)
     return request.param, out, rows, summary, done
@@ -69,6 +70,26 @@ def test_files_and_fields(run):
     assert [p["partition_id"] for p in partitions] == list(range(CLIENTS))
     assert sum(p["num_examples"] for p in partitions) == 1496  # the whole training split
     assert "round   2/2" in done.stdout and "final accuracy" in done.stdout
+
+
+def test_tensorboard_scalars_equal_the_results_rows(run):
+    # The fixture's run had tracking=tensorboard: read its event files as TensorBoard does
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    _, out, rows, _, _ = run
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
+
+    for field in ("accuracy", "loss", "bytes_up", "bytes_down_cum", "wall_s"):
+        assert scalars(field) == [(r["round"], r[field]) for r in rows], field
+    assert scalars("train_loss") == [(r["round"], r["train_loss"]) for r in rows[1:]]
+    config = json.loads((out / "summary.json").read_text())["config"]
+    lr = [value for _, value in scalars("lr")]  # cosine: lr in round 1, 0.1 lr in the last
+    assert [step for step, _ in scalars("lr")] == [1, 2] and lr == pytest.approx([config["lr"], 0.1 * config["lr"]])
 
 
 def test_base_model_built_once_per_worker(run):

@@ -143,7 +143,7 @@ def test_exact_methods_aggregate_the_clients_effective_weights(name, weighting, 
 def test_lorafair_is_never_further_from_the_clients_mean_product_than_fedit(objective, lam):
     # Prepare: the same replies aggregated by LoRA-FAIR and by FedIT
     fed = Federation("lorafair", lorafair={"objective": objective, "lam": lam})
-    fedit = FedIT(fed.cfg, HEAD_KEYS)
+    fedit = FedIT.from_config(fed.cfg, HEAD_KEYS)
     fedit.register_nodes({node: c.partition_id for node, c in fed.clients.items()})
     state = fed.state
     messages = fed.configure()
@@ -706,7 +706,7 @@ class AlternatingFedIT(FedIT):
 def test_trained_parts_in_decides_what_is_sent_trained_and_accepted():
     # Prepare: a FedIT federation whose strategy alternates the trained factor
     fed = Federation("fedavg")
-    fed.strategy = AlternatingFedIT(fed.cfg, HEAD_KEYS)
+    fed.strategy = AlternatingFedIT.from_config(fed.cfg, HEAD_KEYS)
     fed.strategy.register_nodes({node: c.partition_id for node, c in fed.clients.items()})
     start = fed.state
 

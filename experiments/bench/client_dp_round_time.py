@@ -21,12 +21,15 @@ from pathlib import Path
 
 def training_seconds(run_dir: Path) -> tuple[float, int, int]:
     """(training seconds, training rounds, client updates) of a run: wall time from round 0's
-    row to the last, less the server-side evaluations."""
+    row to the last, less the server-side evaluations; the updates from participation.csv
+    (the rows count no clients under DP)."""
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line]
     summary = json.loads((run_dir / "summary.json").read_text())
     eval_per_row = summary["eval_s_total"] / summary["evaluations"]
     training = rows[-1]["wall_s"] - rows[0]["wall_s"] - eval_per_row * (len(rows) - 1)
-    return training, rows[-1]["round"], sum(row["clients_trained"] for row in rows[1:])
+    sampled = [line.split(",")[1:] for line in
+               (run_dir / "participation.csv").read_text().splitlines()[1:] if line]
+    return training, rows[-1]["round"], sum(flag == "1" for row in sampled for flag in row)
 
 
 def main() -> None:
@@ -36,7 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, extra in (("no DP", []), ("client-level DP", ["dp.mode=client", "dp.epsilon=3"])):
+        # a bench, not a private run: it publishes the client sample to count the updates
+        for label, extra in (("no DP", []), ("client-level DP", ["dp.mode=client", "dp.epsilon=3",
+                                                                 "dp.publish_participation=true"])):
             out = Path(tmp) / label.replace(" ", "-")
             subprocess.run([sys.executable, "-m", "fedlora.simulate", f"strategy={args.strategy}",
                             "clients=100", f"rounds={args.rounds}", f"out={out}", *extra],

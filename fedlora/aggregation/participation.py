@@ -17,7 +17,8 @@ strategies sample a fixed fraction uniformly). Clients are identified by their i
 ``0 .. num_clients - 1`` (the partition id), never by a Flower node id.
 
 Every random draw comes from a generator seeded explicitly (``numpy.random.Generator``;
-``random.Random`` for :class:`Uniform`); the global RNGs are never touched. A participation model called as ``active(0), active(1), ...`` yields
+``random.Random`` for :class:`Uniform`), or for client-level DP's secret client sample from a
+key stream (:class:`SecretBernoulli`); the global RNGs are never touched. A participation model called as ``active(0), active(1), ...`` yields
 exactly the rows of ``matrix(num_rounds)`` of a model built with the same arguments, so the same
 seed gives the same participation matrix. Everything that must survive a restart has a
 JSON-serialisable ``state_dict()`` / ``load_state_dict()`` pair.
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.aggregation.maths import sample_weights
+from fedlora.privacy.randomness import KeyStream
 
 # --------------------------------------------------------------------------------------------
 # FedAU: online weight estimator and server update
@@ -289,6 +291,33 @@ class Bernoulli(ParticipationModel):
         return rng.random(self.num_clients) < self.probabilities
 
 
+class SecretBernoulli(Bernoulli):
+    """The Bernoulli model drawn from a ``KeyStream`` under a key from the OS held in this
+    process only: client-level DP's Poisson sample of clients in secret mode, whose
+    amplification assumes nobody outside learns it from a seed. It cannot be replayed
+    (``matrix``) and saves no generator state: a restarted server draws afresh."""
+
+    def __init__(self, probabilities: Sequence[float]):
+        self._stream = KeyStream.from_os()
+        super().__init__(probabilities, seed=0)
+
+    def _restart(self) -> None:
+        self._rng = None  # every draw comes from the key stream
+        self.next_round = 0
+
+    def _advance(self, rng) -> np.ndarray:
+        return self._stream.uniform(self.num_clients).numpy() < self.probabilities
+
+    def matrix(self, num_rounds: int) -> np.ndarray:
+        raise ValueError("a secret participation sample cannot be replayed from a seed")
+
+    def state_dict(self) -> dict:
+        return {"next_round": self.next_round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_round = int(state["next_round"])
+
+
 class Markov(ParticipationModel):
     """FedAU's Markovian model (``markov-a``): a two-state chain per client.
 
@@ -447,10 +476,15 @@ class ClientSampler:
         self.setup_model: ParticipationModel | None = None  # Poisson sampling of round 0 too
         self.participants: list[list[int]] = []
 
-    def use_rate(self, rate: float) -> None:
+    def use_rate(self, rate: float, secret: bool = False) -> None:
         """Poisson sampling: every client takes part in each round, the set-up round 0
         included, with probability ``rate``, independently (client-level DP's accounting
-        assumes it)."""
+        assumes it); ``secret``: drawn from a key the OS gives this process
+        (``SecretBernoulli``), else from the run's seed (reproducible)."""
+        if secret:
+            self.model = SecretBernoulli([rate] * self.num_clients)
+            self.setup_model = SecretBernoulli([rate] * self.num_clients)
+            return
         self.model = Bernoulli([rate] * self.num_clients, self.seed + 2)
         self.setup_model = Bernoulli([rate] * self.num_clients, self.seed + 3)
 

@@ -17,17 +17,27 @@ kept parts, which take the place of the ``arrays`` ones, and the method's own no
 which its hooks take back).
 ``crash-prob`` > 0 makes a training round fail on purpose (``faults.crash_prob``): the
 client answers with an error reply instead of training.
+Before any of that, each handler checks the run's settings against the node's own DP policy
+(``fedlora.clients.policy``, from ``Context.node_config``): a run below it gets one error reply
+that names the key, and nothing else.
 
 Handlers (message types):
-  query.describe     partition id, number of examples and (without DP) label histogram of
-                     this node
+  query.describe     partition id, number of examples and (without DP, in either mode)
+                     label histogram of this node
   train              local steps on the parts named in ``trained-parts``; reply with them
   train.setup        a method's one-time set-up step (``ClientHooks.setup``)
+
+Each handler also serves a host node's packed message (simulation with ``client_hosts`` or
+``client_batch``; ``fedlora.clients.host``): every client of it with a Context of its own, as
+if it were a node of its own; ``train`` trains up to ``client_batch`` of them together
+(``fedlora.clients.batched``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import os
 import random
 from functools import lru_cache
@@ -44,12 +54,16 @@ from fedlora.config import (partition_from_client_config, specs_from_client_conf
                             task_from_client_config)
 from fedlora.tasks.data import ExampleBatches, client_partitions
 from fedlora.privacy.randomness import client_seed
-from fedlora.clients.dp import ClientPrivacy, poisson_batches
+from fedlora.clients.batched import ClientSteps, RandomStream, train_together
+from fedlora.clients.dp import ClientPrivacy, ReleaseRefused, poisson_batches
+from fedlora.clients.host import HostedClient, failure, guarded, is_hosted, serve_hosted
+from fedlora.clients.policy import refusal
 from fedlora.clients.hooks import ClientHooks
 from fedlora.clients.train import client_update
 from fedlora.core.registry import get_method
 
 app = ClientApp()
+log = logging.getLogger("fedlora")
 NODE_MARK = "fedlora-node"  # a ConfigRecord in Context.state: this node has trained in this run
 
 
@@ -92,6 +106,16 @@ class ClientSetup:
         return Message(content=content, reply_to=message)
 
 
+def refused(setup: ClientSetup, message: Message, context: Context) -> Message | None:
+    """The error reply to a message whose run this node's DP policy refuses (its reason names
+    the policy key and the run's value; no metric, no tensor), or None: the node serves it."""
+    reason = refusal(context.node_config, setup.config, len(setup.indices))
+    if reason is None:
+        return None
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                         reason=f"{reason} (partition {setup.partition_id})"), reply_to=message)
+
+
 @lru_cache(maxsize=2)
 def _tokenised_train(model_spec, task, max_length: int, device: str) -> ExampleBatches:
     """The task's tokenised training split, once per process (all partitions index into it)."""
@@ -104,9 +128,14 @@ def _parts(config: ConfigRecord, key: str) -> set[str]:
 
 @app.query("describe")
 def describe(message: Message, context: Context) -> Message:
+    if is_hosted(message):
+        return serve_hosted(message, context, describe)
     setup = ClientSetup(message, context)
+    refusal_reply = refused(setup, message, context)
+    if refusal_reply is not None:  # e.g. a run without DP: no label histogram either
+        return refusal_reply
     metrics = {"partition-id": setup.partition_id, "num-examples": len(setup.indices)}
-    if float(setup.config.get("dp-epsilon", 0.0)) <= 0:  # under DP: nothing unaccounted
+    if "dp-mode" not in setup.config:  # under DP, record- or client-level: nothing unaccounted
         labels = setup.batches.labels[list(setup.indices)]
         metrics["label-histogram"] = torch.bincount(
             labels, minlength=setup.model_spec.num_labels).tolist()
@@ -144,7 +173,35 @@ def simulated_crash(seed: int, server_round: int, partition_id: int, crash_prob:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    if is_hosted(message):  # several clients of a host node (client_hosts, client_batch)
+        return serve_hosted(message, context, train, together=train_hosted_clients)
+    local = begin_training(message, context)
+    return local if isinstance(local, Message) else train_alone(local)
+
+
+@dataclasses.dataclass
+class LocalRound:
+    """A client's training round once its state is assembled, before its local steps: what
+    ``train_alone`` runs, or ``fedlora.clients.batched`` together with other clients'."""
+
+    setup: ClientSetup
+    message: Message
+    context: Context
+    start: dict[str, torch.Tensor]  # the full adapter and head state it trains from
+    trained: set[str]
+    steps: list  # example indices of each local step; under DP, its Poisson batches
+    privacy: ClientPrivacy | None
+    rank: int  # the adapter rank it trains at (``client-rank``; else the build's)
+
+
+def begin_training(message: Message, context: Context) -> LocalRound | Message:
+    """A train message up to its local steps (the node's state assembled and kept, its hooks
+    run, its batches drawn), or the reply that ends it first (a simulated crash, a DP client
+    out of budget)."""
     setup = ClientSetup(message, context)
+    refusal_reply = refused(setup, message, context)
+    if refusal_reply is not None:
+        return refusal_reply
     cfg, bundle = setup.config, setup.bundle
     crash_prob = float(cfg.get("crash-prob", 0.0))
     if simulated_crash(int(cfg["seed"]), int(cfg["server-round"]), setup.partition_id, crash_prob):
@@ -170,36 +227,189 @@ def train(message: Message, context: Context) -> Message:
         context.state["kept"] = ArrayRecord(kept)
     initial = state_at_rank({k: v for k, v in bundle.initial_state.items()
                              if part_of(k, bundle.head_keys) in seeded}, rank)
-    bundle.load(full_adapter_state(received, kept, initial, bundle.shapes()))
-    trained = _parts(cfg, "trained-parts")
-    trainable = bundle.set_trainable(trained)
+    start = full_adapter_state(received, kept, initial, bundle.shapes())
     local_steps = int(cfg["local-steps"])
     privacy = ClientPrivacy.for_node(cfg, context.state, len(setup.indices))
-    if privacy is None:
-        steps = setup.batches.sample_steps(setup.indices, int(cfg["batch-size"]), local_steps,
-                                           setup.rng)
+    if privacy is None:  # the indices of the batches ``sample_steps`` draws
+        steps = list(example_indices(setup.batches).sample_steps(
+            setup.indices, int(cfg["batch-size"]), local_steps, setup.rng))
     elif not privacy.can_afford(local_steps):  # out of budget: decline, do not touch the data
         return setup.reply(message, {}, {"dp-declined": 1, **privacy.metrics()})
     else:
         steps = poisson_batches(setup.batches, setup.indices, privacy.sample_rate, local_steps,
                                 privacy.rng("poisson", setup, context.state))
         privacy.noise_generator = privacy.rng("noise", setup, context.state, setup.device)
+    return LocalRound(setup, message, context, start, _parts(cfg, "trained-parts"), steps, privacy,
+                      rank)
+
+
+def example_indices(batches: ExampleBatches) -> ExampleBatches:
+    """``batches`` whose batches are the lists of example indices it would collate: its own
+    sampling (``epoch``, ``sample_steps``), drawing the same random numbers."""
+    view = copy.copy(batches)
+    view.collate = list
+    return view
+
+
+def train_alone(local: LocalRound) -> Message:
+    """The client's local steps on the shared model (``client_update``), and its reply."""
+    setup, cfg, bundle = local.setup, local.setup.config, local.setup.bundle
+    bundle.set_rank(local.rank)
+    bundle.load(local.start)
+    trainable = bundle.set_trainable(local.trained)
+    steps = local.steps if local.privacy is not None else \
+        (setup.batches.collate(indices) for indices in local.steps)
     head = [param for key, param in bundle.model.named_parameters()
             if param.requires_grad and key in bundle.head_keys]
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
-                            privacy, loss=setup.hooks.training_loss(setup, setup.task.loss),
-                            optimizer=str(cfg["optimizer"]), head=head,
-                            head_lr=float(cfg["head-lr"]))
-    if privacy is not None:  # the un-noised loss and step count stay on the node
-        privacy.spend(local_steps, context.state, "train", int(cfg["server-round"]))
-        metrics = privacy.metrics()
-    metrics = setup.hooks.after_training(setup, context, metrics)
-    return setup.reply(message, bundle.state(trained), metrics)
+                            local.privacy, loss=setup.hooks.training_loss(setup, setup.task.loss),
+                            optimizer=str(cfg["optimizer"]), head=head, head_lr=float(cfg["head-lr"]))
+    return finish_training(local, bundle.state(local.trained), metrics)
+
+
+def finish_training(local: LocalRound, trained: dict[str, torch.Tensor], metrics: dict) -> Message:
+    """The reply with the client's trained tensors; under DP its steps are charged first, and
+    it reports its accountant instead of the un-noised loss and step count (they stay on the
+    node)."""
+    cfg = local.setup.config
+    if local.privacy is not None:
+        local.privacy.spend(int(cfg["local-steps"]), local.context.state, "train",
+                            int(cfg["server-round"]))
+        metrics = local.privacy.metrics()
+    metrics = local.setup.hooks.after_training(local.setup, local.context, metrics)
+    return local.setup.reply(local.message, trained, metrics)
+
+
+@dataclasses.dataclass
+class ReadyClient:
+    """A hosted client ready for its local steps: its round, the base weights its hooks set
+    (None: pretrained) and the torch RNG state where its steps would begin alone."""
+
+    client: HostedClient
+    local: LocalRound
+    base: dict[str, torch.Tensor] | None
+    stream: RandomStream
+
+    def settings(self) -> tuple:
+        """What clients trained in one pass must share (besides the base weights)."""
+        setup, cfg = self.local.setup, self.local.setup.config
+        return (self.local.rank, tuple(sorted(self.local.trained)), str(cfg["optimizer"]), float(cfg["lr"]),
+                float(cfg["head-lr"]), len(self.local.steps), setup.device, id(setup.bundle),
+                id(setup.batches), setup.task)
+
+
+def train_hosted_clients(clients: list[HostedClient], client_batch: int) -> dict[int, Message]:
+    """A host's clients of one round, trained up to ``client_batch`` at a time in one pass
+    (``fedlora.clients.batched``): clients with the same training settings and base weights
+    are split into as few chunks as ``client_batch`` allows, of sizes that differ by at most
+    one. A client that fails before its steps gets its own error reply; if a chunk fails, each
+    of its clients is trained again alone, so no client fails because of another's data. A DP
+    client trains alone (DP-SGD inside a batch is not built), and so does a client whose hooks
+    add to its loss; clients of different ranks (``client_ranks``) train in different chunks."""
+    replies: dict[int, Message] = {}
+    groups: dict[tuple, list[list[ReadyClient]]] = {}
+    for client in clients:
+        try:
+            local = begin_training(client.message, client.context)
+        except Exception as error:  # the client's own failure
+            replies[client.partition_id] = failure(client.message, error)
+            continue
+        if isinstance(local, Message):
+            replies[client.partition_id] = local
+            continue
+        if local.privacy is not None:
+            replies[client.partition_id] = guarded(train, client)
+            continue
+        setup = local.setup
+        if setup.hooks.training_loss(setup, setup.task.loss) is not setup.task.loss:
+            # its hooks add a term of its own to the loss (HetLoRA's pruning): trained alone,
+            # now, while the shared model holds what its hooks set
+            replies[client.partition_id] = guarded(lambda _m, _c, local=local: train_alone(local),
+                                                   client)
+            continue
+        ready = ReadyClient(client, local, base_weights(local.setup.bundle),
+                            RandomStream.capture(local.setup.device))
+        same = groups.setdefault(ready.settings(), [])
+        group = next((g for g in same if same_base(g[0].base, ready.base)), None)
+        if group is None:
+            same.append([ready])
+        else:
+            group.append(ready)
+    for group in (g for same in groups.values() for g in same):
+        for chunk in balanced_chunks(group, client_batch):
+            try:
+                replies.update(train_chunk(chunk))
+            except Exception as error:  # retried client by client: a failure is then one client's
+                log.warning("%d clients trained together failed (%s: %s): each is trained alone",
+                            len(chunk), type(error).__name__, error)
+                for ready in chunk:
+                    replies[ready.client.partition_id] = guarded(train, ready.client)
+    return replies
+
+
+def base_weights(bundle: models.AdaptedModel) -> dict[str, torch.Tensor] | None:
+    """The adapted layers' base weights as a client's hooks set them; None: pretrained."""
+    if bundle.base_is_pretrained:
+        return None
+    return {name: bundle.model.get_submodule(name).base.weight.detach().clone()
+            for name in bundle.adapted}
+
+
+def same_base(first: dict | None, second: dict | None) -> bool:
+    if first is None or second is None:
+        return first is second
+    return all(torch.equal(first[name], second[name]) for name in first)
+
+
+def balanced_chunks(items: list, size: int) -> list[list]:
+    """``items`` in as few consecutive chunks of at most ``size`` as possible, their sizes
+    differing by at most one (8 at size 5: 4 + 4, not 5 + 3)."""
+    count = -(-len(items) // size)
+    small, extra = divmod(len(items), count)
+    chunks, first = [], 0
+    for index in range(count):
+        length = small + (index < extra)
+        chunks.append(items[first:first + length])
+        first += length
+    return chunks
+
+
+def train_chunk(chunk: list[ReadyClient]) -> dict[int, Message]:
+    """One pass per step for the chunk's clients, on the base weights they share; each one's
+    reply."""
+    first = chunk[0].local
+    setup, cfg, bundle = first.setup, first.setup.config, first.setup.bundle
+    if chunk[0].base is None:
+        bundle.set_base_delta(None)
+    else:  # FedEx: W0 plus the delta every client of the chunk holds
+        with torch.no_grad():
+            for name, weight in chunk[0].base.items():
+                bundle.model.get_submodule(name).base.weight.copy_(weight)
+        bundle.base_is_pretrained = False
+    bundle.set_rank(first.rank)  # clients of different ranks are in different chunks
+    trained_keys = [key for key in bundle.shapes() if part_of(key, bundle.head_keys) in first.trained]
+    steps = [ClientSteps(ready.local.start, ready.local.steps, float(cfg["lr"]),
+                         float(cfg["head-lr"]), ready.stream) for ready in chunk]
+    states = train_together(bundle.model, bundle.head_keys, trained_keys, steps, setup.batches,
+                            setup.task.loss, str(cfg["optimizer"]), setup.device)
+    return {ready.client.partition_id: finish_training(ready.local, state, {
+                "train_loss": sum(s.losses) / max(len(s.losses), 1), "steps": len(s.losses)})
+            for ready, state, s in zip(chunk, states, steps)}
 
 
 @app.train("setup")  # SETUP_MESSAGE_TYPE
 def setup(message: Message, context: Context) -> Message:
-    """A method's one-time set-up step: its client hooks' ``setup`` answers it."""
+    """A method's one-time set-up step: its client hooks' ``setup`` answers it (a DP release
+    the node refuses, e.g. a second one in the run: an error reply naming why)."""
+    if is_hosted(message):
+        return serve_hosted(message, context, setup)
     node = ClientSetup(message, context)
-    arrays, metrics = node.hooks.setup(node, message, context)
+    refusal_reply = refused(node, message, context)
+    if refusal_reply is not None:
+        return refusal_reply
+    try:
+        arrays, metrics = node.hooks.setup(node, message, context)
+    except ReleaseRefused as declined:
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(declined)),
+                       reply_to=message)
     return node.reply(message, arrays, metrics)

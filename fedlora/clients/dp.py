@@ -2,8 +2,12 @@
 
 What a DP client does differently from ``client_update``'s plain loop, all here:
 
-* its noise multiplier sigma_k is planned from the target epsilon over the most steps it can
-  take in the run (``fedlora.privacy.accounting.plan_noise_multiplier``; a set-up release counted);
+* its noise multiplier sigma_k is planned on the node, from the target epsilon, delta_k and its
+  own n_k, over the most steps it can take in the run
+  (``fedlora.privacy.accounting.plan_noise_multiplier``; a set-up release counted), and kept in
+  its ``Context.state``; a sigma in the server's message is never used (a node whose state was
+  lost plans the same sigma again); the settings it plans from are within the node's own
+  policy (``fedlora.clients.policy``), checked before any of this;
 * its batches are Poisson samples of its own examples at rate ``q_k = b / n_k`` (possibly
   empty: DP-SGD still takes that step, pure noise);
 * per message, the shared model is wrapped in Opacus' ``GradSampleModule`` (only the trained
@@ -17,9 +21,9 @@ What a DP client does differently from ``client_update``'s plain loop, all here:
   back, and the longer one wins, so a recreated client process never undercounts. A client
   whose next round would exceed the target declines (a metric, not an error).
 * its randomness (the Poisson samples and every Gaussian noise draw) comes from
-  ``fedlora.privacy.randomness.dp_rng`` in the mode the server's config names (``dp-noise``): a secret
-  the node holds, or (simulation) the seeds the server knows; ``dp-secure-rng`` turns on
-  Opacus' secure_mode Gaussian.
+  ``fedlora.privacy.randomness.dp_rng`` in the mode the server's config names (``dp-noise``): a
+  ChaCha20 key stream under a secret the node holds (hardened Gaussians), or (simulation) the
+  seeds the server knows.
 * a gradient sum of base weights (a method's set-up step, ``fedlora.clients.hooks``):
   per-example gradients clipped to C, summed, plus Gaussian noise sigma_k C
   (``private_gradient_sum``): one Poisson-sampled Gaussian release, charged to the same
@@ -38,10 +42,15 @@ from flwr.app import ConfigRecord
 
 from fedlora.privacy import accounting as privacy
 from fedlora.clients.train import base_gradient_sum
-from fedlora.privacy.randomness import NOISE_MODES, dp_rng, gaussian_noise, make_dp_optimizer
+from fedlora.privacy.randomness import NOISE_MODES, KeyStream, dp_rng, make_dp_optimizer
 from fedlora.core.errors import ConfigError
 
 STATE_KEY = "dp-accountant"
+
+
+class ReleaseRefused(Exception):
+    """A DP release this node will not make (nothing was sampled, noised or sent): the app
+    answers the message with an error reply whose reason is this one line."""
 
 
 @dataclass
@@ -58,8 +67,7 @@ class ClientPrivacy:
     history: privacy.History = field(default_factory=list)
     releases: list[privacy.Release] = field(default_factory=list)
     noise: str = "secret"  # where its randomness comes from (fedlora.privacy.randomness.NOISE_MODES)
-    secure_rng: bool = False  # Opacus' secure_mode Gaussian
-    noise_generator: torch.Generator | None = None  # DP-SGD's, set per message (``rng``)
+    noise_generator: KeyStream | torch.Generator | None = None  # DP-SGD's, per message (``rng``)
 
     @classmethod
     def for_node(cls, config: ConfigRecord, context_state, num_examples: int) -> "ClientPrivacy | None":
@@ -77,9 +85,7 @@ class ClientPrivacy:
         own = context_state.config_records[STATE_KEY] if STATE_KEY in context_state.config_records else {}
         if "dp-noise-multiplier" in own:
             sigma = float(own["dp-noise-multiplier"])
-        elif "dp-known-noise-multiplier" in config:
-            sigma = float(config["dp-known-noise-multiplier"])
-        else:  # deterministic from the config and n_k: the server's copy would be the same
+        else:  # planned here from the run's settings and n_k; never a sigma the server sends
             sigma = privacy.plan_noise_multiplier(target, delta, rate, int(config["dp-max-steps"]),
                                                   accountant, init_rate)
         history = privacy.longer_history(privacy.history_from_record(own),
@@ -91,15 +97,14 @@ class ClientPrivacy:
         if noise not in NOISE_MODES:
             raise ValueError(f"dp-noise must be one of {NOISE_MODES}, got {noise!r}")
         return cls(target, delta, float(config["dp-clip"]), accountant, sigma, rate,
-                   min(batch_size, num_examples), history, releases, noise,
-                   bool(int(config.get("dp-secure-rng", 0))))
+                   min(batch_size, num_examples), history, releases, noise)
 
     def rng(self, purpose: str, node, context_state, device: str = "cpu"):
-        """The generator of one DP use (``fedlora.privacy.randomness.PURPOSES``) in this client's noise
-        mode: a ``random.Random`` for a Poisson sample, a ``torch.Generator`` for noise.
-        ``node``: the app's ``ClientSetup`` (its config's seed and round, its partition id)."""
-        kind = "python" if purpose.endswith("poisson") else "torch"
-        return dp_rng(self.noise, purpose, kind, state=context_state,
+        """The source of one DP use (``fedlora.privacy.randomness.PURPOSES``) in this client's
+        noise mode: a ``random.Random`` for a Poisson sample; for noise a ``KeyStream``
+        (secret) or a ``torch.Generator`` (reproducible). ``node``: the app's ``ClientSetup``
+        (its config's seed and round, its partition id)."""
+        return dp_rng(self.noise, purpose, state=context_state,
                       seed=int(node.config["seed"]),
                       server_round=int(node.config.get("server-round", 0)),
                       partition_id=node.partition_id, device=device)
@@ -113,6 +118,18 @@ class ClientPrivacy:
         projected = privacy.add_steps(self.history, self.noise_multiplier,
                                       self.sample_rate if rate is None else rate, steps)
         return self.epsilon(projected) <= self.target_epsilon * (1 + 1e-9)
+
+    def check_setup_release(self, rate: float) -> None:
+        """Raise ``ReleaseRefused`` unless this node may make a method's set-up release (one
+        step at ``rate``) now: the first of the run (its release log has no ``init``; a server
+        asking again would get it charged again, without end) and within the target epsilon."""
+        if any(release["kind"] == "init" for release in self.releases):
+            raise ReleaseRefused("DP: this node already made its set-up release in this run; "
+                                 "it makes one per run, so nothing was released")
+        if not self.can_afford(1, rate):
+            raise ReleaseRefused(f"DP: the set-up release would take this node past "
+                                 f"dp.epsilon={self.target_epsilon:g} (spent "
+                                 f"{self.epsilon():.4g}), so nothing was released")
 
     def spend(self, steps: int, context_state, kind: str, server_round: int,
               rate: float | None = None) -> None:
@@ -131,7 +148,7 @@ class ClientPrivacy:
         batch size, its noise drawn from ``noise_generator``, for ``client_update``'s loop
         (see ``private``)."""
         return private(model, optimizer, self.noise_multiplier, self.clip, self.batch_size,
-                       self.noise_generator, self.secure_rng)
+                       self.noise_generator)
 
     @staticmethod
     def empty_step(optimizer, trainable: list[torch.nn.Parameter]) -> None:
@@ -158,16 +175,14 @@ def poisson_batches(batches, indices, rate: float, steps: int, rng: random.Rando
 
 @contextmanager
 def private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
-            clip: float, expected_batch_size: int, generator: torch.Generator,
-            secure_mode: bool = False):
+            clip: float, expected_batch_size: int, noise: KeyStream | torch.Generator):
     """``(model, optimizer)`` wrapped for DP-SGD by Opacus for the duration of the block, all
-    noise drawn from ``generator``; the model comes back with no hooks and no per-example
-    attributes (it is shared)."""
+    noise drawn from ``noise`` (``make_dp_optimizer``); the model comes back with no hooks and
+    no per-example attributes (it is shared)."""
     from opacus import GradSampleModule
 
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-    dp_optimizer = make_dp_optimizer(optimizer, noise_multiplier, clip, expected_batch_size,
-                                     generator, secure_mode)
+    dp_optimizer = make_dp_optimizer(optimizer, noise_multiplier, clip, expected_batch_size, noise)
     try:
         with warnings.catch_warnings():
             # Opacus' backward hook on the first adapted layer, whose input (frozen embeddings)
@@ -192,15 +207,16 @@ def empty_step(optimizer, trainable: list[torch.nn.Parameter]) -> None:
 
 def private_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter], batches,
                          indices, clip: float, noise_multiplier: float,
-                         generator: torch.Generator, secure_mode: bool = False,
-                         device: str = "cpu", loss=None) -> dict[str, torch.Tensor]:
+                         noise: KeyStream | torch.Generator, device: str = "cpu",
+                         loss=None) -> dict[str, torch.Tensor]:
     """``base_gradient_sum``'s DP release: ``sum_i clip_C(grad_W loss_i) + N(0, (sigma C)^2)``
     for each base weight W, with each example's gradient clipped jointly over all W.
 
     Example by example (a batch of one is exact: eval mode, no padding); a set-up step touches
-    each client's data once, so per-example loops cost little. The noise comes from
-    ``generator`` (a CPU one: the sums are on the CPU), Opacus' 2n-sample draw with
-    ``secure_mode``. ``loss``: the task's (``base_gradient_sum``'s default otherwise)."""
+    each client's data once, so per-example loops cost little. The noise comes from ``noise``
+    (the sums are on the CPU): a ``KeyStream``'s hardened draw, or ``std * randn`` from a CPU
+    ``torch.Generator`` (reproducible: the draw this release has always made). ``loss``: the
+    task's (``base_gradient_sum``'s default otherwise)."""
     sums = {key: torch.zeros_like(w, device="cpu") for key, w in weights.items()}
     for index in indices:
         grads = base_gradient_sum(model, weights, [batches.collate([index])], device, loss=loss)
@@ -208,7 +224,10 @@ def private_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Par
         factor = min(1.0, clip / (norm + 1e-6))
         for key, grad in grads.items():
             sums[key] += factor * grad
-    return {key: total + gaussian_noise(noise_multiplier * clip, total.shape, generator, secure_mode)
+    std = noise_multiplier * clip
+    if isinstance(noise, KeyStream):
+        return {key: total + noise.normal(std, total.shape) for key, total in sums.items()}
+    return {key: total + std * torch.randn(tuple(total.shape), generator=noise, device=noise.device)
             for key, total in sums.items()}
 
 

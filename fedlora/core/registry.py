@@ -11,9 +11,10 @@ training: Fed-SB's initialisation gradient, FedEx-LoRA's base-weight bookkeeping
 (config parsing, the Hydra config, Flower's run config, the client, DP, comm accounting) reads
 this registry and never names a method.
 
-The registry fills itself on first use by importing every module of ``fedlora.strategies``
-(plugin discovery, as peft's tuner registry), so importing it costs nothing and creates no
-import cycle with the modules a strategy itself imports.
+The registry fills itself on first use by importing ``fedlora.strategies``, whose
+``__init__`` imports each method's module by name (as peft's ``tuners/__init__.py`` imports
+each tuner), so importing the registry costs nothing and creates no import cycle with the
+modules a strategy itself imports.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ class Method:
 
 class Plugins:
     """Named plugins of one kind (methods, tasks) that register themselves from the modules of
-    one package, imported on first use (plugin discovery, as peft's tuner registry)."""
+    one package, imported on first use. ``scan``: import every module the package holds
+    (``pkgutil``; for a package whose modules import the package itself); otherwise importing
+    the package is enough: its ``__init__`` imports each plugin module by name."""
 
-    def __init__(self, kind: str, package: str):
-        self.kind, self.package = kind, package
+    def __init__(self, kind: str, package: str, scan: bool = True):
+        self.kind, self.package, self.scan = kind, package, scan
         self.registered: dict[str, object] = {}
         self.discovered = False
 
@@ -59,8 +62,9 @@ class Plugins:
         if not self.discovered:
             self.discovered = True
             package = importlib.import_module(self.package)
-            for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
-                importlib.import_module(f"{self.package}.{module}")  # each registers itself
+            if self.scan:
+                for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+                    importlib.import_module(f"{self.package}.{module}")  # each registers itself
         return dict(sorted(self.registered.items()))
 
     def get(self, name: str):
@@ -72,7 +76,7 @@ class Plugins:
         return registered[name]
 
 
-_METHODS = Plugins("strategy", STRATEGY_PACKAGE)
+_METHODS = Plugins("strategy", STRATEGY_PACKAGE, scan=False)  # its __init__ imports each method
 
 
 def register_strategy(name: str, server: type, settings: type | None = None,
@@ -84,6 +88,7 @@ def register_strategy(name: str, server: type, settings: type | None = None,
     method = Method(name, server, settings, client)
     _METHODS.add(name, method)
     server.name = name
+    server.settings_class = settings  # the type of its ``settings`` argument
     return method
 
 

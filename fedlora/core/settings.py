@@ -8,16 +8,28 @@ check a given value and what it means::
     objective: str = setting("cos", "cos: the paper's Adam objective | ls: closed form",
                              choices=("cos", "ls"))
 
-``parse_section(SettingsClass, raw, "section")`` turns a user's dict (Hydra's, Flower's run config
-or a saved ``config.yaml``) into an instance, or raises a one-line ``ConfigError`` naming the key,
-the bad value and the fix. ``None`` (or a missing key) means the default.
+The dataclasses are also the schema: ``schema(SettingsClass)`` is the same fields as an OmegaConf
+structured config, which Hydra's ConfigStore holds (``fedlora.run.cli``). Merging a user's dict
+into it (``validated``) is where unknown keys and values of the wrong type are refused (OmegaConf
+struct mode and typing; it also turns "8" into 8 for an int); fedlora adds what OmegaConf cannot
+do: each field's own rules (``check_value``), rules relating keys (``fedlora.config``) and a
+one-line ``ConfigError`` naming the key, the bad value and the fix instead of OmegaConf's
+message (``config_error``). ``None`` (or a missing key) means the default.
+
+``parse_section(SettingsClass, raw, "section")`` does all of that for one section: a user's dict
+(Hydra's, Flower's run config or a saved ``config.yaml``) in, an instance out.
+
+Nested configs travel flat, as dotted keys (``partition.alpha``), in Flower's run config and
+ConfigRecords; Flower's own ``flatten_dict``/``unflatten_dict`` (``flwr.common.config``) are the
+one flattener, and ``run_config_values`` writes a config's leaves as the values they accept.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
-from dataclasses import MISSING, field, fields
+from dataclasses import MISSING, field, fields, is_dataclass, make_dataclass
 
 from fedlora.core.errors import ConfigError
 
@@ -49,48 +61,10 @@ def help_text(settings_class, name: str) -> str:
     return next(f.metadata.get("help", "") for f in fields(settings_class) if f.name == name)
 
 
-def defaults(settings_class) -> dict:
-    """``{field: default}`` of a settings dataclass (its config section as plain values)."""
-    return {f.name: f.default for f in fields(settings_class) if f.default is not MISSING}
-
-
-def _kind(annotation) -> tuple[type, bool]:
-    """(base type, may be None) of a field annotation such as ``int``, ``float | None``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing))  # noqa: S307 (our own annotations)
-    args = typing.get_args(annotation)
-    if args:
-        kinds = [a for a in args if a is not type(None)]
-        return kinds[0], type(None) in args
-    return annotation, False
-
-
-def convert(value, kind: type, key: str):
-    """``value`` as ``kind`` (int, float, str, bool), or a one-line ``ConfigError``."""
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "false"):
-                return str(value).lower() == "true"
-            raise ValueError
-        if kind is str:
-            return str(value)
-        if isinstance(value, bool):
-            raise TypeError
-        number = kind(value)
-        if kind is int and number != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        what = "a number" if kind in (int, float) else "a value"
-        raise ConfigError(f"{key}={value!r} is not {what} of type {kind.__name__}; set {key} to "
-                          "one") from None
-    if kind is float and not math.isfinite(number):
-        raise ConfigError(f"{key}={value!r} must be finite")
-    return number
-
-
 def check_value(value, metadata: dict, key: str) -> None:
+    """The rules of one field (its metadata) for a value of the right type."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be finite")
     choices = metadata.get("choices") or ()
     if choices and value not in choices:
         raise ConfigError(f"{key} '{value}' is unknown; choose one of: "
@@ -105,54 +79,123 @@ def check_value(value, metadata: dict, key: str) -> None:
             raise ConfigError(f"{key}={value} {requirement}")
 
 
-def parse_section(settings_class, raw, section: str, replace: dict | None = None):
-    """An instance of ``settings_class`` from the user's dict ``raw`` (None: all defaults).
+@functools.cache
+def schema(settings_class) -> type:
+    """``settings_class`` as an OmegaConf structured config: the same fields, types, defaults and
+    metadata, with two differences. Every field may be null (null means the default, as Flower's
+    run config writes "" for each key it declares) and the class is not frozen (OmegaConf makes a
+    frozen dataclass's node read-only, so no value could be merged into it). A field holding a
+    settings dataclass holds its schema."""
+    return make_dataclass(settings_class.__name__, schema_fields(settings_class))
 
-    ``replace``: values already converted by the caller (fields with rules of their own)."""
-    raw = dict(raw or {})
-    valid = [f.name for f in fields(settings_class)]
-    for key in raw:
-        if key not in valid:
-            raise ConfigError(f"'{section}.{key}' is not a fedlora setting; valid keys under "
-                              f"{section}: {', '.join(valid)}")
+
+def schema_fields(settings_class) -> list[tuple]:
+    """``schema``'s ``(name, type, field)`` triples (to build a larger schema around them)."""
     hints = typing.get_type_hints(settings_class)
-    values = {}
+    specs = []
     for f in fields(settings_class):
+        kind = hints[f.name]
+        if is_dataclass(kind):
+            kind = schema(kind)
+            default = field(default_factory=kind, metadata=f.metadata)
+        elif f.default is MISSING:
+            default = field(default_factory=f.default_factory, metadata=f.metadata)
+        else:
+            kind = typing.Optional[kind]
+            default = field(default=f.default, metadata=f.metadata)
+        specs.append((f.name, kind, default))
+    return specs
+
+
+def validated(schema_class, raw, section: str = "", lists_keys: bool = False) -> dict:
+    """``raw`` (nested; null or a missing key: the default) merged into the structured config
+    ``schema_class``, as plain nested values with every key present. OmegaConf refuses an
+    unknown key or a value of the wrong type; that is a one-line ``ConfigError`` (``section``,
+    ``lists_keys``: as ``config_error``'s)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema_class), _without_nulls(raw or {}))
+        return OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as error:
+        raise config_error(error, schema_class, section, lists_keys) from None
+
+
+def _without_nulls(tree: dict) -> dict:
+    return {key: _without_nulls(value) if isinstance(value, dict) else value
+            for key, value in tree.items() if value is not None}
+
+
+def config_error(error, schema_class, section: str = "", lists_keys: bool = False) -> ConfigError:
+    """OmegaConf's complaint (an unknown key, a value of the wrong type) about a value merged
+    into ``schema_class`` as fedlora's one-line message, which names the key, the bad value and
+    the fix. ``section``: where ``schema_class`` sits in the whole config (the keys' prefix).
+    An unknown key in a section is answered with the section's keys; one at the top with the
+    class's keys if ``lists_keys``, else with the file that documents the whole config."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    path = error.full_key or ""
+    key = f"{section}.{path}" if section and path else section or path
+    owner_path, _, name = path.rpartition(".")
+    owner = _section_schema(schema_class, owner_path)
+    kinds = typing.get_type_hints(owner) if owner is not None else {}
+    if isinstance(error, (ConfigKeyError, ConfigAttributeError)) and name not in kinds:
+        where = key.rpartition(".")[0]
+        if owner is not None and (where or lists_keys):
+            return ConfigError(f"'{key}' is not a fedlora setting; valid keys"
+                               f"{f' under {where}' if where else ''}: "
+                               f"{', '.join(f.name for f in fields(owner))}")
+        return ConfigError(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml for "
+                           "the valid keys")
+    if name in kinds and hasattr(error, "value"):
+        kind = next((a for a in typing.get_args(kinds[name]) if a is not type(None)), kinds[name])
+        value = error.value
+        if typing.get_origin(kind) in (list, tuple):
+            return ConfigError(f"{key}={value!r} is not a list; write it as {key}=[a,b] (or "
+                               f"{key}=[] for none)")
+        what = "a number" if kind in (int, float) else "a value"
+        return ConfigError(f"{key}={value!r} is not {what} of type {kind.__name__}; set {key} to "
+                           "one")
+    message = (str(error).splitlines() or [type(error).__name__])[0]  # OmegaConf's first line
+    return ConfigError(f"{key}: {message}" if key else message)
+
+
+def _section_schema(schema_class, path: str):
+    """The schema of the section at dotted ``path`` ("" is ``schema_class``), or None."""
+    for part in path.split(".") if path else ():
+        kind = typing.get_type_hints(schema_class).get(part)
+        if not is_dataclass(kind):
+            return None
+        schema_class = kind
+    return schema_class
+
+
+def build(settings_class, values: dict, section: str = ""):
+    """An instance of ``settings_class`` from ``validated`` values, after each field's own rules
+    (``check_value``; a null has none to pass)."""
+    for f in fields(settings_class):
+        value = values.get(f.name)
+        if value is None or not f.metadata:
+            continue
         key = section if f.metadata.get("names_section") else \
             f"{section}.{f.name}" if section else f.name
-        if replace and f.name in replace:
-            values[f.name] = replace[f.name]
-            continue
-        value = raw.get(f.name)
-        if value is None:
-            values[f.name] = f.default
-            continue
-        kind, optional = _kind(hints[f.name])
-        value = convert(value, kind, key)
         check_value(value, f.metadata, key)
-        values[f.name] = value
     return settings_class(**values)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a nested config as its dotted leaf keys (the
-    command line's and Flower's run config's spelling)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+def parse_section(settings_class, raw, section: str = ""):
+    """An instance of ``settings_class`` from the user's dict ``raw`` (None: all defaults), the
+    ``section`` of the config (its key prefix in messages)."""
+    return build(settings_class, validated(schema(settings_class), raw, section, lists_keys=True),
+                 section)
 
 
-def unflatten(flat: dict) -> dict:
-    """``flatten``'s inverse: ``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
-    nested: dict = {}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return nested
+def run_config_values(tree: dict, null: str = "") -> dict:
+    """``tree`` with every leaf a value Flower's run config and ConfigRecords hold (the values
+    ``flwr.common.config.flatten_dict`` accepts): null as ``null`` ("": the key's default), a
+    list as its items joined by commas."""
+    return {key: run_config_values(value, null) if isinstance(value, dict)
+            else null if value is None
+            else ",".join(str(item) for item in value) if isinstance(value, (list, tuple))
+            else value for key, value in tree.items()}

@@ -41,12 +41,62 @@ class ModelSpec:
     targets: tuple[str, ...] = ()  # empty: peft's default for the architecture
     latent: bool = False  # LoRA-SB's r x r matrix R between A and B
     init_seed: int = 0  # adapter and head init, identical on server and every client
-    precision: str = "fp32"  # fp32 | bf16 (autocast around forward/backward and evaluation)
+    # auto | fp32 | bf16 (autocast around forward/backward and evaluation); auto: bf16 where the
+    # device has fast bf16 matmuls (``chosen_precision``), decided by each process for its own
+    # hardware. fp32 here, so a model built directly is exact unless asked otherwise.
+    precision: str = "fp32"
     grad_checkpointing: bool = False
     quantization: int | None = None  # 4: bitsandbytes NF4 base weights (CUDA only)
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *AUTOCAST_DTYPES)
+# The CPU features that make bf16 matmuls faster than fp32 (oneDNN's AMX tiles and AVX-512's
+# bf16 dot products), as /proc/cpuinfo names them.
+FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str) -> list[str]:
+    """The ``FAST_BF16_CPU_FLAGS`` that the ``flags`` line of a ``/proc/cpuinfo`` text lists."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return [flag for flag in FAST_BF16_CPU_FLAGS if flag in flags]
+    return []
+
+
+@lru_cache(maxsize=None)
+def fast_bf16(device: str) -> str | None:
+    """What makes bf16 fast on this process's ``device`` (cpu | cuda), or None: a CUDA GPU with
+    bf16 support (``"cuda: <name>"``), or a CPU with AMX or AVX-512 BF16 (``"cpu: <flags>"``,
+    from /proc/cpuinfo; elsewhere from PyTorch's own CPU probes where it has them)."""
+    if device.startswith("cuda"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return f"cuda: {torch.cuda.get_device_name()}"
+        return None
+    try:
+        flags = cpu_bf16_flags(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+    except OSError:  # not Linux; the probes are private to torch.cpu, hence getattr
+        probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+        flags = [flag for flag, probe in probes.items()
+                 if getattr(torch.cpu, probe, lambda: False)()]
+    return f"cpu: {' '.join(flags)}" if flags else None
+
+
+def chosen_precision(requested: str, bf16_hardware: str | None) -> str:
+    """The precision a process runs: ``requested`` itself unless it is ``auto``, which is bf16
+    where the hardware has fast bf16 (``fast_bf16``'s answer is not None) and fp32 elsewhere
+    (emulated bf16 is slower than fp32)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision '{requested}' is not one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    return "bf16" if bf16_hardware else "fp32"
+
+
+def spec_precision(spec: "ModelSpec", device: str) -> str:
+    """``spec.precision`` resolved for ``device`` on this machine (``chosen_precision``)."""
+    return chosen_precision(spec.precision, fast_bf16(device) if spec.precision == "auto" else None)
 
 
 def pretrained_options(spec: ModelSpec) -> dict:
@@ -59,7 +109,7 @@ def pretrained_options(spec: ModelSpec) -> dict:
         return options
     from transformers import BitsAndBytesConfig
 
-    compute = AUTOCAST_DTYPES[spec.precision] or torch.float32
+    compute = AUTOCAST_DTYPES[spec_precision(spec, "cuda")] or torch.float32
     options["quantization_config"] = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     options["device_map"] = {"": torch.cuda.current_device()}
@@ -68,7 +118,7 @@ def pretrained_options(spec: ModelSpec) -> dict:
 
 def autocast(model: torch.nn.Module):
     """The mixed-precision context of ``model``'s forward (and backward) passes: ``torch.autocast``
-    to the dtype ``build_model`` attached (``precision=bf16``), on the device the model lives
+    to the dtype ``build_model`` attached (bf16 chosen), on the device the model lives
     on; a no-op for fp32 or a model built elsewhere."""
     dtype = getattr(model, "autocast_dtype", None)
     if dtype is None:
@@ -131,6 +181,8 @@ class AdaptedModel:
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
     pretrained_base: dict[str, torch.Tensor] = field(default_factory=dict)
     base_is_pretrained: bool = True
+    # What ``build_model`` decided: {"requested", "chosen", "bf16_hardware"} (summary.json).
+    precision: dict = field(default_factory=dict)
 
     @classmethod
     def from_adapted(cls, model: torch.nn.Module, tokenizer, adapted: list[str],
@@ -252,7 +304,10 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> AdaptedModel:
                           "to names of its Linear layers") from error
     bundle = AdaptedModel.from_adapted(model, tokenizer, adapted, head_keys)
     model.task_loss = get_task(spec.task).loss  # what clients train (fedlora.clients.train)
-    model.autocast_dtype = AUTOCAST_DTYPES[spec.precision]  # read by ``autocast(model)``
+    chosen = spec_precision(spec, device)
+    model.autocast_dtype = AUTOCAST_DTYPES[chosen]  # read by ``autocast(model)``
+    bundle.precision = {"requested": spec.precision, "chosen": chosen,
+                        "bf16_hardware": fast_bf16(device)}
     BUILD_COUNT += 1
     return bundle
 

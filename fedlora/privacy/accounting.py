@@ -317,13 +317,13 @@ class PrivacyLedger:
         self.declined.add(partition_id)
 
     def config_for(self, partition_id: int) -> dict:
-        """What a train message carries: the server's copy of this client's accountant."""
+        """What a train message carries: the server's copy of this client's accountant (its
+        history and release log; not its noise multiplier, which a node plans itself)."""
         known = self.clients.get(partition_id)
         if known is None:
             return {}
         releases = known.get("releases")
-        return {"dp-known-noise-multiplier": known["noise_multiplier"],
-                **history_to_record(known["history"], prefix="dp-known-"),
+        return {**history_to_record(known["history"], prefix="dp-known-"),
                 **(releases_to_record(releases, prefix="dp-known-release-")
                    if releases is not None else {})}
 

@@ -30,13 +30,21 @@ import sys
 from pathlib import Path
 
 from fedlora.core.errors import ConfigError
-from fedlora.core.settings import flatten
+from flwr.common.config import flatten_dict
+
+from fedlora.core.settings import run_config_values
 from fedlora.report.compare import Run, load_run
 
 ALWAYS_KEYS = ("strategy", "seed")
 FAILED = re.compile(r"\.failed-\d+$")
 # client-level DP releases, per round: privacy.json's name -> the rounds.csv column
 RELEASE_FIELDS = {"clip": "dp_clip", "median_norm": "dp_median_norm", "clients": "dp_clients"}
+
+
+def flat_config(config: dict) -> dict:
+    """A run's nested config as ``{dotted.key: value}`` through Flower's flattener (null as an
+    empty cell, as the csv module writes None; a list as its items joined by commas)."""
+    return flatten_dict(run_config_values(config, null=""))
 
 
 def find_runs(paths) -> list[Path]:
@@ -89,7 +97,7 @@ def noise_columns(privacy: dict | None) -> dict:
 
 
 def run_row(run: Run, name: str, keys: list[str]) -> dict:
-    config = flatten(run.config)
+    config = flat_config(run.config)
     row = {"run": name, "finished": int(run.finished), "last_round": run.rows[-1]["round"]}
     row.update({key: _cell(config.get(key)) for key in keys})
     for key, value in (run.summary or {}).items():
@@ -118,7 +126,7 @@ def round_rows(run: Run, name: str) -> list[dict]:
 def differing_keys(runs: list[Run]) -> list[str]:
     """``strategy``, ``seed`` and every other config key whose value is not the same in all
     runs, in the first run's order (``out`` is where a run was written, not what it ran)."""
-    configs = [flatten(run.config) for run in runs]
+    configs = [flat_config(run.config) for run in runs]
     keys = list(dict.fromkeys(key for config in configs for key in config))
     varying = [key for key in keys if key != "out" and key not in ALWAYS_KEYS and
                len({json.dumps(c.get(key), sort_keys=True, default=str) for c in configs}) > 1]

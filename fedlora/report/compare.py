@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from flwr.common.config import flatten_dict
 
 from fedlora.report import plots
 from fedlora.core.errors import ConfigError
 from fedlora.report.results import human_bytes, primary_metric
-from fedlora.core.settings import flatten
+from fedlora.core.settings import run_config_values
 
 TARGET_FRACTION = 0.9  # default target: this share of the best final accuracy among the runs
 IGNORED_KEYS = ("seed", "out")  # config keys that do not make two runs different methods
@@ -63,11 +64,12 @@ class Run:
         return max(row[self.metric] for row in self.rows)
 
     @property
-    def bytes_up(self) -> int:
+    def bytes_up(self) -> int | None:
+        """None: withheld (client-level DP: bytes count the secretly sampled clients)."""
         return self.rows[-1]["bytes_up_cum"]
 
     @property
-    def bytes_down(self) -> int:
+    def bytes_down(self) -> int | None:
         return self.rows[-1]["bytes_down_cum"]
 
     def one_time_bytes(self, direction: str) -> int | None:
@@ -84,9 +86,10 @@ class Run:
         return spent[-1] if spent else None
 
     def bytes_to_target(self, target: float) -> int | None:
-        """Bytes up + down sent until the first evaluated round at or above ``target``."""
+        """Bytes up + down sent until the first evaluated round at or above ``target`` (None:
+        not reached, or bytes withheld)."""
         for row in self.rows:
-            if row[self.metric] >= target:
+            if row[self.metric] >= target and row["bytes_up_cum"] is not None:
                 return row["bytes_up_cum"] + row["bytes_down_cum"]
         return None
 
@@ -130,9 +133,10 @@ def group_runs(runs: list[Run], label_by=("strategy",)) -> dict[str, list[Run]]:
     the keys in which they differ are appended (``fedavg rank=4``)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        flat = {k: v for k, v in flatten(run.config).items() if k not in IGNORED_KEYS}
+        flat = {k: v for k, v in flatten_dict(run_config_values(run.config, null="null")).items()
+                if k not in IGNORED_KEYS}
         groups.setdefault(json.dumps(flat, sort_keys=True, default=str), []).append(run)
-    configs = {key: flatten(json.loads(key)) for key in groups}
+    configs = {key: json.loads(key) for key in groups}
 
     def base_label(key: str) -> str:
         return " ".join(str(configs[key].get(k, "")) for k in label_by)
@@ -177,6 +181,7 @@ def summarise(label: str, runs: list[Run], target: float, metric: str = "accurac
     to_target = [b for b in (run.bytes_to_target(target) for run in runs) if b is not None]
     one_time_up = [run.one_time_bytes("up") for run in runs]
     one_time_down = [run.one_time_bytes("down") for run in runs]
+    up, down = [run.bytes_up for run in runs], [run.bytes_down for run in runs]
     row = {"label": label, "n": len(runs),
            "seeds": " ".join(str(run.config.get("seed")) for run in runs),
            "rounds_done": min(run.rows[-1]["round"] for run in runs),
@@ -184,8 +189,8 @@ def summarise(label: str, runs: list[Run], target: float, metric: str = "accurac
            "finished": sum(run.finished for run in runs)}
     for name, values in ((f"final_{metric}", [r.final_score for r in runs]),
                          (f"best_{metric}", [r.best_score for r in runs]),
-                         ("bytes_up", [r.bytes_up for r in runs]),
-                         ("bytes_down", [r.bytes_down for r in runs]),
+                         ("bytes_up", [] if None in up else up),
+                         ("bytes_down", [] if None in down else down),
                          ("one_time_bytes_up", [] if None in one_time_up else one_time_up),
                          ("one_time_bytes_down", [] if None in one_time_down else one_time_down),
                          ("bytes_to_target", to_target),
@@ -210,6 +215,8 @@ def _bytes_cell(row: dict, direction: str) -> str:
 
 
 def target_cell(row: dict) -> str:
+    if row["bytes_up_mean"] is None:  # bytes withheld (client-level DP)
+        return "–"
     if not row["target_reached"]:
         return "not reached"
     cell = _pm(row["bytes_to_target_mean"], row["bytes_to_target_std"], human_bytes)

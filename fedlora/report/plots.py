@@ -57,7 +57,8 @@ def _save(fig, ax, path: Path, title: str | None) -> None:
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -86,16 +87,23 @@ def plot_accuracy_vs_bytes(groups: dict[str, list[list[dict]]], path, title: str
                            metric: str = "accuracy") -> None:
     """The test ``metric`` against the cumulative bytes up + down (log scale; seeds' bytes differ
     when participation is random, so each point sits at the seeds' mean). Round 0, before any
-    byte is sent, has no place on a log axis and is left out."""
+    byte is sent, has no place on a log axis and is left out; so is a group whose runs withheld
+    their bytes (client-level DP)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, runs in groups.items():
+        if any(row["bytes_up_cum"] is None for rows in runs for row in rows):
+            continue
         rounds, total = cumulative_bytes(runs)
         _, accuracy = aligned(runs, metric)
         sent = total.mean(axis=0) > 0
         mean, std = mean_std(accuracy[:, sent])
         _line(ax, total.mean(axis=0)[sent], mean, std, f"{label} (n={len(runs)})")
-    ax.set_xscale("log")
+    if not ax.lines:
+        ax.text(0.5, 0.5, "bytes withheld (client-level DP)", ha="center",
+                transform=ax.transAxes)
+    else:
+        ax.set_xscale("log")
     ax.set_xlabel("cumulative bytes up + down")
     ax.set_ylabel(axis_label(metric))
     _save(fig, ax, path, title)

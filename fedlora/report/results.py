@@ -10,7 +10,14 @@ A run directory holds plain files, readable with ``json`` alone (no fedlora impo
   resolved config, package versions, seed and wall time;
 * ``config.yaml``: the resolved config; ``partitions.json``: each client's examples and labels;
 * ``participation.csv``: which clients were sampled in each training round (``round,c0,c1,...``,
-  1 or 0; its row i is training round i + 1).
+  1 or 0; its row i is training round i + 1);
+* ``error.txt`` (``RUN_ERROR``), only from a deployment's ServerApp that stopped on a
+  ``ConfigError`` after it started (e.g. a node's DP policy refused the run): that one line,
+  for the launcher (``fedlora.deploy``) to print.
+
+
+Under DP the rows and the summary withhold (write as null) what counts the clients that took
+part (``withheld_fields``): the DP mechanisms do not cover those counts.
 """
 
 from __future__ import annotations
@@ -25,11 +32,23 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+RUN_ERROR = "error.txt"
+
 # Every row's fields besides the task's metrics (``fedlora.tasks.Task.metrics``: accuracy and
 # loss for classification, exact_match and eval_loss for generation), which follow "strategy".
 ROW_FIELDS = ("round", "strategy", "train_loss", "clients_trained", "clients_failed", "bytes_up",
               "bytes_down", "bytes_up_cum", "bytes_down_cum", "params_up_per_client", "epsilon",
               "wall_s")
+# Under DP these are null: they count the clients of a round (its sample, less failures), an
+# un-noised statistic. At client level the bytes go too, as they are that count times a
+# message's size, and the sample itself is what the accountant's amplification keeps secret.
+# ``rejected`` lists the partitions whose replies were rejected (their reasons stay in run.log)
+CLIENT_COUNT_FIELDS = ("clients_trained", "clients_failed", "clients_failed_total",
+                       "rounds_not_aggregated", "rejected")
+BYTE_COUNT_FIELDS = ("bytes_up", "bytes_down", "bytes_up_cum", "bytes_down_cum",
+                     "params_up_per_client", "bytes_up_total", "bytes_down_total",
+                     "one_time_bytes_up", "one_time_bytes_down", "wire_bytes_up_total",
+                     "wire_bytes_down_total", "recovery_bytes_down")
 CLASSIFICATION_METRICS = ("accuracy", "loss")
 PRIMARY_METRICS = ("accuracy", "exact_match")  # what compare/sweep look for in older runs
 SHORT_NAMES = {"accuracy": "acc", "exact_match": "em"}
@@ -64,6 +83,20 @@ def human_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1000
     return f"{count:.1f} GB"
+
+
+def withheld_fields(dp) -> tuple[str, ...]:
+    """The row and summary fields a run writes as null under ``dp`` (the run's ``dp``
+    section): the client counts under any DP, and the byte counts too under client-level DP."""
+    if not dp.enabled:
+        return ()
+    return CLIENT_COUNT_FIELDS + (BYTE_COUNT_FIELDS if dp.client_level else ())
+
+
+def withheld(record: dict, dp) -> dict:
+    """``record`` (a results row or the summary) with ``withheld_fields(dp)`` set to null."""
+    hidden = set(withheld_fields(dp))
+    return {key: None if key in hidden else value for key, value in record.items()}
 
 
 def same_row(a: dict, b: dict) -> bool:
@@ -127,13 +160,17 @@ class ResultsWriter:
         epsilon = f"  eps {row['epsilon']:.3f}" if row["epsilon"] is not None else ""
         primary, loss = self.metrics
         score = f"{SHORT_NAMES.get(primary, primary)} {row[primary]:.4f}"
+        # what a DP run withholds (null) is not printed either: the line may go to a log file
+        clients = (f"  clients {row['clients_trained']}{failed}"
+                   if row["clients_trained"] is not None else "")
+        up, down = ((f"  up {human_bytes(row['bytes_up_cum'])}",
+                     f"  down {human_bytes(row['bytes_down_cum'])}")
+                    if row["bytes_up_cum"] is not None else ("", ""))
         self.progress.console.print(
             f"[bold]round {row['round']:>3}/{self.total_rounds}[/bold]  {score}  "
-            f"{loss} {row[loss]:.4f}{epsilon}  clients {row['clients_trained']}{failed}  "
-            f"up {human_bytes(row['bytes_up_cum'])}  down {human_bytes(row['bytes_down_cum'])}  "
+            f"{loss} {row[loss]:.4f}{epsilon}{clients}{up}{down}  "
             f"{row['wall_s']:.0f} s", soft_wrap=True)  # one line a round, also in a log file
-        self.progress.update(self.task, completed=row["round"],
-                             description=f"{score}  up {human_bytes(row['bytes_up_cum'])}")
+        self.progress.update(self.task, completed=row["round"], description=score + up)
         sys.stdout.flush()
 
     def close(self) -> None:
@@ -157,9 +194,10 @@ def read_results(run_dir) -> list[dict]:
 def final_line(summary: dict) -> str:
     """The line a finished run prints: its primary metric, bytes and time."""
     metric = summary.get("primary_metric", "accuracy")
+    sent = ("" if summary["bytes_up_total"] is None else  # withheld under client-level DP
+            f"; bytes up {summary['bytes_up_total']:,} down {summary['bytes_down_total']:,}")
     return (f"final {metric.replace('_', ' ')} {summary['final_' + metric]:.4f} (best "
-            f"{summary['best_' + metric]:.4f}); bytes up {summary['bytes_up_total']:,} down "
-            f"{summary['bytes_down_total']:,}; {summary['wall_s']:.0f} s")
+            f"{summary['best_' + metric]:.4f}){sent}; {summary['wall_s']:.0f} s")
 
 
 def elapsed(since: float) -> float:
@@ -168,8 +206,8 @@ def elapsed(since: float) -> float:
 
 def build_summary(cfg, rows: list[dict], ledger, progress, *, params_per_client_formula,
                   adapted_layers: int, head_params: int, wall_s: float,
-                  metrics: tuple[str, str] = CLASSIFICATION_METRICS, examples: dict | None = None
-                  ) -> dict:
+                  metrics: tuple[str, str] = CLASSIFICATION_METRICS, examples: dict | None = None,
+                  precision: dict | None = None) -> dict:
     """``summary.json``: the final and best metrics of ``rows``, the byte totals of the
     ``ledger`` (``fedlora.report.comm.CommLedger``; one-time, wire and recovery bytes apart), the
     loop's totals (``progress``: failures, rounds not aggregated, resumptions, client
@@ -177,10 +215,13 @@ def build_summary(cfg, rows: list[dict], ledger, progress, *, params_per_client_
     the package versions. ``metrics``: the task's (primary metric, held-out loss) row keys:
     ``primary_metric`` names the first, and ``final_/best_/initial_<metric>`` and
     ``final_<loss>`` are reported (classification: ``final_accuracy``, ``final_loss`` ...).
-    ``examples``: the task's counts about its examples (e.g. truncated ones)."""
+    ``examples``: the task's counts about its examples (e.g. truncated ones). ``precision``:
+    what the server's process chose for ``precision`` (requested, chosen, the bf16 hardware it
+    found; ``fedlora.model.pretrained.AdaptedModel.precision``), which simulated clients on the
+    same machine choose too."""
     eval_seconds = progress.eval_seconds
     primary, loss = metrics
-    return {
+    return withheld({
         "strategy": cfg.strategy, "task": getattr(cfg, "task", None), "rounds": cfg.rounds,
         "seed": cfg.seed, "primary_metric": primary,
         f"final_{primary}": rows[-1][primary], f"final_{loss}": rows[-1][loss],
@@ -201,6 +242,7 @@ def build_summary(cfg, rows: list[dict], ledger, progress, *, params_per_client_
         "client_processes": {str(pid): builds for pid, builds in
                              sorted(progress.client_processes.items())},
         "eval_s_total": round(sum(eval_seconds), 3), "evaluations": len(eval_seconds),
+        "precision": precision or {},
         "wall_s": wall_s, "config": cfg.to_dict(), "versions": package_versions(),
-    }
+    }, cfg.dp)
 

@@ -8,12 +8,18 @@ the byte ledger, the rows written so far, the loop's bookkeeping, the process RN
 (Python, NumPy, torch) and the config. It is written to a temporary file and renamed over the
 old one, so a kill at any moment leaves either the previous or the new checkpoint, whole.
 
-It is a pickle: load only checkpoints your own runs wrote.
+Only tensors and plain Python values (dicts, lists, tuples, strings, numbers, None): it is
+loaded with ``torch.load(weights_only=True)``, which builds nothing else, so a planted or
+tampered file cannot run code. With secret DP noise it holds no state of any DP draw: the
+server's key streams (``fedlora.privacy.randomness.KeyStream``) refuse to be pickled, and a
+resumed run draws fresh randomness. (The process RNG states are no DP randomness: every DP
+draw comes from a key stream or, reproducible, from a generator of its own.)
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -61,15 +67,29 @@ def load_checkpoint(run_dir: Path) -> dict:
         raise FileNotFoundError(f"{path} does not exist: the run wrote no checkpoint "
                                 "(checkpoint_every=0, or it died before round 0 ended)")
     check_checkpoint(run_dir)
-    return torch.load(path, weights_only=False)  # our own file: RNG states are numpy objects
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = str(error).split("Unsupported global: ", 1)[-1].split(" was not", 1)[0]
+        raise ConfigError(f"resume={run_dir}: {path} holds more than tensors and plain values "
+                          f"({refused.splitlines()[0][:120]}): a file written by an older "
+                          "fedlora or not by fedlora, which could run code when loaded; it is "
+                          "refused: start a new run") from None
 
 
 def rng_states() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The process RNG states as tensors and plain values (``weights_only`` loads them)."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {"python": random.getstate(),
+            "numpy": {**numpy_state, "state": {"key": torch.from_numpy(
+                numpy_state["state"]["key"].astype(np.int64)), "pos": numpy_state["state"]["pos"]}},
             "torch": torch.get_rng_state()}
 
 
 def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    numpy_state = states["numpy"]
+    np.random.set_state({**numpy_state, "state": {
+        "key": numpy_state["state"]["key"].numpy().astype(np.uint32),
+        "pos": numpy_state["state"]["pos"]}})
     torch.set_rng_state(states["torch"])

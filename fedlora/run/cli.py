@@ -1,9 +1,11 @@
 """What every fedlora command line shares: the Hydra config, key checks, logging, resume.
 
 ``python -m fedlora.simulate``, ``fedlora.deploy``, ``fedlora.sweep`` and the ServerApp import
-these; nothing here imports them back. The Hydra config is generated from the settings
-dataclasses (``fedlora.config``) and the method registry, so a key, its default and its help
-live in one place; ``fedlora/conf/`` holds only Hydra's own settings and the named presets
+these; nothing here imports them back. Hydra's config schema is a structured config generated
+from the settings dataclasses (``fedlora.config.run_schema``) and the method registry, so a key,
+its default, its type and its help live in one place, and Hydra itself refuses an unknown key
+or a value of the wrong type; ``compose_config`` turns its multi-line errors into fedlora's one
+line. ``fedlora/conf/`` holds only Hydra's own settings and the named presets
 (``partition=dirichlet``, ``participation=markov``, ``dp=on``).
 """
 
@@ -15,9 +17,9 @@ import sys
 from pathlib import Path
 
 from fedlora.run.checkpoint import check_checkpoint
-from fedlora.config import RunConfig, hydra_tree
+from fedlora.config import RunConfig, hydra_tree, run_schema
 from fedlora.core.errors import ConfigError
-from fedlora.core.settings import flatten
+from fedlora.core.settings import config_error, run_config_values
 
 CONF_DIR = Path(__file__).parents[1] / "conf"  # fedlora/conf
 GENERATED_CONFIG = "fedlora_keys"  # the ConfigStore name config.yaml's defaults list includes
@@ -30,25 +32,49 @@ def fail(message: str) -> None:
 
 
 def register_hydra_config() -> None:
-    """Put the generated tree of keys and defaults where config.yaml's defaults list finds it,
-    and the resolver the run directory's name uses."""
+    """Put the structured config of every key (``run_schema``) where config.yaml's defaults list
+    finds it, and the resolver the run directory's name uses."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name=GENERATED_CONFIG, node=hydra_tree())
+    ConfigStore.instance().store(name=GENERATED_CONFIG, node=run_schema())
     # The run directory: resume's, else out, else a dated one (oc.select takes a null for set).
     OmegaConf.register_new_resolver(
         "first_set", lambda *values: next(v for v in values if v is not None), replace=True)
 
 
 def compose_config(overrides: list[str]) -> dict:
-    """The resolved nested config ``python -m fedlora.simulate <overrides>`` would run."""
+    """The resolved nested config ``python -m fedlora.simulate <overrides>`` would run; what Hydra
+    refuses (an unknown key or preset, a value of the wrong type) is a one-line ``ConfigError``."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     register_hydra_config()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise hydra_error(error) from None
+
+
+def hydra_error(error: Exception) -> ConfigError:
+    """Hydra's multi-line complaint about the command line as one line naming the key, the bad
+    value and the fix."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, choice = error.missing_cfg_file.rpartition("/")
+        options = preset_groups().get(group)
+        if options:
+            return ConfigError(f"{group} '{choice}' is unknown; choose one of: {', '.join(options)}")
+    cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        return config_error(cause, run_schema())
+    lines = [line.strip() for line in str(error).split("\nConfig search path")[0].splitlines()]
+    return ConfigError(" ".join(line for line in lines if line))
 
 
 def preset_groups() -> dict[str, list[str]]:
@@ -58,19 +84,30 @@ def preset_groups() -> dict[str, list[str]]:
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Reject unknown keys and preset choices before Hydra (whose errors are multi-line)."""
-    keys = set(flatten(hydra_tree())) | {"out", "resume"}
-    groups = preset_groups()
-    for arg in argv:
-        if arg.startswith(("-", "hydra.", "hydra/", "+", "~")) or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        if key in groups:
-            for choice in value.split(","):
-                if choice not in groups[key]:
-                    fail(f"{key} '{choice}' is unknown; choose one of: {', '.join(groups[key])}")
-        elif key not in keys:
-            fail(f"'{key}' is not a fedlora setting; see fedlora/conf/config.yaml for the valid keys")
+    """Compose the config of ``argv``'s overrides as Hydra will, so that what it refuses is one
+    line (``ConfigError``) before Hydra starts (whose own errors are multi-line). A sweep
+    (``-m``, ``key=a,b``) composes once per value of each swept key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")
+                 and not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if not {"-m", "--multirun"} & set(argv):
+        compose_config(overrides)
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        raise hydra_error(error) from None
+    first = [o.input_line if not o.is_sweep_override() else
+             f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+    compose_config(first)
+    for index, override in enumerate(parsed):
+        if override.is_sweep_override():
+            for value in list(override.sweep_string_iterator())[1:]:
+                first_but_one = list(first)
+                first_but_one[index] = f"{override.get_key_element()}={value}"
+                compose_config(first_but_one)
 
 
 def check_paths(argv: list[str]) -> None:
@@ -165,7 +202,8 @@ def task_defaults_markdown() -> str:
     return "\n".join(lines)
 
 
-RESUME_MAY_CHANGE = ("resume", "out", "verbose", "ray")  # where a run goes on, not what it computes
+# Where a run goes on and what it reports to, not what it computes
+RESUME_MAY_CHANGE = ("resume", "out", "verbose", "ray", "tracking")
 
 
 def _saved_value(saved: dict, key: str):
@@ -197,14 +235,18 @@ def resumed_config(run_dir: Path, command_line: RunConfig, given: list[str]) -> 
             raise ConfigError(f"resume: {key}={now} differs from the run's {key}={was}; a resumed "
                               f"run keeps its config (drop {key}= or set it to {was})")
     check_checkpoint(run_dir)  # a damaged one would fail only in the server, after Ray started
-    return dataclasses.replace(RunConfig.from_saved(saved), verbose=command_line.verbose,
-                               ray=command_line.ray)
+    resumed = RunConfig.from_saved(saved)
+    return dataclasses.replace(resumed, verbose=command_line.verbose, ray=command_line.ray,
+                               tracking=command_line.tracking if "tracking" in given
+                               else resumed.tracking)
 
 
 def run_config_table() -> str:
     """pyproject.toml's ``[tool.flwr.app.config]`` entries: every generated key, "" meaning its
     default (``python -m fedlora.run.cli run-config``)."""
-    return "\n".join(f'{key} = ""' for key in flatten(hydra_tree()))
+    from flwr.common.config import flatten_dict
+
+    return "\n".join(f'{key} = ""' for key in flatten_dict(run_config_values(hydra_tree())))
 
 
 if __name__ == "__main__":

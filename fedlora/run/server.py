@@ -3,9 +3,8 @@
 The loop, in this order (the same in simulation and deployment):
   0. wait until all ``clients`` nodes are connected (Flower registers them over the first
      seconds), ask each for its partition id and label histogram (``query.describe``; under
-     DP a client sends no histogram: in simulation the server computes them from the
-     partitioner it owns, in deployment there are none); a node whose answer is an error or
-     fails the reply schema (``fedlora.strategies.replies``) is left out of the run;
+     DP, in either mode, a client sends no histogram and none is computed for it: the
+     label-correlated participation models are refused under DP);
   1. the strategy's one-time initialisation (Fed-SB: round-0 gradient upload, counted);
   2. evaluate the initial global model on the held-out test split (round 0);
   3. for each round: ``configure_train`` (sampling: possibly nobody, under a participation
@@ -14,13 +13,19 @@ The loop, in this order (the same in simulation and deployment):
      measured; every ``eval_every`` rounds (and the last) the global model (with the
      strategy's base-weight delta: FedEx-LoRA) is evaluated on the server (with
      ``client_ranks``, also the model a client of each rank holds after its download, in the
-     row's ``tiers``) and a row is appended to ``results.jsonl``; every ``checkpoint_every``
-     rounds (after round 0, and the last) ``checkpoint.pt`` is written
-     (``fedlora.run.checkpoint``); replies that are missing after ``round_timeout`` or
-     rejected count as ``clients_failed``, the rejected ones also listed with their reasons
-     in the row's ``rejected``;
-  4. the participation matrix (rounds x clients) goes to ``participation.csv``, the final
-     global adapter (and FedEx's base delta) to ``final_adapter.pt``.
+     row's ``tiers``) and a row is appended to ``results.jsonl``; every ``checkpoint_every`` rounds (after round 0, and the
+     last) ``checkpoint.pt`` is written (``fedlora.run.checkpoint``); replies that are missing
+     after ``round_timeout`` or rejected count as ``clients_failed``, the rejected ones also
+     listed with their reasons in the row's ``rejected``;
+  4. the participation matrix (rounds x clients) goes to ``participation.csv`` (not under
+     client-level DP, whose accounting needs the sample secret, unless
+     ``dp.publish_participation``), the final global adapter (and FedEx's base delta) to
+     ``final_adapter.pt``.
+
+Under DP nothing computed from the clients' data reaches the results files but through the
+noise (docs/privacy.md, "What leaves a client and what is written"): ``partitions.json`` has
+no label histograms (nor, at client level, sizes), rows and ``summary.json`` count no
+clients (nor, at client level, bytes, which count them too; ``fedlora.report.results``).
 
 A resumed run (``resume``) starts at step 3 after the checkpoint's round, with the nodes made
 whole again by the strategy (``FederatedLoRA.nodes_restarted``). So is a SuperNode that
@@ -36,27 +41,26 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.model.adapters import PARTS, state_at_rank
 from fedlora.run.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
                                     set_rng_states)
 from fedlora.report.comm import CommLedger, expected_params, message_part
-from fedlora.config import RunConfig, check_deployment, client_config, resolve_noise
-from fedlora.tasks.data import client_partitions
+from fedlora.config import (RunConfig, client_config, resolve_noise,
+                            scheduled_lr)
 from fedlora.core.errors import ConfigError
 from fedlora.model.export import export_run
 from fedlora.model.pretrained import AdaptedModel, autocast
 from fedlora.aggregation.participation import write_participation_csv
-from fedlora.report.results import ResultsWriter, build_summary, elapsed
+from fedlora.report.results import RUN_ERROR, ResultsWriter, build_summary, elapsed, withheld
+from fedlora.report.tracking import flat_params, numbers, open_tracker
 from fedlora.strategies import get_strategy
 from fedlora.strategies.base import RoundReport
-from fedlora.strategies.replies import describe_problem
+from fedlora.strategies.grid import REPLY_TIMEOUT_S, describe_nodes, wait_for_nodes
 
 log = logging.getLogger("fedlora")
-
-REPLY_TIMEOUT_S = 3600.0
 
 
 class Exchange:
@@ -83,49 +87,22 @@ class Exchange:
         return replies
 
 
-def wait_for_nodes(grid, count: int, timeout_s: float = 300.0) -> list[int]:
-    """Block until ``count`` nodes are connected, so round 1 samples from all of them."""
-    deadline = time.time() + timeout_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.time() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {count} clients connected in {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
-def describe_nodes(grid, nodes: list[int], config: dict, clients: int) -> dict[int, dict]:
-    """Each node's partition id, number of examples and label histogram (None from a DP
-    client, which does not send it). A node whose answer is an error or fails the reply schema
-    (``fedlora.strategies.replies.describe_problem``: a partition id outside 0..clients-1, a
-    count that is not a positive integer, a malformed histogram) is logged and left out."""
-    messages = [Message(content=RecordDict({"config": ConfigRecord(config)}),
-                        message_type="query.describe", dst_node_id=node) for node in nodes]
-    info = {}
-    for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
-        problem = describe_problem(reply, clients, config.get("num-labels"))
-        if problem:
-            log.warning("node %s did not describe itself (it is left out): %s",
-                        reply.metadata.src_node_id, problem)
-            continue
-        metrics = reply.content["metrics"]
-        info[reply.metadata.src_node_id] = {"partition_id": int(metrics["partition-id"]),
-                                            "num_examples": int(metrics["num-examples"]),
-                                            "label_histogram": list(metrics["label-histogram"])
-                                            if "label-histogram" in metrics else None}
-    return info
-
-
-def server_label_histograms(cfg: RunConfig, data) -> list[list[int]]:
-    """Each partition's label histogram from the partitioner the server owns (simulation)."""
-    counts = []
-    for indices in client_partitions(cfg.task_spec(), cfg.clients, cfg.partition, cfg.seed):
-        histogram = [0] * len(data.label_names)
-        for index in indices:
-            histogram[int(data.train.labels[index])] += 1
-        counts.append(histogram)
-    return counts
+def published_partitions(nodes: dict[int, dict], dp) -> list[dict]:
+    """``partitions.json``: each partition's id (and rank, with ``client_ranks``) and, without
+    DP, its number of examples and label histogram. Under record-level DP n_k stays (it is public there: the accounting
+    publishes ``q_k = b / n_k``) and the histogram goes; under client-level DP the size goes
+    too, being a statistic of the unit protected, a client's whole data set."""
+    published = []
+    for info in sorted(nodes.values(), key=lambda i: i["partition_id"]):
+        entry = {"partition_id": info["partition_id"]}
+        if not dp.client_level:
+            entry["num_examples"] = info["num_examples"]
+        if not dp.enabled:
+            entry["label_histogram"] = info["label_histogram"]
+        if "rank" in info:  # client_ranks: the rank it trains at (public: set by the config)
+            entry["rank"] = info["rank"]
+        published.append(entry)
+    return published
 
 
 def rejoined_nodes(grid, known: set[int], config: dict, clients: int, server_round: int) -> dict[int, int]:
@@ -190,8 +167,11 @@ class LoopProgress:
                      partition_of: dict[int, int]) -> None:
         """Rejected replies' reasons for the next row (partition None: a sender that is no
         node of the run)."""
-        self.rejected += [{"round": server_round, "partition": partition_of.get(node),
-                           "reason": reason} for node, reason in rejected]
+        entries = [{"round": server_round, "partition": partition_of.get(node), "reason": reason}
+                   for node, reason in rejected]
+        # replies arrive in any order: rows list them by partition, so a rerun writes the same
+        self.rejected += sorted(entries, key=lambda e: (e["partition"] is None,
+                                                        e["partition"] or 0, e["reason"]))
 
     def mean_train_loss(self) -> float | None:
         return sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
@@ -210,19 +190,16 @@ class LoopProgress:
 
 
 def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
-               resume: bool = False, owns_partitions: bool = False) -> dict:
+               resume: bool = False) -> dict:
     """Run all rounds of ``cfg`` on ``grid``; write the run directory; return the summary.
 
     ``data``: the task's dataset (``cfg.task_spec().dataset()``); its test split is scored
     by the task's evaluator (``fedlora.tasks.Task.evaluator``) into each row's metrics.
     ``resume``: continue the run in ``out`` from ``out/checkpoint.pt`` (``fedlora.run.checkpoint``).
-    ``owns_partitions``: the clients' data is ``data`` split by ``fedlora.tasks.data.client_partitions``
-    (a simulation), so under DP the server computes the label histograms the clients no longer
-    send; in deployment a node's data is its own.
     """
     checkpoint = load_checkpoint(out) if resume else None
     started = time.time() - (checkpoint["wall_s"] if checkpoint else 0.0)
-    strategy = get_strategy(cfg.strategy)(cfg, bundle.head_keys)
+    strategy = get_strategy(cfg.strategy).from_config(cfg, bundle.head_keys)
     config = client_config(cfg, len(data.label_names))
     ledger = CommLedger(lambda key: message_part(key, bundle.head_keys))
     exchange = Exchange(grid, ledger, config, strategy.one_time_parts_down, cfg.round_timeout)
@@ -243,20 +220,19 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                     "themselves); %s", sorted(set(range(cfg.clients)) - set(held))[:12], hint)
     partition_of = {node: info["partition_id"] for node, info in nodes.items()}
     known_nodes = set(connected)  # a node left out is asked again only under a new id
-    if cfg.dp.enabled and owns_partitions:  # what DP clients do not send, from the partitioner
-        histograms = server_label_histograms(cfg, data)
-        for info in nodes.values():
-            info["label_histogram"] = histograms[info["partition_id"]]
-    strategy.register_nodes(partition_of,
+    strategy.register_nodes(partition_of, None if cfg.dp.enabled else
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()},
                             {info["partition_id"]: info["num_examples"] for info in nodes.values()})
     if cfg.client_ranks:  # the rank each client trains at (docs/algorithms.md)
         for info in nodes.values():
             info["rank"] = strategy.client_rank(info["partition_id"])
-    writer.write_json("partitions.json", sorted(nodes.values(), key=lambda i: i["partition_id"]))
+    writer.write_json("partitions.json", published_partitions(nodes, cfg.dp))
 
     score = task.evaluator(bundle, data.test, cfg.max_length, cfg.device)
     example_report = task.example_report(bundle.tokenizer, data, cfg.max_length)
+    if cfg.dp.enabled:  # counted over the clients' training data without noise
+        example_report = {k: v for k, v in example_report.items()
+                          if k not in task.training_data_counts}
     for key, count in example_report.items():
         if count:
             log.warning("%s: %d (max_length=%d; prompts lose tokens from the left)", key, count,
@@ -279,7 +255,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
         begin = time.time()
         bundle.set_base_delta(strategy.global_base_delta())
         bundle.load(arrays.to_torch_state_dict())
-        with autocast(bundle.model):  # precision=bf16: the evaluation's forward passes too
+        with autocast(bundle.model):  # bf16 chosen: the evaluation's forward passes too
             metrics = score()
         if cfg.client_ranks:  # what a client of each rank holds after its download
             state = arrays.to_torch_state_dict()
@@ -297,7 +273,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
 
     def add_row(server_round: int, metrics: dict) -> None:
         rounds = range(progress.last_row_round + 1, server_round + 1)
-        writer.row({
+        writer.row(withheld({
             "round": server_round, "strategy": cfg.strategy, **metrics,
             "train_loss": progress.mean_train_loss(),
             "clients_trained": progress.trained, "clients_failed": progress.failed,
@@ -308,9 +284,13 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             "params_up_per_client": ledger.params_up_per_client(server_round),
             "epsilon": strategy.privacy.max_epsilon() if strategy.privacy else None,
             "wall_s": elapsed(started), **strategy.round_metrics(),
-            **({"rejected": progress.rejected} if progress.rejected else {})})
+            **({"rejected": progress.rejected} if progress.rejected else {})}, cfg.dp))
         if strategy.privacy is not None:  # rewritten every row: an independent recomputation
             writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file
+        # tracking=...: the row's numbers and, for a training round, the clients' lr in it
+        tracker.log_metrics(server_round, {**numbers(writer.rows[-1]), **(
+            {"lr": scheduled_lr(cfg.lr, server_round, cfg.rounds, cfg.lr_schedule)}
+            if server_round else {})})
         progress.row_written(server_round)
 
     def save_checkpoint(server_round: int) -> None:
@@ -321,6 +301,8 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                          "rows": writer.rows, "progress": progress.state_dict(), "rng": rng_states(),
                          "wall_s": elapsed(started), "config": cfg.to_dict()}, out / CHECKPOINT)
 
+    tracker = open_tracker(cfg.tracking, out, checkpoint["round"] if checkpoint else None)
+    tracker.log_params(flat_params({**cfg.to_dict(), "out": str(out)}))
     try:
         if not checkpoint:
             add_row(0, evaluate_global(arrays))
@@ -345,7 +327,9 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             save_checkpoint(server_round)
     finally:  # rows written so far stay on disk whatever happens
         writer.close()
-        write_participation_csv(out / "participation.csv", strategy.participation_matrix())
+        tracker.close()
+        if not cfg.dp.client_level or cfg.dp.publish_participation:  # else the sample is secret
+            write_participation_csv(out / "participation.csv", strategy.participation_matrix())
 
     save_atomic({"adapter": arrays.to_torch_state_dict(),
                  "base_delta": strategy.global_base_delta()}, out / FINAL_ADAPTER)
@@ -357,7 +341,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
                                                                       cfg.rank, head_params),
                             adapted_layers=len(layers), head_params=head_params,
                             wall_s=elapsed(started), metrics=task.metrics,
-                            examples=example_report)
+                            examples=example_report, precision=bundle.precision)
     writer.write_json("summary.json", summary)
     return summary
 
@@ -392,10 +376,10 @@ def config_from_run_config(run_config: dict) -> tuple[RunConfig, Path]:
     """The RunConfig from Flower's run config (``[tool.flwr.app.config]``, ``--run-config``),
     whose keys are the same as ``python -m fedlora.simulate``'s, nested ones dotted (or nested
     tables, as pyproject.toml holds them). With ``resume=DIR``: DIR's saved config and DIR."""
-    from fedlora.core.settings import flatten, unflatten
+    from flwr.common.config import flatten_dict, unflatten_dict
 
     # Flower gives dotted keys or nested tables (pyproject.toml); "" is the key's default
-    nested = unflatten({k: None if v == "" else v for k, v in flatten(dict(run_config)).items()})
+    nested = unflatten_dict({k: None if v == "" else v for k, v in flatten_dict(dict(run_config)).items()})
     resume = nested.pop("resume", None)
     out = nested.pop("out", None) or f"outputs/{time.strftime('%Y-%m-%d_%H-%M-%S')}-deploy"
     cfg = RunConfig.from_dict(nested)
@@ -416,11 +400,14 @@ def main(grid: Grid, context: Context) -> None:
 
     cfg, out = config_from_run_config(dict(context.run_config))
     cfg = resolve_noise(cfg, deployment=True)  # null: secret DP noise on real SuperNodes
-    check_deployment(cfg)
     setup_logging(out, quiet=not cfg.verbose)  # DIR/run.log, as in a simulation
     if cfg.dp.enabled and cfg.dp.noise == "reproducible":
         log.warning("dp.reproducible_noise=true: the clients seed their DP noise and sampling "
                     "with what this server knows, so it can remove the noise; unsafe outside "
                     "experiments")
     data, bundle = prepare(cfg)
-    run_server(grid, cfg, out, bundle, data, resume=bool(context.run_config.get("resume")))
+    try:
+        run_server(grid, cfg, out, bundle, data, resume=bool(context.run_config.get("resume")))
+    except ConfigError as error:  # e.g. a node's policy refuses the run: one line, no traceback
+        log.error("%s", error)
+        (out / RUN_ERROR).write_text(f"{error}\n")

@@ -21,6 +21,12 @@ that it works with every method:
 * ``ServerPrivacy`` (``fedlora.privacy.accounting``): the record-level DP ledger around the round's
   messages; ``ClientLevelDP`` (``fedlora.privacy.client_level``): client-level DP on the round's updates.
 
+A strategy takes explicit keyword arguments (``FederatedLoRA.__init__``: the federation, the
+clients' learning rate, sampling and weighting, DP, the method's settings), so it runs in any
+Flower ServerApp (``start``: Flower's loop after finding the nodes and the method's set-up
+round; docs/flower-apps.md); fedlora's round loop builds it from a ``RunConfig``
+(``from_config``).
+
 One training round, in this order (``configure_train`` then ``aggregate_train``):
   1. sample this round's clients among those still within their privacy budget: exactly
      ``clients_per_round`` with the run's seeded RNG (``participation=uniform``), or those a
@@ -47,7 +53,8 @@ One training round, in this order (``configure_train`` then ``aggregate_train``)
   7. commit what each client was sent (``HeldParts.accept``; ``reject`` for the others);
   8. under client-level DP (``dp.mode=client``, ``fedlora.privacy.client_level.ClientLevelDP``) the valid
      updates become one pseudo-update, the previous value plus the noised mean of their clipped
-     deltas, with weight 1 (clients were Poisson-sampled in step 1);
+     deltas, with weight 1 (clients were Poisson-sampled in step 1); a round without a valid
+     update releases the noise alone, as an empty Poisson sample must;
   9. aggregate on deltas, ``x <- x + eta * sum_k c_k (x_k - x)`` (``aggregate``, with the
      previous global value as one more weighted "client" where that rule needs it), and report
      the round (``RoundReport``).
@@ -56,23 +63,27 @@ One training round, in this order (``configure_train`` then ``aggregate_train``)
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedlora.model.adapters import factor_key, layer_names, part_of, state_at_rank
 from fedlora.privacy.client_level import ClientLevelDP, client_level_dp
 from fedlora.aggregation.maths import (sample_weights, server_step_weights, single_threaded,
                                        weighted_mean_states)
 from fedlora.report.comm import RESTORE, STATE_LOST
-from fedlora.config import round_lr
+from fedlora.config import (DPConfig, FedAUConfig, ParticipationConfig, RunConfig,
+                            check_federation, parse_client_ranks, scheduled_lr)
+from fedlora.core.errors import ConfigError
+from fedlora.core.settings import build, check_value
 from fedlora.aggregation.participation import ClientSampler, ClientWeighting, FedAUWeights
 from fedlora.privacy.accounting import PrivacyLedger, ServerPrivacy
 from fedlora.strategies.holdings import HeldParts
+from fedlora.strategies.grid import GridExchange, describe_nodes, wait_for_nodes
 from fedlora.strategies.replies import ReplySchema, TensorSpec, tensor_spec
 
 log = logging.getLogger("fedlora")
@@ -162,19 +173,22 @@ class FederatedLoRA(Strategy):
     # ``aggregate``. "stack": the same downloads, but ``aggregate`` takes each reply at its
     # own rank.
     rank_rule: str | None = None
-    # Defaults for keys left null in the config: rank, LoRA scale alpha/rank, client lr.
+    # Defaults for arguments left None (keys left null in the config): rank, LoRA scale
+    # alpha/rank, client lr.
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-3}
+    settings_class: type | None = None  # the method's settings dataclass (``register_strategy``)
 
     @classmethod
-    def config_problem(cls, cfg) -> str | None:
-        """A setting the method cannot run with, as a one-line ``ConfigError`` message
-        (naming the key, the value and the fix); None: none."""
+    def config_problem(cls, settings, dp: DPConfig) -> str | None:
+        """A combination of the method's ``settings`` and ``dp`` it cannot run with, as a
+        one-line ``ConfigError`` message (naming the key, the value and the fix); None: none."""
         return None
 
     @classmethod
-    def setup_examples_per_client(cls, cfg) -> int:
-        """Examples each client releases in the method's one-time set-up round (``initialize``),
-        which DP must plan for besides training; 0: the method has no such release."""
+    def setup_examples_per_client(cls, settings, clients_per_round: int) -> int:
+        """Examples each client releases in the method's one-time set-up round (``initialize``)
+        with these ``settings``, which DP must plan for besides training; 0: the method has
+        no such release."""
         return 0
 
     @staticmethod
@@ -193,27 +207,111 @@ class FederatedLoRA(Strategy):
         of the steady state; a method whose messages alternate by round overrides it."""
         return cls.params_up(m, n, rank), cls.params_down(m, n, rank)
 
-    def __init__(self, cfg, head_keys: frozenset[str]):
-        self.cfg = cfg
-        self.settings = cfg.settings  # the method's own ``<name>.*`` section (None: none)
-        self.head_keys = head_keys
-        self.sampler = ClientSampler(cfg.participation, cfg.clients, cfg.clients_per_round, cfg.seed)
-        self.weighting = ClientWeighting(cfg.weighting, cfg.clients, cfg.fedau.cutoff)
+    def __init__(self, *, clients: int, rounds: int, head_keys: Iterable[str] = frozenset(),
+                 clients_per_round: int | None = None, seed: int = RunConfig.seed,
+                 rank: int | None = None, alpha: float | None = None,
+                 lr: float | None = None, head_lr: float | None = None,
+                 lr_schedule: str = RunConfig.lr_schedule,
+                 participation: ParticipationConfig | None = None,
+                 weighting: str = RunConfig.weighting, fedau_cutoff: int | None = FedAUConfig.cutoff,
+                 server_lr: float = RunConfig.server_lr, min_clients: int = RunConfig.min_clients,
+                 max_update_norm: float = RunConfig.max_update_norm,
+                 dp: DPConfig | None = None, settings: object | None = None,
+                 client_ranks: Iterable[int] = ()):
+        """A strategy for any Flower ServerApp (``start``), or fedlora's round loop
+        (``from_config``). Every argument is keyword-only; the defaults are fedlora's.
+
+        The federation:
+            clients: the nodes of the run, each serving one partition 0..clients-1 (its
+                ``partition-id``); ``start`` waits until all are connected.
+            rounds: training rounds: the learning-rate schedule decays over them and
+                client-level DP plans its noise for them.
+            head_keys: the state keys of the model's new head (a classifier's), trained and
+                averaged beside the adapters; empty: none (a causal LM).
+            clients_per_round: clients sampled per round (None: all of them).
+            seed: seeds the sampling and client-level DP's noise (and, in fedlora's runs, the
+                partitions, the shared adapter init and the clients' batches).
+        The adapters (None: the method's ``defaults``):
+            rank, alpha: the adapters' rank and LoRA scale ``s = alpha / rank``, as the
+                clients' model has them (Fed-SB's initialisation and FedEx-LoRA's residual use
+                them).
+        What each sampled client is told (the rest of its settings, the model and the data,
+        travel in the ``train_config`` given to ``start``):
+            lr: the clients' learning rate in round 1 (None: the method's default).
+            head_lr: the head's learning rate in round 1 (None: ``lr``).
+            lr_schedule: ``cosine`` (decays to 0.1 lr in the last round) or ``constant``.
+        Sampling and aggregation:
+            participation: who takes part in a round (None: uniform, exactly
+                ``clients_per_round``; ``ParticipationConfig(name="bernoulli", ...)``: FedAU's
+                participation models, which need each node's label histogram).
+            weighting: ``c_k`` of a valid reply: ``samples`` (n_k / sum n), ``uniform`` (1/K)
+                or ``fedau`` (omega_k / N, cut off at ``fedau_cutoff`` absent rounds).
+            server_lr: eta in ``x <- x + eta sum_k c_k (x_k - x)``.
+            min_clients: a round with fewer valid replies is not aggregated.
+            max_update_norm: a reply further than this from the global state is rejected.
+        Privacy:
+            dp: record-level DP-SGD (the clients noise; the server keeps the ledger) or
+                client-level DP-FedAvg (the server clips and noises) (None: no DP).
+        Clients of different ranks (methods with a ``rank_rule``, docs/algorithms.md):
+            client_ranks: partition p trains at ``client_ranks[p % len]`` (empty: every
+                client at ``rank``; given: ``rank`` defaults to their largest).
+        The method:
+            settings: the method's own settings dataclass (``settings_class``, e.g.
+                ``FedSBSettings(init_samples=64)``; None: its defaults).
+        """
+        _check_arguments(self, clients=clients, rounds=rounds, clients_per_round=clients_per_round,
+                         seed=seed, rank=rank, alpha=alpha, lr=lr, head_lr=head_lr,
+                         lr_schedule=lr_schedule, participation=participation,
+                         weighting=weighting, fedau_cutoff=fedau_cutoff, server_lr=server_lr,
+                         min_clients=min_clients, max_update_norm=max_update_norm, dp=dp,
+                         settings=settings, client_ranks=client_ranks)
+        self.clients, self.rounds, self.seed = clients, rounds, seed
+        self.clients_per_round = clients if clients_per_round is None else clients_per_round
+        self.head_keys = frozenset(head_keys)
+        self.client_ranks = tuple(client_ranks)
+        self.rank = (max(self.client_ranks) if self.client_ranks else self.defaults["rank"]) \
+            if rank is None else rank
+        self.alpha = float(self.defaults["alpha_per_rank"] * self.rank) if alpha is None else alpha
+        self.lr = self.defaults["lr"] if lr is None else lr
+        self.head_lr, self.lr_schedule = head_lr, lr_schedule
+        self.server_lr, self.min_clients, self.max_update_norm = server_lr, min_clients, max_update_norm
+        # the method's own settings (None: a method without any)
+        self.settings = settings if settings is not None or self.settings_class is None \
+            else self.settings_class()
+        dp = dp or DPConfig()
+        self.sampler = ClientSampler(participation or ParticipationConfig(), clients,
+                                     self.clients_per_round, seed)
+        self.weighting = ClientWeighting(weighting, clients, fedau_cutoff)
         self.nodes = NodeBook()
         self.holdings = HeldParts(kept=frozenset(self.kept_parts),
                                   additive=frozenset(self.additive_parts),
                                   seeded=frozenset(self.seeded_parts))
-        self.dp = (ServerPrivacy(cfg.dp.epsilon, cfg.dp.accountant, noise=cfg.dp.noise)
-                   if cfg.dp.record_level else None)
+        self.dp = (ServerPrivacy(dp.epsilon, dp.accountant, noise=dp.noise)
+                   if dp.record_level else None)
         # Client-level DP: the server clips and noises the round's updates (step 6a).
-        self.client_dp = (client_level_dp(cfg, setup_releases=int(self.setup_examples_per_client(cfg) > 0))
-                          if cfg.dp.client_level else None)
+        setup_releases = int(self.setup_examples_per_client(self.settings, self.clients_per_round) > 0)
+        self.client_dp = (client_level_dp(dp, clients=clients, clients_per_round=self.clients_per_round,
+                                          rounds=rounds, seed=seed, setup_releases=setup_releases)
+                          if dp.client_level else None)
         if self.client_dp is not None:
-            self.sampler.use_rate(self.client_dp.sample_rate)
+            self.sampler.use_rate(self.client_dp.sample_rate, secret=dp.noise == "secret")
         self.server_round = 0
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
         self.setup_rejected: list[tuple[int, str]] = []  # (node id, reason) in ``initialize``
         self.previous_in_updates = False  # ``aggregate``'s last update is the previous state
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, head_keys: Iterable[str]) -> FederatedLoRA:
+        """The strategy of fedlora's run config ``cfg``: the one place a ``RunConfig`` becomes
+        a strategy's arguments (``head_keys``: the model's, ``AdaptedModel.head_keys``)."""
+        return cls(clients=cfg.clients, rounds=cfg.rounds, head_keys=head_keys,
+                   clients_per_round=cfg.clients_per_round, seed=cfg.seed, rank=cfg.rank,
+                   alpha=cfg.alpha, lr=cfg.lr, head_lr=cfg.head_lr, lr_schedule=cfg.lr_schedule,
+                   participation=cfg.participation, weighting=cfg.weighting,
+                   fedau_cutoff=cfg.fedau.cutoff, server_lr=cfg.server_lr,
+                   min_clients=cfg.min_clients, max_update_norm=cfg.max_update_norm, dp=cfg.dp,
+                   settings=cfg.methods.get(cls.name),  # its own ``<name>.*`` section
+                   client_ranks=cfg.client_ranks)
 
     # Read-only views of the parts, for reports and tests.
 
@@ -290,8 +388,8 @@ class FederatedLoRA(Strategy):
         ``rank``), until the client reports another (``next-rank``, rank self-pruning)."""
         if partition in self.holdings.ranks:
             return self.holdings.ranks[partition]
-        ranks = self.cfg.client_ranks
-        return ranks[partition % len(ranks)] if ranks else self.cfg.rank
+        ranks = self.client_ranks
+        return ranks[partition % len(ranks)] if ranks else self.rank
 
     def round_metrics(self) -> dict:
         """Values of the method's own for the next results row (by default none)."""
@@ -380,6 +478,54 @@ class FederatedLoRA(Strategy):
         """Boolean [rounds, clients]: which partitions were sampled in rounds 1, 2, ..."""
         return self.sampler.participation_matrix()
 
+    # -- the run in any Flower ServerApp ------------------------------------------------------
+
+    def start(self, grid, initial_arrays: ArrayRecord, num_rounds: int | None = None,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
+              ) -> Result:
+        """Flower's round loop (``Strategy.start``), after the two things a fedlora strategy
+        needs first: the run's nodes (it waits until all ``clients`` are connected and asks
+        each for its partition, ``register_nodes``) and the method's one-time set-up round
+        (``initialize``, e.g. Fed-SB's). ``train_config``: what fedlora's ClientApp reads from
+        every message (the model, task, data and local training:
+        ``fedlora.config.client_config``). ``num_rounds``: None or ``rounds``, which the
+        learning-rate schedule and DP were planned for. Server-side evaluation
+        (``evaluate_fn``) sees the global adapter state; FedEx-LoRA's model also adds
+        ``global_base_delta()`` to its base weights."""
+        if num_rounds is not None and num_rounds != self.rounds:
+            raise ValueError(f"num_rounds={num_rounds} but the strategy was built with rounds="
+                             f"{self.rounds} (its learning-rate schedule and DP plan span them); "
+                             f"build it with rounds={num_rounds} or leave num_rounds out")
+        config = dict(train_config or {})
+        if not self.nodes.partition_of:
+            self.find_nodes(grid, config)
+        arrays = self.initialize(grid, initial_arrays, GridExchange(grid, config, timeout))
+        result = super().start(grid, arrays, self.rounds, timeout, ConfigRecord(config),
+                               evaluate_config, evaluate_fn)
+        if not result.arrays:  # no round aggregated: the set-up round's state is the last
+            result.arrays = arrays
+        return result
+
+    def find_nodes(self, grid, client_config: dict) -> None:
+        """Wait for all ``clients`` nodes, ask each for its partition and register them (the
+        nodes whose answer fails the reply schema are left out, as in fedlora's runs)."""
+        nodes = describe_nodes(grid, wait_for_nodes(grid, self.clients), client_config,
+                               self.clients)
+        held = sorted(info["partition_id"] for info in nodes.values())
+        if not held:
+            raise RuntimeError("no node described itself: fedlora's ClientApp reads the model, "
+                               "task and data from train_config; pass train_config=ConfigRecord("
+                               "fedlora.config.client_config(...))")
+        if len(set(held)) < len(held):
+            raise RuntimeError(f"the {len(held)} nodes hold partitions {held[:12]}: each of "
+                               f"0..{self.clients - 1} must be served by one node (its "
+                               "node_config's partition-id)")
+        self.register_nodes({node: info["partition_id"] for node, info in nodes.items()},
+                            {info["partition_id"]: info["label_histogram"] for info in nodes.values()},
+                            {info["partition_id"]: info["num_examples"] for info in nodes.values()})
+
     # -- the round -----------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -397,9 +543,10 @@ class FederatedLoRA(Strategy):
             restore, restore_config = ({}, {}) if not restoring else \
                 self.restore_down(node_id, self.current, payload)
             node_config = ConfigRecord({**config, "server-round": server_round,
-                                        "lr": round_lr(self.cfg, server_round),
-                                        "head-lr": round_lr(self.cfg, server_round,
-                                                            self.cfg.head_lr or self.cfg.lr),
+                                        "lr": scheduled_lr(self.lr, server_round, self.rounds,
+                                                           self.lr_schedule),
+                                        "head-lr": scheduled_lr(self.head_lr or self.lr, server_round,
+                                                                self.rounds, self.lr_schedule),
                                         "trained-parts": ",".join(trained),
                                         "keep-parts": ",".join(sorted(self.kept_parts)),
                                         "seeded-parts": ",".join(sorted(self.seeded_parts)),
@@ -408,7 +555,7 @@ class FederatedLoRA(Strategy):
                                                             and partition_id in self.nodes.partitions_trained),
                                         # its own rank (client_ranks, or pruned since)
                                         **({"client-rank": self.client_rank(partition_id)}
-                                           if self.cfg.client_ranks or partition_id in
+                                           if self.client_ranks or partition_id in
                                            self.holdings.ranks else {}),
                                         **self.config_down(node_id), **restore_config,
                                         **(self.dp.outgoing(partition_id) if self.dp else {})})
@@ -423,7 +570,7 @@ class FederatedLoRA(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
         """Steps 3 to 8: validate, weight and aggregate one round's replies. Call it every
         round, with no replies too; ``arrays`` is None if none is valid (the global state stays
-        as it was)."""
+        as it was), but under client-level DP, which releases noise in every round."""
         self.server_round = server_round
         report = RoundReport()
         replies = self.record_privacy(replies, report.declined)
@@ -434,12 +581,12 @@ class FederatedLoRA(Strategy):
         for reply in replies:
             node_id = reply.metadata.src_node_id
             partition = self.nodes.partition_of.get(node_id)
-            rank = self.cfg.rank if partition is None else self.client_rank(partition)
+            rank = self.rank if partition is None else self.client_rank(partition)
             if rank not in schemas:
                 sent = state_at_rank(expected, rank)
                 schemas[rank] = ReplySchema(tensor_spec(sent), self.nodes.examples,
                                             accountant=self.dp is not None, reference=sent,
-                                            max_update_norm=self.cfg.max_update_norm)
+                                            max_update_norm=self.max_update_norm)
             reason = (schemas[rank].problem(reply, self.nodes.partition_of)
                       or next_rank_problem(reply, rank))
             if reason is None:
@@ -452,10 +599,10 @@ class FederatedLoRA(Strategy):
         # Replies arrive in any order; aggregating in partition order makes the sums exact
         # from run to run.
         valid.sort(key=lambda r: self.nodes.partition_of[r.metadata.src_node_id])
-        if 0 < len(valid) < self.cfg.min_clients:
+        if 0 < len(valid) < self.min_clients:
             log.warning("round %d: only %d valid replies, fewer than min_clients=%d: the round "
                         "is not aggregated (the global state stays as it was)", server_round,
-                        len(valid), self.cfg.min_clients)
+                        len(valid), self.min_clients)
             valid = []
         nodes = [r.metadata.src_node_id for r in valid]
         partitions = [self.nodes.partition_of[n] for n in nodes]
@@ -473,21 +620,20 @@ class FederatedLoRA(Strategy):
         for partition, rank, next_rank in zip(partitions, trained_ranks, next_ranks):
             if next_rank != rank:  # the client pruned its rank: it trains at next_rank from now
                 self.holdings.ranks[partition] = next_rank
-        if not valid:
-            if self.client_dp is not None and server_round > 0:
-                self.client_dp.account_empty_round(server_round)
+        if not valid and (self.client_dp is None or server_round == 0):
             return report
         # A pruned client's components beyond its new rank are dropped; under "pad" (and under
         # client-level DP, whose deltas need one shape) replies are zero-padded to the global rank.
         updates = [state_at_rank(r.content["arrays"].to_torch_state_dict(), rank)
                    for r, rank in zip(valid, next_ranks)]
         if self.rank_rule == "pad" or self.client_dp is not None:
-            updates = [state_at_rank(update, self.cfg.rank) for update in updates]
+            updates = [state_at_rank(update, self.rank) for update in updates]
         normalised = self.weighting.normalised
         if self.client_dp is not None:  # one noised pseudo-update; the method post-processes it
-            updates = [self.client_dp.private_update(self.current, updates, server_round)]
+            # (noise alone when no update arrived: skipping it would publish that none did)
+            updates = [self.client_dp.private_update(expected, updates, server_round)]
             coefficients, normalised = [1.0], True
-        weights, previous_weight = server_step_weights(coefficients, self.cfg.server_lr,
+        weights, previous_weight = server_step_weights(coefficients, self.server_lr,
                                                        normalised=normalised)
         self.previous_in_updates = previous_weight != 0.0
         if self.previous_in_updates:
@@ -495,10 +641,10 @@ class FederatedLoRA(Strategy):
             weights.append(previous_weight)
         with single_threaded():
             new_state = self.aggregate(self.current, updates, weights)
-        losses = sample_weights(num_examples)  # the reported loss is always the sample mean
         report.arrays = ArrayRecord(new_state)
         if self.client_dp is None and all("train_loss" in r.content["metrics"] for r in valid):
             # none under DP: record-level clients send none, client-level rows release none
+            losses = sample_weights(num_examples)  # the reported loss is always the sample mean
             report.train_loss = sum(w * r.content["metrics"]["train_loss"]
                                     for w, r in zip(losses, valid))
         report.clients_trained = len(valid)
@@ -553,8 +699,8 @@ class FederatedLoRA(Strategy):
 
     def summary(self) -> None:
         log.info("%s: %s weighting, %s participation, server_lr %g%s", type(self).__name__,
-                 self.cfg.weighting, self.cfg.participation.name, self.cfg.server_lr,
-                 f", DP epsilon {self.cfg.dp.epsilon:g}" if self.dp else "")
+                 self.weighting.rule, self.sampler.settings.name, self.server_lr,
+                 f", DP epsilon {self.dp.ledger.target_epsilon:g}" if self.dp else "")
 
 
 def next_rank_problem(reply: Message, rank: int) -> str | None:
@@ -567,3 +713,31 @@ def next_rank_problem(reply: Message, rank: int) -> str | None:
                          and value == int(value) and 1 <= value <= rank):
         return None
     return f"'next-rank' is {value!r}, not an integer from 1 to the client's rank {rank}"
+
+
+def _check_arguments(strategy: FederatedLoRA, **arguments) -> None:
+    """A strategy's arguments by the rules of the config keys of the same names (one-line
+    ``ConfigError``; the settings sections by their fields' rules), and the method's settings
+    by their type."""
+    rules = {f.name: f.metadata for f in fields(RunConfig)}
+    rules["fedau_cutoff"] = next(f.metadata for f in fields(FedAUConfig) if f.name == "cutoff")
+    for key, value in arguments.items():
+        if value is not None and is_dataclass(value):
+            build(type(value), asdict(value), key)
+        elif value is not None and key in rules:
+            check_value(value, rules[key], key)
+    settings, expected = arguments["settings"], strategy.settings_class
+    if settings is not None and (expected is None or type(settings) is not expected):
+        raise TypeError(f"{type(strategy).__name__} takes settings="
+                        f"{expected.__name__ + '(...)' if expected else 'None'}, not "
+                        f"{type(settings).__name__}")
+    clients_per_round = arguments["clients_per_round"] or arguments["clients"]
+    check_federation(arguments["clients"], clients_per_round,
+                     arguments["participation"] or ParticipationConfig(), arguments["weighting"],
+                     arguments["min_clients"], arguments["dp"] or DPConfig())
+    if arguments["client_ranks"]:
+        parse_client_ranks(list(arguments["client_ranks"]), arguments["rank"], strategy.name)
+    problem = strategy.config_problem(settings or (expected() if expected else None),
+                                      arguments["dp"] or DPConfig())
+    if problem:
+        raise ConfigError(problem)

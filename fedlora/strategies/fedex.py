@@ -55,8 +55,8 @@ class FedEx(FedIT):
     def params_down(m: int, n: int, rank: int) -> int:
         return rank * (m + n) + m * n  # dense residual; factored: (K+1) r (m+n) per missed round
 
-    def __init__(self, cfg, head_keys):
-        super().__init__(cfg, head_keys)
+    def __init__(self, **arguments):  # FederatedLoRA's keyword arguments
+        super().__init__(**arguments)
         self.residuals: list[dict[str, list[torch.Tensor]]] = []  # per round: layer -> [s B, A]
         self.base_delta: dict[str, torch.Tensor] = {}  # layer -> s * sum of all residuals
         self._catch_up: dict[int, dict[str, torch.Tensor]] = {}  # residuals held -> message
@@ -112,7 +112,7 @@ class FedEx(FedIT):
 
     def aggregate(self, state, updates, weights):
         new_state = super().aggregate(state, updates, weights)  # A_bar, B_bar and the head
-        scale = self.cfg.alpha / self.cfg.rank
+        scale = self.alpha / self.rank
         residual = {}
         for layer in layer_names(state):
             B_key, A_key = factor_key(layer, "B"), factor_key(layer, "A")

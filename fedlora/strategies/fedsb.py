@@ -60,9 +60,9 @@ class FedSB(FederatedLoRA):
         return rank * rank
 
     @classmethod
-    def setup_examples_per_client(cls, cfg) -> int:
+    def setup_examples_per_client(cls, settings: FedSBSettings, clients_per_round: int) -> int:
         """Each round-0 client's share of ``init_samples`` (its DP release is planned for it)."""
-        return -(-cfg.settings.init_samples // cfg.clients_per_round)
+        return -(-settings.init_samples // clients_per_round)
 
     def export_factors(self, state):
         """Plain LoRA with ``B' = B R`` and ``A' = A``: ``s B' A' = s B R A``, the same update."""
@@ -92,7 +92,7 @@ class FedSB(FederatedLoRA):
             for grad_key in expected:  # '<layer>.base.weight', every one in every reply
                 layer = grad_key[: -len(".base.weight")]
                 grad_sum = torch.stack([g[grad_key].to(torch.float64) for g in grads]).sum(0)
-                B, R, A = lora_sb_init(grad_sum, self.cfg.rank, self.settings.init_lr)
+                B, R, A = lora_sb_init(grad_sum, self.rank, self.settings.init_lr)
                 state[f"{layer}.lora_B.weight"] = B.float()
                 state[f"{layer}.lora_R.weight"] = R.float()
                 state[f"{layer}.lora_A.weight"] = A.float()
@@ -107,7 +107,8 @@ class FedSBClient(ClientHooks):
     def setup(self, node, message, context):
         """``G_k``: the summed gradients of the adapted base weights over ``init-samples`` of
         this node's examples (a uniform sample; under DP a Poisson sample at rate
-        ``init-samples / n_k`` and one clipped, noised release charged to the accountant)."""
+        ``init-samples / n_k`` and one clipped, noised release charged to the accountant, once
+        per run and only within the node's budget: else ``ReleaseRefused``)."""
         bundle = node.bundle
         bundle.set_base_delta(None)  # the pretrained W0, whatever a previous client left
         bundle.load(message.content["arrays"].to_torch_state_dict())  # the global head
@@ -125,12 +126,13 @@ class FedSBClient(ClientHooks):
                                       node.device, loss=node.task.loss)
             return grads, {"num-examples": len(chosen)}
         rate = min(1.0, share / len(node.indices))
+        privacy.check_setup_release(rate)  # before the data is touched
         sampler = privacy.rng("init-poisson", node, context.state)
         chosen = [i for i in node.indices if sampler.random() < rate]
         grads = private_gradient_sum(bundle.model, weights, node.batches, chosen, privacy.clip,
                                      privacy.noise_multiplier,
                                      privacy.rng("init-noise", node, context.state),
-                                     privacy.secure_rng, node.device, loss=node.task.loss)
+                                     node.device, loss=node.task.loss)
         privacy.spend(1, context.state, "init", int(node.config.get("server-round", 0)), rate=rate)
         # The Poisson sample's size is private: report the expected one, rate * n_k.
         return grads, {**privacy.metrics(), "num-examples": min(share, len(node.indices))}

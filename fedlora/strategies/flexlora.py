@@ -35,25 +35,25 @@ class FlexLoRA(FedIT):
 
     rank_rule = "stack"  # each reply at its own rank: the SVD takes any mix
 
-    def __init__(self, cfg, head_keys):
-        super().__init__(cfg, head_keys)
+    def __init__(self, **arguments):  # FederatedLoRA's keyword arguments
+        super().__init__(**arguments)
         self.truncation_error: dict[int, float] = {}  # tier -> ||dW - truncation||_F, last round
 
     def tiers(self) -> list[int]:
         """The client ranks of the run, and the global (largest) rank."""
-        return sorted(set(self.cfg.client_ranks) | {self.cfg.rank})
+        return sorted(set(self.client_ranks) | {self.rank})
 
     def aggregate(self, state, updates, weights):
         heads = [k for k in updates[0] if self.part(k) == "head"]
         new_state = {**state, **weighted_mean_states(updates, weights, keys=heads)}
-        scale = self.cfg.alpha / self.cfg.rank
+        scale = self.alpha / self.rank
         squared_errors = dict.fromkeys(self.tiers(), 0.0)
         for layer in layer_names(state):
             B_key, A_key = factor_key(layer, "B"), factor_key(layer, "A")
             by_rank = truncated_factors([u[B_key] for u in updates], [u[A_key] for u in updates],
                                         weights, [scale] * len(updates), self.tiers(),
                                         dict.fromkeys(self.tiers(), scale))
-            B, A, _ = by_rank[self.cfg.rank]
+            B, A, _ = by_rank[self.rank]
             new_state[B_key], new_state[A_key] = B.to(state[B_key].dtype), A.to(state[A_key].dtype)
             for rank, (_, _, error) in by_rank.items():
                 squared_errors[rank] += error ** 2

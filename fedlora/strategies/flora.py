@@ -68,7 +68,7 @@ class FLoRA(FedEx):
     def aggregate(self, state, updates, weights):
         heads = [k for k in updates[0] if self.part(k) == "head"]
         new_state = {**state, **weighted_mean_states(updates, weights, keys=heads)}  # A and B stay (B_0, A_0)
-        scale = self.cfg.alpha / self.cfg.rank
+        scale = self.alpha / self.rank
         stack = {}
         for layer in layer_names(state):
             B_key, A_key = factor_key(layer, "B"), factor_key(layer, "A")

@@ -57,8 +57,8 @@ class HetLoRA(FedIT):
     rank_rule = "pad"  # the coordinator zero-pads every reply to the largest rank
 
     @classmethod
-    def config_problem(cls, cfg):
-        if cfg.dp.record_level and cfg.settings.prune:
+    def config_problem(cls, settings, dp):
+        if dp.record_level and settings.prune:
             return ("hetlora.prune=true with record-level DP (dp.epsilon): the pruning term is "
                     "not a per-example loss and would escape DP-SGD's clipping; set "
                     "hetlora.prune=false or dp.mode=client")
@@ -76,7 +76,7 @@ class HetLoRA(FedIT):
         new_state = {**state, **weighted_mean_states(updates, weights, keys=heads)}
         clients = len(updates) - int(self.previous_in_updates)  # then the previous global pair
         share = sum(weights[:clients])
-        scale = self.cfg.alpha / self.cfg.rank
+        scale = self.alpha / self.rank
         for layer in layer_names(state):
             keys = [factor_key(layer, "B"), factor_key(layer, "A")]
             sparsity = sparsity_weights([u[keys[0]] for u in updates[:clients]],

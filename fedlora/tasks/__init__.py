@@ -82,6 +82,9 @@ class Task:
     run_defaults: ClassVar[dict] = {"rounds": 25, "local_steps": 8, "batch_size": 16,
                                     "eval_every": 1, "clients_per_round": 10}
     metrics: ClassVar[tuple[str, str]] = ("accuracy", "loss")  # (primary, held-out loss)
+    # The keys of ``example_report`` counted over the clients' training data: a DP run leaves
+    # them out of summary.json (un-noised statistics of the data DP protects).
+    training_data_counts: ClassVar[tuple[str, ...]] = ()
 
     @property
     def primary_metric(self) -> str:

@@ -299,6 +299,70 @@ def per_example_sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return token_loss.sum(dim=1) / counts
 
 
+def per_example_response_loss(model, batch: dict) -> torch.Tensor:
+    """``per_example_sft_loss`` of ``model`` on ``batch``, with the LM head applied only where
+    the loss reads it: the positions whose next token is a response token.
+
+    The head of a causal LM maps every position to the whole vocabulary (SmolLM2: 49 152 words)
+    and the loss takes a softmax over each, yet only response positions carry loss (about a
+    fifth of an arithmetic batch: the prompt and padding are the rest). So the base model's
+    hidden states are computed, the response positions selected (across the batch, example by
+    example), and the head applied to them alone. Equal to the full computation to float
+    rounding. The full path remains for a model ``response_head_applies`` says no to (its logits
+    are more than ``head(hidden)``, e.g. soft-capped), and for a trained head under DP-SGD
+    (Opacus' per-example gradients of the head need the batch dimension the selection
+    flattens)."""
+    causal_lm = getattr(model, "_module", model)  # Opacus' GradSampleModule wraps the model
+    head = causal_lm.get_output_embeddings()
+    per_example_head = causal_lm is not model and any(p.requires_grad for p in head.parameters())
+    if not getattr(causal_lm, "response_head_applies", False) or per_example_head:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return per_example_sft_loss(logits, batch["labels"])
+    labels = batch["labels"]
+    reads = torch.zeros_like(labels, dtype=torch.bool)
+    reads[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t's logits predict token t + 1
+    counts = reads.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise ValueError("an example has no response tokens to compute a loss on")
+    hidden = causal_lm.base_model(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state
+    logits = head(hidden[reads]).float()  # (response tokens in the batch, vocabulary)
+    token_loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][reads[:, :-1]],
+                                                   reduction="none")
+    rows = reads.nonzero()[:, 0]
+    return token_loss.new_zeros(len(labels)).index_add(0, rows, token_loss) / counts
+
+
+def response_head_applies(model) -> bool:
+    """Whether ``model``'s logits are exactly its output embedding applied to its base model's
+    last hidden state, so that ``per_example_response_loss`` may apply the head to some
+    positions only. Some causal LMs scale or soft-cap their logits after the head (Gemma 2,
+    Cohere, Granite) and transformers has no flag that says so: so a forward pass on a few
+    tokens is watched at the head, and its input and output must equal, bit for bit, the base
+    model's hidden state and the logits returned (a soft cap changes the bits of even tiny
+    logits). Any difference, or a model built otherwise: the full head, as before."""
+    head, base = model.get_output_embeddings(), model.base_model
+    if head is None or base is model:
+        return False
+    seen = []
+    hook = head.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ids = torch.arange(1, 9, device=_device_of(model)).unsqueeze(0) % model.config.vocab_size
+            logits = model(input_ids=ids, use_cache=False).logits
+            hidden = base(input_ids=ids, use_cache=False).last_hidden_state
+    except (AttributeError, TypeError, ValueError):  # a base model called differently
+        return False
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return (len(seen) == 1 and torch.equal(seen[0][0], hidden)
+            and torch.equal(seen[0][1], logits))
+
+
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The batch mean of per-example mean response losses.
 
@@ -426,7 +490,7 @@ def exact_match(predictions: Sequence[str], references: Sequence[str],
 def mean_response_loss(model, tokenizer, examples: Sequence[tuple], max_length: int,
                        batch_size: int = 16, use_chat_template: bool = True) -> float:
     """The mean over ``examples`` ((prompt, response) pairs) of each one's mean response loss,
-    teacher-forced, as ``sft_loss`` trains it."""
+    teacher-forced, as training computes it (``per_example_response_loss``)."""
     was_training = model.training
     model.eval()
     device = _device_of(model)
@@ -438,9 +502,7 @@ def mean_response_loss(model, tokenizer, examples: Sequence[tuple], max_length: 
         for start in range(0, len(order), batch_size):
             batch = collate_sft([encoded[i] for i in order[start:start + batch_size]], pad)
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            total += per_example_sft_loss(logits, batch["labels"]).sum().item()
+            total += per_example_response_loss(model, batch).sum().item()
     finally:
         model.train(was_training)
     return total / len(encoded)
@@ -575,6 +637,7 @@ class Generation(Task):
                     "clients_per_round": 2}
     default_max_examples: ClassVar[int | None] = None  # eval.max_examples null: every example
     metrics = ("exact_match", "eval_loss")
+    training_data_counts = ("truncated_train_examples",)
     default_answer = "text"
 
     @property
@@ -597,6 +660,7 @@ class Generation(Task):
         if tokenizer.pad_token is None:  # padded positions are masked: any id will do
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
+        model.response_head_applies = response_head_applies(model)  # read by ``loss``
         return model, tokenizer, frozenset()  # no head: only adapter tensors travel
 
     def training_examples(self, tokenizer, max_length: int) -> SFTBatches:
@@ -604,9 +668,8 @@ class Generation(Task):
 
     @staticmethod
     def loss(model, batch: dict, reduction: str = "mean"):
-        """``per_example_sft_loss`` (each example's mean response-token loss), reduced."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return reduce_loss(per_example_sft_loss(logits, batch["labels"]), reduction)
+        """Each example's mean response-token loss (``per_example_response_loss``), reduced."""
+        return reduce_loss(per_example_response_loss(model, batch), reduction)
 
     def scored(self, test: PairSplit) -> list[tuple]:
         """The (prompt, response) pairs evaluation scores: the first ``eval.max_examples``."""
