@@ -503,12 +503,65 @@ def privacy_record_probes(folder: Path) -> dict[str, str]:
                                        "head_lr"])}
 
 
+HETEROGENEOUS_CLAIMS = (  # (method, the paper's claim against zero-padded FedIT)
+    ("flora", "FLoRA above zero-padded FedIT (FLoRA and FlexLoRA papers)"),
+    ("flexlora", "FlexLoRA above zero-padded FedIT (FlexLoRA paper)"),
+    ("hetlora", "HetLoRA's sparsity weights and pruning above plain zero-padding (HetLoRA paper)"),
+)
+
+
+def heterogeneous(folder: Path) -> dict[str, str]:
+    """experiments/compare_heterogeneous.sh: the table of comparison.csv
+    (experiments/heterogeneous_table.py) and each paper's claim against the zero-padded FedIT
+    runs of the same setting and seed, from runs.csv."""
+    rows = read_csv(folder / "comparison.csv")
+    tiers = ("2", "4", "8", "16")
+    body = []
+    for row in rows:
+        scores = json.loads(row["tiers"])
+        body.append([row["setting"], f"`{row['strategy']}`", row["seeds"].replace(" ", ", "),
+                     f"{float(row['final_mean']):.3f} ± {float(row['final_std']):.3f}",
+                     f"{float(row['final_min']):.3f}–{float(row['final_max']):.3f}",
+                     f3(float(row["best_mean"])),
+                     *[f3(scores[t]) if t in scores else "–" for t in tiers],
+                     f"{float(row['bytes_up_mb']):.1f} / {float(row['bytes_down_mb']):.1f}"])
+    runs = [run for run in read_csv(folder / "runs.csv") if run["finished"] == "1"]
+    final = {(run["run"].split("/")[-2], run["strategy"], run["seed"]):
+             float(run[f"final_{run['primary_metric']}"]) for run in runs}
+    claims = []
+    for setting in sorted({key[0] for key in final if key[0].endswith("-ranks")}):
+        for method, claim in HETEROGENEOUS_CLAIMS:
+            seeds = sorted(seed for s, m, seed in final if (s, m) == (setting, method)
+                           and (setting, "fedavg", seed) in final)
+            if not seeds:
+                continue
+            gaps = [final[(setting, method, s)] - final[(setting, "fedavg", s)] for s in seeds]
+            verdict = "yes" if all(g > 0 for g in gaps) else "no" if all(g <= 0 for g in gaps) \
+                else "mixed"
+            claims.append([claim, setting, f"{statistics.mean(gaps):+.3f}",
+                           ", ".join(f"{s}: {g:+.3f}" for s, g in zip(seeds, gaps)), verdict])
+    return {
+        "comparison": table(["setting", "method", "seeds", "final (mean ± std)", "final min–max",
+                             "best", *[f"rank {t} tier" for t in tiers], "MB up / down"], body),
+        "claims": table(["claim", "setting", "final gap (mean)", "per seed", "reproduces here?"],
+                        claims),
+        "majority": f3(majority_default()),
+    }
+
+
 PAGES = {"default": default, "methods": methods, "generation": generation, "privacy": privacy,
          "privacy-client": privacy_client, "privacy-client-scale": privacy_client_scale,
          "privacy-record": privacy_record, "privacy-record-tuning": privacy_record_tuning,
          "privacy-record-adamw": privacy_record_adamw,
          "privacy-record-adamw-tuning": privacy_record_adamw_tuning,
-         "privacy-record-probes": privacy_record_probes}
+         "privacy-record-probes": privacy_record_probes, "heterogeneous": heterogeneous}
+# Files an experiment's own script writes under a name FILE_WORDS describes otherwise.
+FILE_WORDS_BY_EXPERIMENT = {
+    "heterogeneous": {
+        "comparison.csv": "`experiments/heterogeneous_table.py`'s table: one row per setting "
+                          "and method, over its seeds (final and best score, each rank tier's "
+                          "final score, bytes)",
+        "comparison.md": "the same table in markdown"}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +594,8 @@ def files_section(name: str) -> str:
              "folders and logs are not kept in git: the command above writes them again):", ""]
     for path in kept_files(folder):
         relative = path.relative_to(folder).as_posix()
-        words = FILE_WORDS.get(path.name, "plot")
+        words = FILE_WORDS_BY_EXPERIMENT.get(name, {}).get(path.name) or \
+            FILE_WORDS.get(path.name, "plot")
         lines.append(f"- [{relative}](../../experiments/results/{name}/{relative}): {words}")
     return "\n".join(lines)
 

@@ -188,7 +188,13 @@ class RunConfig:
                                 "SmolLM2-135M-Instruct) | a Hugging Face id / local model folder; "
                                 "null: the task's default (classification: minilm, generation: "
                                 "smollm2)")
-    rank: int | None = setting(None, "adapter rank; null: the method's default", check=POSITIVE)
+    rank: int | None = setting(None, "adapter rank; null: the method's default (with "
+                               "client_ranks: their largest)", check=POSITIVE)
+    client_ranks: tuple[int, ...] = setting((), "clients of different ranks: partition p trains "
+                                            "at client_ranks[p % len], e.g. [2,4,8,16]; the "
+                                            "global adapter has the largest rank and every "
+                                            "client the scale alpha / rank; empty: every client "
+                                            "at rank (docs/algorithms.md)")
     alpha: float | None = setting(None, "LoRA scale s = alpha / rank; null: the method's default",
                                   check=POSITIVE)
     targets: tuple[str, ...] = setting((), "Linear layers to adapt; empty: peft's default for "
@@ -313,6 +319,7 @@ class RunConfig:
         each method's settings as its own top-level section."""
         out = asdict(self)
         out["targets"] = list(self.targets)
+        out["client_ranks"] = list(self.client_ranks)
         out.update(out.pop("methods"))
         return out
 
@@ -337,6 +344,7 @@ class RunConfig:
         nested["methods"] = {name: build(m.settings, keys.pop(name), name)
                              for name, m in methods().items() if m.settings is not None}
         nested["targets"] = tuple(keys.pop("targets"))
+        nested["client_ranks"] = parse_client_ranks(keys.pop("client_ranks"), keys["rank"], strategy)
         for key in PLACEMENT_KEYS:
             keys.pop(key)
         task_class = get_task(str(keys.pop("task") or default_task(nested["data"])))
@@ -354,8 +362,10 @@ class RunConfig:
         return cfg._with_method_defaults(method.server.defaults)._checked()
 
     def _with_method_defaults(self, defaults: dict) -> "RunConfig":
-        """Rank, alpha and lr left null take the method's defaults."""
-        rank = defaults["rank"] if self.rank is None else self.rank
+        """Rank, alpha and lr left null take the method's defaults (the rank: the largest of
+        ``client_ranks`` if given)."""
+        rank = self.rank if self.rank is not None else \
+            max(self.client_ranks) if self.client_ranks else defaults["rank"]
         return replace(self, rank=rank,
                        alpha=float(defaults["alpha_per_rank"] * rank) if self.alpha is None
                        else self.alpha,
@@ -372,6 +382,9 @@ class RunConfig:
             raise ConfigError(f"client_gpus={self.client_gpus} needs device=cuda; set device=cuda "
                               "or client_gpus=0")
         self._check_gpu_settings()
+        problem = get_method(self.strategy).server.config_problem(self.settings, self.dp)
+        if problem:
+            raise ConfigError(problem)
         missing = missing_package(self.tracking) if self.tracking is not None else None
         if missing:
             raise ConfigError(f"tracking={self.tracking} needs the {missing} package; pip install "
@@ -423,6 +436,30 @@ class RunConfig:
         return cls.from_dict(saved)
 
 
+def parse_client_ranks(raw, rank, strategy: str) -> tuple[int, ...]:
+    """``client_ranks`` as positive integers (a list, or "2,4,8" / "[2,4,8]" from a run config),
+    checked against ``rank`` (the global rank: their largest) and the method, which must have a
+    rule for clients of different ranks (``FederatedLoRA.rank_rule``)."""
+    if raw is None or raw == "" or raw == []:
+        return ()
+    items = raw.strip("[] ").split(",") if isinstance(raw, str) else list(raw)
+    try:
+        ranks = tuple(int(str(r).strip()) for r in items)
+    except ValueError:
+        ranks = ()
+    if not ranks or any(r <= 0 or str(r) != str(i).strip() for r, i in zip(ranks, items)):
+        raise ConfigError(f"client_ranks={raw!r} is not a list of positive integers; give e.g. "
+                          "client_ranks=[2,4,8,16]")
+    if rank is not None and int(rank) != max(ranks):
+        raise ConfigError(f"rank={rank} with client_ranks={list(ranks)}: the global adapter has "
+                          f"the largest client rank; drop rank or set rank={max(ranks)}")
+    server = get_method(strategy).server
+    if server.rank_rule is None:
+        supported = sorted(name for name, m in methods().items() if m.server.rank_rule is not None)
+        raise ConfigError(f"strategy={strategy} has no rule for clients of different ranks "
+                          f"(client_ranks={list(ranks)}); drop client_ranks or choose one of: "
+                          f"{', '.join(supported)}")
+    return ranks
 def check_federation(clients: int, clients_per_round: int, participation: ParticipationConfig,
                      weighting: str, min_clients: int, dp: DPConfig) -> None:
     """The rules relating the keys a strategy takes (``RunConfig`` and a strategy's own
@@ -495,8 +532,9 @@ def _spelled_out(raw: dict) -> dict:
         if isinstance(raw.get(name), str) and any(f.metadata.get("names_section")
                                                   for f in fields(section_class)):
             raw[name] = {"name": raw[name]}
-    if isinstance(raw.get("targets"), str):
-        raw["targets"] = [t.strip() for t in raw["targets"].split(",") if t.strip()]
+    for key in ("targets", "client_ranks"):  # Flower's run config: "query,value", "2,4,8"
+        if isinstance(raw.get(key), str):
+            raw[key] = [t.strip() for t in raw[key].strip("[] ").split(",") if t.strip()]
     return raw
 
 

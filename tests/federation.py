@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedlora.model.adapters import factor_key, part_of, split_residual_key
+from fedlora.model.adapters import factor_key, part_of, split_residual_key, state_at_rank
 from fedlora.clients.app import check_state_kept, full_adapter_state
 from fedlora.config import RunConfig
 from fedlora.aggregation.participation import FedAUWeights
@@ -30,24 +30,28 @@ HISTOGRAMS = {0: [10, 0, 0], 1: [5, 15, 0], 2: [0, 10, 20], 3: [15, 15, 15]}
 
 
 def make_cfg(strategy: str, **overrides) -> RunConfig:
-    raw = {"strategy": strategy, "clients": CLIENTS, "clients_per_round": CLIENTS, "rank": RANK,
-           "alpha": ALPHA, "rounds": 6, "seed": 0, **overrides}
+    """A run of CLIENTS clients at RANK and scale SCALE; with ``client_ranks``, the global rank
+    is their largest and alpha keeps the scale SCALE."""
+    ranks = overrides.get("client_ranks")
+    rank = max(ranks) if ranks else RANK
+    raw = {"strategy": strategy, "clients": CLIENTS, "clients_per_round": CLIENTS, "rank": rank,
+           "alpha": SCALE * rank, "rounds": 6, "seed": 0, **overrides}
     return RunConfig.from_dict(raw)
 
 
-def initial_state(latent: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+def initial_state(latent: bool, seed: int = 0, rank: int = RANK) -> dict[str, torch.Tensor]:
     """The adapter and head state every party rebuilds from the shared seed. B is non-zero (as
     after some training) so that products are non-trivial from round 1."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for layer in LAYERS:
         if latent:  # LoRA-SB: orthonormal B and A, R trained
-            state[factor_key(layer, "B")] = torch.linalg.qr(torch.randn(M, RANK, generator=gen, dtype=F64))[0]
-            state[factor_key(layer, "R")] = torch.randn(RANK, RANK, generator=gen, dtype=F64)
-            state[factor_key(layer, "A")] = torch.linalg.qr(torch.randn(N, RANK, generator=gen, dtype=F64))[0].T.contiguous()
+            state[factor_key(layer, "B")] = torch.linalg.qr(torch.randn(M, rank, generator=gen, dtype=F64))[0]
+            state[factor_key(layer, "R")] = torch.randn(rank, rank, generator=gen, dtype=F64)
+            state[factor_key(layer, "A")] = torch.linalg.qr(torch.randn(N, rank, generator=gen, dtype=F64))[0].T.contiguous()
         else:
-            state[factor_key(layer, "A")] = torch.randn(RANK, N, generator=gen, dtype=F64) / N ** 0.5
-            state[factor_key(layer, "B")] = torch.randn(M, RANK, generator=gen, dtype=F64)
+            state[factor_key(layer, "A")] = torch.randn(rank, N, generator=gen, dtype=F64) / N ** 0.5
+            state[factor_key(layer, "B")] = torch.randn(M, rank, generator=gen, dtype=F64)
     state["head.weight"] = torch.randn(NUM_LABELS, N, generator=gen, dtype=F64)
     state["head.bias"] = torch.randn(NUM_LABELS, generator=gen, dtype=F64)
     return state
@@ -97,6 +101,8 @@ class FakeClient:
         keep, seeded = parts(config, "keep-parts"), parts(config, "seeded-parts")
         self.kept.update({k: v for k, v in received.items() if part_of(k, HEAD_KEYS) in keep})
         seeds = {k: v for k, v in self.initial.items() if part_of(k, HEAD_KEYS) in seeded}
+        if "client-rank" in config:  # its own rank: the seed's first components, as the app
+            seeds = state_at_rank(seeds, int(config["client-rank"]))
         self.trained_from = full_adapter_state(received, self.kept, seeds, self.initial)
         trained = parts(config, "trained-parts")
         gen = torch.Generator().manual_seed(seed)
@@ -125,7 +131,7 @@ class Federation:
         self.cfg = make_cfg(strategy, **overrides)
         cls = get_strategy(strategy)
         self.strategy = cls.from_config(self.cfg, HEAD_KEYS)
-        self.initial = initial_state(cls.latent)
+        self.initial = initial_state(cls.latent, rank=self.cfg.rank)
         self.clients = {100 + p: FakeClient(p, sizes[p], self.initial) for p in range(CLIENTS)}
         self.strategy.register_nodes({node: c.partition_id for node, c in self.clients.items()},
                                      HISTOGRAMS,

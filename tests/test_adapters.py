@@ -209,3 +209,49 @@ def test_part_of_classifies_keys(key, part):
 def test_part_of_head_needs_head_keys():
     # Execute / Assert: without head keys the classifier is frozen base
     assert part_of("classifier.weight", frozenset()) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Clients of different ranks on one model
+
+
+def test_set_rank_resizes_the_factors_keeps_the_scale_and_draws_no_random_numbers():
+    # Prepare
+    layer = LoRALinear(tiny_base(), rank=4, alpha=8.0, latent=False)
+    B, A = torch.randn(5, 2, dtype=F64), torch.randn(2, 7, dtype=F64)
+    x = random_input()
+    rng = torch.get_rng_state()
+
+    # Execute
+    layer.set_rank(2)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(B)
+        layer.lora_A.weight.copy_(A)
+    out = layer(x)
+
+    # Assert: rank-2 factors at the build's scale 8 / 4, and the seeded streams untouched
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert layer.rank == 2 and layer.scale == 2.0
+    assert (out - (layer.base(x) + 2.0 * x @ A.T @ B.T)).abs().max() <= 1e-12
+    layer.set_rank(4)
+    assert layer.lora_A.weight.shape == (4, 7) and layer.lora_B.weight.shape == (5, 4)
+
+
+def test_at_rank_truncates_and_zero_pads_factors_and_leaves_the_rest():
+    # Prepare
+    from fedlora.model.adapters import at_rank, state_at_rank
+
+    B, A = torch.randn(5, 3, dtype=F64), torch.randn(3, 7, dtype=F64)
+    head = torch.randn(2, 5, dtype=F64)
+    state = {"l.lora_B.weight": B, "l.lora_A.weight": A, "head.weight": head}
+
+    # Execute
+    two, five = state_at_rank(state, 2), state_at_rank(state, 5)
+
+    # Assert: the first components; zero padding keeps the product; same rank: same tensor
+    assert torch.equal(two["l.lora_B.weight"], B[:, :2]) and torch.equal(two["l.lora_A.weight"], A[:2])
+    assert five["l.lora_B.weight"].shape == (5, 5) and five["l.lora_A.weight"].shape == (5, 7)
+    assert torch.equal(five["l.lora_B.weight"] @ five["l.lora_A.weight"], B @ A)
+    assert two["head.weight"] is head and at_rank("l.lora_A.weight", A, 3) is A
+    R = torch.randn(3, 3, dtype=F64)
+    assert torch.equal(at_rank("l.lora_R.weight", R, 2), R[:2, :2])

@@ -305,3 +305,55 @@ def test_head_lr_reaches_the_client_and_scales_only_the_heads_step(client_model)
                 assert not torch.equal(value, start)
             else:
                 torch.testing.assert_close(scaled_state[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_client_trains_at_its_own_rank_on_the_shared_model(client_model):
+    # Prepare: FFA-LoRA with partitions at ranks 1 and 2 (the model is built at 2)
+    bundle = client_model
+    cfg, server, contexts = federation("ffa", bundle, client_ranks=[1, 2], clients_per_round=4)
+    arrays = ArrayRecord(bundle.initial_state)
+    try:
+        # Execute
+        messages, replies, new_arrays = run_round(server, contexts, cfg, arrays, 1)
+        rank_one = [m for m in messages if m.content["config"]["client-rank"] == 1]
+        served_at_one = bundle.state(("A",))  # the last client is partition 3, rank 2
+    finally:
+        bundle.set_rank(2)
+        bundle.load(bundle.initial_state)
+
+    # Assert: each reply's B has the client's rank; its A was the seed's first rows (the
+    # shared model, resized per message, trains with the seed's A sliced)
+    assert len(rank_one) == 2 and new_arrays is not None
+    for message, answer in zip(messages, replies):
+        rank = message.content["config"]["client-rank"]
+        assert not answer.has_error(), answer.error
+        for key, value in answer.content["arrays"].to_torch_state_dict().items():
+            if part_of(key, bundle.head_keys) == "B":
+                assert value.shape[1] == rank
+    assert all(value.shape[0] == 2 for value in served_at_one.values())
+    for key, value in new_arrays.to_torch_state_dict().items():
+        assert value.shape == bundle.initial_state[key].shape  # the global keeps rank 2
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_hetlora_client_prunes_when_its_tail_shrinks(client_model):
+    # Prepare: a strong pruning term; round 2 starts from a global with a non-zero tail
+    bundle = client_model
+    cfg, server, contexts = federation("hetlora", bundle, client_ranks=[2],
+                                       hetlora={"prune_lambda": 1e4}, local_steps=3)
+    arrays = ArrayRecord(bundle.initial_state)
+    weak_cfg, weak, weak_contexts = federation("hetlora", bundle, client_ranks=[2],
+                                               hetlora={"prune_lambda": 0.0}, local_steps=3)
+
+    # Execute
+    _, _, arrays = run_round(server, contexts, cfg, arrays, 1)
+    messages, replies, _ = run_round(server, contexts, cfg, arrays, 2)
+    _, weak_replies, _ = run_round(weak, weak_contexts, weak_cfg, arrays, 2)
+
+    # Assert: with the term the tail shrank and the clients train at floor(0.99 * 2) = 1 from
+    # now on; without it the tail grows and nobody prunes
+    assert all(m.content["config"]["prune-decay"] == 0.99 for m in messages)
+    assert [r.content["metrics"].get("next-rank") for r in replies] == [1, 1]
+    assert [server.client_rank(m.metadata.dst_node_id - 10) for m in messages] == [1, 1]
+    assert all("next-rank" not in r.content["metrics"] for r in weak_replies)

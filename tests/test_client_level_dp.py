@@ -48,7 +48,7 @@ def test_the_global_update_is_the_clipped_mean_with_a_fixed_denominator(name):
     fed = client_dp_federation(name, noise_multiplier=1e-9, clip=0.3)
     trained_rounds = 0
     for _ in range(6):
-        before = fed.state
+        before, base_before = fed.state, fed.strategy.global_base_delta()
         messages = fed.configure()
         replies = fed.train(messages)
         trained = {part_of(k, HEAD_KEYS) for r in replies for k in r.content["arrays"]}
@@ -59,7 +59,8 @@ def test_the_global_update_is_the_clipped_mean_with_a_fixed_denominator(name):
         # Assert: x + sum_k clip(delta_k) / m for every trained tensor, m = q N = 2, as the
         # model computes it (a method may post-process the one pseudo-update: FedSVD's
         # re-factorisation keeps the product; LoRA-FAIR's correction and FedEx's residual
-        # vanish for a single update)
+        # vanish for a single update; FLoRA merges it into the base weights, which hold the
+        # earlier rounds' updates)
         if not replies:  # noise alone, of std 1e-9 C / m (the round still releases it)
             if name == "fedsvd":  # its re-factorisation may rotate B and A: the product stays
                 from fedlora.model.adapters import factor_key, layer_names
@@ -79,7 +80,7 @@ def test_the_global_update_is_the_clipped_mean_with_a_fixed_denominator(name):
                 norm = math.sqrt(sum(float((u - before[k]).pow(2).sum()) for k, u in update.items()))
                 total += (update[key] - before[key]) * min(1.0, 0.3 / norm)
             expected[key] = before[key] + total / 2
-        reference = effective_weights(expected, fed.W0, None)
+        reference = effective_weights(expected, fed.W0, base_before)
         for layer, weight in fed.global_effective_weights().items():
             assert torch.allclose(weight, reference[layer], atol=1e-6), (name, layer)
         for key in HEAD_KEYS:

@@ -33,3 +33,34 @@ def test_kept_share_uses_each_seed_and_the_reference_given(tmp_path):
     assert table.cell(reference[("ffa", "inf")]) == "0.750 (1 seed)"
     assert table.kept_cell({}, 0.75, 0.25) == "–"
     assert table.kept_share(0.25, 0.75, 0.25) == pytest.approx(0.0)
+
+
+def test_heterogeneous_table_groups_settings_and_averages_tiers_over_seeds():
+    # Prepare: two seeds of FLoRA with client_ranks, one of FedIT at rank 16, one unfinished run
+    table = load_experiment("heterogeneous_table")
+    runs = [{"run": f"runs/default-ranks/flora-seed{s}", "finished": "1", "strategy": "flora",
+             "seed": str(s), "primary_metric": "accuracy", "final_accuracy": str(0.6 + 0.1 * s),
+             "best_accuracy": str(0.7 + 0.1 * s), "bytes_up_total": "2000000",
+             "bytes_down_total": str(4000000 * (s + 1))} for s in (0, 1)]
+    runs += [{"run": "runs/default-r16/fedavg-seed0", "finished": "1", "strategy": "fedavg",
+              "seed": "0", "primary_metric": "accuracy", "final_accuracy": "0.5",
+              "best_accuracy": "0.55", "bytes_up_total": "1000000", "bytes_down_total": "1000000"},
+             {"run": "runs/default-r2/fedavg-seed0", "finished": "0", "strategy": "fedavg"}]
+    rounds = [{"run": f"runs/default-ranks/flora-seed{s}", "round": "25",
+               "tiers": '{"2": {"accuracy": %s}, "16": {"accuracy": 0.7}}' % (0.4 + 0.2 * s)}
+              for s in (0, 1)] + [{"run": "runs/default-r16/fedavg-seed0", "round": "25", "tiers": ""}]
+
+    # Execute
+    rows = table.summarise(runs, rounds)
+
+    # Assert: one row per (setting, method), the unfinished run left out; means by hand
+    assert [(r["setting"], r["strategy"], r["n"]) for r in rows] == [
+        ("default-r16", "fedavg", 1), ("default-ranks", "flora", 2)]
+    flora = rows[1]
+    assert flora["final_mean"] == pytest.approx(0.65) and flora["final_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert (flora["final_min"], flora["final_max"]) == pytest.approx((0.6, 0.7))
+    assert flora["best_mean"] == pytest.approx(0.75)
+    assert flora["tiers"] == '{"2": 0.5, "16": 0.7}'
+    assert (flora["bytes_up_mb"], flora["bytes_down_mb"]) == pytest.approx((2.0, 6.0))
+    assert "| default-ranks | flora | 0 1 | 0.650 ± 0.071 (0.600–0.700) | 0.750 | 0.500 |" \
+        in table.markdown(rows)

@@ -154,3 +154,26 @@ def test_nodes_must_hold_each_partition_once(tiny_bundle, tmp_path):
                                            r"'partition-id=i num-partitions=4'"):
         run_server(FakeGrid(clients), cfg, tmp_path, tiny_bundle, data)
     assert not (tmp_path / "results.jsonl").read_text()
+
+
+def test_clients_of_different_ranks_and_the_score_of_each_rank_tier(tiny_bundle, tmp_path):
+    # Prepare: FlexLoRA with partitions at ranks 1, 2, 1, 2 (the global has rank 2)
+    cfg = RunConfig.from_dict({"strategy": "flexlora", "clients": 4, "rounds": 2,
+                               "client_ranks": [1, 2], "alpha": ALPHA, "max_length": 8})
+    data = TextDataset(TextSplit(TEXTS, LABELS), TextSplit(TEXTS, LABELS), ("x", "y", "z"))
+    clients = {100 + p: FakeClient(p, SIZES[p], tiny_bundle.initial_state) for p in range(4)}
+
+    # Execute
+    run_server(FakeGrid(clients), cfg, tmp_path, tiny_bundle, data)
+
+    # Assert: each partition's rank on file; every row scores the global model and each tier's
+    # download (the rank-1 tier differs from the global once trained), and the truncation error
+    partitions = json.loads((tmp_path / "partitions.json").read_text())
+    assert [p["rank"] for p in partitions] == [1, 2, 1, 2]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert all(set(row["tiers"]) == {"1", "2"} for row in rows)
+    assert all(row["tiers"]["2"] == {k: row[k] for k in ("accuracy", "loss")} for row in rows)
+    assert rows[-1]["tiers"]["1"]["loss"] != rows[-1]["loss"]
+    assert set(rows[-1]["truncation_error"]) == {"1", "2"} and rows[-1]["truncation_error"]["1"] > 0
+    assert [param.shape[0] for name, param in tiny_bundle.model.named_parameters()
+            if name.endswith("lora_A.weight")] == [2, 2]  # the server's model is back at rank 2

@@ -160,6 +160,8 @@ def test_other_jsonl_dataset_runs_unchanged(tmp_path):
     (["data.label_field=topic", "data.path=@JSONL"], "data.label_field='topic' is not a column"),
     (["learning_rate=0.1"], "'learning_rate' is not a fedlora setting"),
     (["model=/no/such/model"], "model='/no/such/model' could not be loaded"),
+    (["strategy=fedsb", "client_ranks=[2,4,8,16]"],
+     "strategy=fedsb has no rule for clients of different ranks"),
 ])
 def test_config_errors_are_one_line_exit_2(tmp_path, overrides, message):
     # Prepare

@@ -5,7 +5,9 @@ its ConfigRecord. The pretrained model is built once per process and kept
 (``fedlora.model.pretrained.cached_model``); each message loads the full adapter state it needs into it,
 so virtual clients sharing a Ray worker never see each other's tensors. That state is, key by
 key, what the server sent, else what the node kept from an earlier round (``keep-parts``,
-in ``Context.state``), else the shared-seed init (``seeded-parts``). The app names no method:
+in ``Context.state``), else the shared-seed init (``seeded-parts``), at the client's own rank
+(``client-rank``, clients of different ranks: the cached model's adapters are resized, and a
+seeded factor is the first ``client-rank`` rows / columns of the seed's). The app names no method:
 what a method's clients do beyond this (a set-up step, node state of their own such as a base
 delta added to the pretrained W0) is its client hooks' (``fedlora.clients.hooks``), looked up
 by the ``strategy`` of each message's config.
@@ -46,7 +48,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedlora.model import pretrained as models
-from fedlora.model.adapters import part_of
+from fedlora.model.adapters import part_of, state_at_rank
 from fedlora.report.comm import RESTORE, STATE_LOST
 from fedlora.config import (partition_from_client_config, specs_from_client_config,
                             task_from_client_config)
@@ -189,6 +191,7 @@ class LocalRound:
     trained: set[str]
     steps: list  # example indices of each local step; under DP, its Poisson batches
     privacy: ClientPrivacy | None
+    rank: int  # the adapter rank it trains at (``client-rank``; else the build's)
 
 
 def begin_training(message: Message, context: Context) -> LocalRound | Message:
@@ -209,6 +212,8 @@ def begin_training(message: Message, context: Context) -> LocalRound | Message:
                        reply_to=message)
     check_state_kept(cfg, NODE_MARK in context.state.config_records)
     context.state[NODE_MARK] = ConfigRecord({"server-round": int(cfg["server-round"])})
+    rank = int(cfg.get("client-rank", 0)) or setup.model_spec.rank
+    bundle.set_rank(rank)  # the build's rank unless the server gives this client its own
     received = message.content["arrays"].to_torch_state_dict()
     restore = (message.content[RESTORE].to_torch_state_dict()
                if RESTORE in message.content.array_records else {})
@@ -220,7 +225,8 @@ def begin_training(message: Message, context: Context) -> LocalRound | Message:
     if delivered:  # the latest value of the tensors this node keeps
         kept = {**kept, **delivered}
         context.state["kept"] = ArrayRecord(kept)
-    initial = {k: v for k, v in bundle.initial_state.items() if part_of(k, bundle.head_keys) in seeded}
+    initial = state_at_rank({k: v for k, v in bundle.initial_state.items()
+                             if part_of(k, bundle.head_keys) in seeded}, rank)
     start = full_adapter_state(received, kept, initial, bundle.shapes())
     local_steps = int(cfg["local-steps"])
     privacy = ClientPrivacy.for_node(cfg, context.state, len(setup.indices))
@@ -233,7 +239,8 @@ def begin_training(message: Message, context: Context) -> LocalRound | Message:
         steps = poisson_batches(setup.batches, setup.indices, privacy.sample_rate, local_steps,
                                 privacy.rng("poisson", setup, context.state))
         privacy.noise_generator = privacy.rng("noise", setup, context.state, setup.device)
-    return LocalRound(setup, message, context, start, _parts(cfg, "trained-parts"), steps, privacy)
+    return LocalRound(setup, message, context, start, _parts(cfg, "trained-parts"), steps, privacy,
+                      rank)
 
 
 def example_indices(batches: ExampleBatches) -> ExampleBatches:
@@ -247,6 +254,7 @@ def example_indices(batches: ExampleBatches) -> ExampleBatches:
 def train_alone(local: LocalRound) -> Message:
     """The client's local steps on the shared model (``client_update``), and its reply."""
     setup, cfg, bundle = local.setup, local.setup.config, local.setup.bundle
+    bundle.set_rank(local.rank)
     bundle.load(local.start)
     trainable = bundle.set_trainable(local.trained)
     steps = local.steps if local.privacy is not None else \
@@ -254,8 +262,8 @@ def train_alone(local: LocalRound) -> Message:
     head = [param for key, param in bundle.model.named_parameters()
             if param.requires_grad and key in bundle.head_keys]
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
-                            local.privacy, loss=setup.task.loss, optimizer=str(cfg["optimizer"]),
-                            head=head, head_lr=float(cfg["head-lr"]))
+                            local.privacy, loss=setup.hooks.training_loss(setup, setup.task.loss),
+                            optimizer=str(cfg["optimizer"]), head=head, head_lr=float(cfg["head-lr"]))
     return finish_training(local, bundle.state(local.trained), metrics)
 
 
@@ -268,6 +276,7 @@ def finish_training(local: LocalRound, trained: dict[str, torch.Tensor], metrics
         local.privacy.spend(int(cfg["local-steps"]), local.context.state, "train",
                             int(cfg["server-round"]))
         metrics = local.privacy.metrics()
+    metrics = local.setup.hooks.after_training(local.setup, local.context, metrics)
     return local.setup.reply(local.message, trained, metrics)
 
 
@@ -284,7 +293,7 @@ class ReadyClient:
     def settings(self) -> tuple:
         """What clients trained in one pass must share (besides the base weights)."""
         setup, cfg = self.local.setup, self.local.setup.config
-        return (tuple(sorted(self.local.trained)), str(cfg["optimizer"]), float(cfg["lr"]),
+        return (self.local.rank, tuple(sorted(self.local.trained)), str(cfg["optimizer"]), float(cfg["lr"]),
                 float(cfg["head-lr"]), len(self.local.steps), setup.device, id(setup.bundle),
                 id(setup.batches), setup.task)
 
@@ -295,7 +304,8 @@ def train_hosted_clients(clients: list[HostedClient], client_batch: int) -> dict
     are split into as few chunks as ``client_batch`` allows, of sizes that differ by at most
     one. A client that fails before its steps gets its own error reply; if a chunk fails, each
     of its clients is trained again alone, so no client fails because of another's data. A DP
-    client trains alone (DP-SGD inside a batch is not built)."""
+    client trains alone (DP-SGD inside a batch is not built), and so does a client whose hooks
+    add to its loss; clients of different ranks (``client_ranks``) train in different chunks."""
     replies: dict[int, Message] = {}
     groups: dict[tuple, list[list[ReadyClient]]] = {}
     for client in clients:
@@ -309,6 +319,13 @@ def train_hosted_clients(clients: list[HostedClient], client_batch: int) -> dict
             continue
         if local.privacy is not None:
             replies[client.partition_id] = guarded(train, client)
+            continue
+        setup = local.setup
+        if setup.hooks.training_loss(setup, setup.task.loss) is not setup.task.loss:
+            # its hooks add a term of its own to the loss (HetLoRA's pruning): trained alone,
+            # now, while the shared model holds what its hooks set
+            replies[client.partition_id] = guarded(lambda _m, _c, local=local: train_alone(local),
+                                                   client)
             continue
         ready = ReadyClient(client, local, base_weights(local.setup.bundle),
                             RandomStream.capture(local.setup.device))
@@ -369,6 +386,7 @@ def train_chunk(chunk: list[ReadyClient]) -> dict[int, Message]:
             for name, weight in chunk[0].base.items():
                 bundle.model.get_submodule(name).base.weight.copy_(weight)
         bundle.base_is_pretrained = False
+    bundle.set_rank(first.rank)  # clients of different ranks are in different chunks
     trained_keys = [key for key in bundle.shapes() if part_of(key, bundle.head_keys) in first.trained]
     steps = [ClientSteps(ready.local.start, ready.local.steps, float(cfg["lr"]),
                          float(cfg["head-lr"]), ready.stream) for ready in chunk]

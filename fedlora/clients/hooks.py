@@ -18,6 +18,11 @@ key of every message's config and calls it at these points, in this order:
                                             ``received``, set the model's base delta
                                             (``bundle.set_base_delta``); return the rest.
                                             Default: the pretrained W0, ``received`` as is.
+  training_loss(node, loss)                 the loss ``(model, batch, reduction)`` the local
+                                            steps minimise. Default: the task's ``loss``.
+  after_training(node, context, metrics)    after the local steps: the reply's metrics (e.g.
+                                            ``next-rank``, the rank the client trains at from
+                                            its next round). Default: ``metrics`` as they are.
 
 ``node`` is the app's ``ClientSetup`` for the message: its ``config``, ``bundle`` (the shared
 cached model), ``batches``, ``indices`` (its examples), ``rng``, ``seed`` and ``device``.
@@ -53,3 +58,12 @@ class ClientHooks:
         ``received``; sets the base delta the node trains on."""
         node.bundle.set_base_delta(None)  # the pretrained W0, whatever a previous client left
         return received
+
+    def training_loss(self, node: ClientSetup, loss):
+        """The loss ``(model, batch, reduction) -> tensor`` of the local steps (the task's
+        ``loss`` by default)."""
+        return loss
+
+    def after_training(self, node: ClientSetup, context: Context, metrics: dict) -> dict:
+        """The metrics the reply carries, once the local steps are done."""
+        return metrics

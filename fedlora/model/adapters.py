@@ -23,6 +23,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 PARTS = ("A", "B", "R", "head")
 
@@ -44,6 +45,21 @@ class LoRALinear(nn.Module):
             if factor is not None:
                 factor.to(device=base.weight.device, dtype=dtype)
         self.reset_lora()
+
+    def set_rank(self, rank: int) -> None:
+        """Give the factors ``rank`` (clients of different ranks share one cached model): new
+        tensors of that shape, not initialised (the caller loads their values), drawing nothing
+        from the random generators; the scale ``s`` stays that of the build, the same for every
+        client rank. A no-op at the current rank."""
+        if rank == self.rank:
+            return
+        weight = self.lora_A.weight
+        options = {"bias": False, "device": weight.device, "dtype": weight.dtype}
+        self.lora_A = skip_init(nn.Linear, self.base.in_features, rank, **options)
+        self.lora_B = skip_init(nn.Linear, rank, self.base.out_features, **options)
+        if self.lora_R is not None:
+            self.lora_R = skip_init(nn.Linear, rank, rank, **options)
+        self.rank = rank
 
     @torch.no_grad()
     def reset_lora(self) -> None:
@@ -106,6 +122,29 @@ def layer_names(keys) -> list[str]:
     """The adapted layers named in state-dict keys (those with a B factor), in key order."""
     suffix = ".lora_B.weight"
     return [key[: -len(suffix)] for key in keys if key.endswith(suffix)]
+
+
+def at_rank(key: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    """The tensor of state-dict ``key`` as a client of ``rank`` holds it: a factor's first
+    ``rank`` rows of A, columns of B (and both of R) where it has more, zero-padded where it
+    has fewer (the padding adds nothing to ``B A``); any other tensor as it is. The rank
+    dimension is the factor's layout (``nn.Linear.weight``: A is r x n, B is m x r)."""
+    part = part_of(key, frozenset())
+    axes = {"A": (0,), "B": (1,), "R": (0, 1)}.get(part, ())
+    for axis in axes:
+        have = tensor.shape[axis]
+        if have > rank:
+            tensor = tensor.narrow(axis, 0, rank).contiguous()
+        elif have < rank:
+            shape = list(tensor.shape)
+            shape[axis] = rank - have
+            tensor = torch.cat([tensor, tensor.new_zeros(shape)], dim=axis)
+    return tensor
+
+
+def state_at_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """``at_rank`` of every tensor of ``state`` (tensors already at ``rank`` are not copied)."""
+    return {key: at_rank(key, tensor, rank) for key, tensor in state.items()}
 
 
 RESIDUAL_FACTORS = ("", "_B", "_A")  # dense m x n, or the stacked factors B (m x q), A (q x n)

@@ -213,6 +213,12 @@ class AdaptedModel:
                     raise KeyError(f"'{key}' is not an adapter or head tensor of this model")
                 params[key].copy_(value)
 
+    def set_rank(self, rank: int) -> None:
+        """Give every adapter ``rank`` (``LoRALinear.set_rank``: its values are then loaded);
+        the build's rank gives the model its original shapes back."""
+        for name in self.adapted:
+            self.model.get_submodule(name).set_rank(rank)
+
     def set_trainable(self, parts) -> list[torch.nn.Parameter]:
         """Make exactly the given parts trainable and everything else frozen; return them."""
         trainable = []

@@ -1,8 +1,9 @@
 """The server's checkpoint: everything a killed run needs to continue exactly where it was.
 
 ``DIR/checkpoint.pt`` (``torch.save``) holds, after the round it names: the global adapter
-state, the strategy's ``state_dict()`` (its RNG, participation model, FedAU counters, Fed-SB's
-factor holders, FedSVD's A versions, FedEx's residual history, and whatever a subclass adds),
+state, the strategy's ``state_dict()`` (its RNG, participation model, FedAU counters, the record
+of which version of each kept part every client holds, FedEx's residuals, and whatever a
+subclass adds),
 the byte ledger, the rows written so far, the loop's bookkeeping, the process RNG states
 (Python, NumPy, torch) and the config. It is written to a temporary file and renamed over the
 old one, so a kill at any moment leaves either the previous or the new checkpoint, whole.

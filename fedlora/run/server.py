@@ -11,8 +11,9 @@ The loop, in this order (the same in simulation and deployment):
      model) -> clients train -> ``aggregate_train`` (called in every round, so FedAU's
      counters advance in a round without participants too); the bytes of every message are
      measured; every ``eval_every`` rounds (and the last) the global model (with the
-     strategy's base-weight delta: FedEx-LoRA) is evaluated on the server and a row is
-     appended to ``results.jsonl``; every ``checkpoint_every`` rounds (after round 0, and the
+     strategy's base-weight delta: FedEx-LoRA) is evaluated on the server (with
+     ``client_ranks``, also the model a client of each rank holds after its download, in the
+     row's ``tiers``) and a row is appended to ``results.jsonl``; every ``checkpoint_every`` rounds (after round 0, and the
      last) ``checkpoint.pt`` is written (``fedlora.run.checkpoint``); replies that are missing
      after ``round_timeout`` or rejected count as ``clients_failed``, the rejected ones also
      listed with their reasons in the row's ``rejected``;
@@ -43,7 +44,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.model.adapters import PARTS
+from fedlora.model.adapters import PARTS, state_at_rank
 from fedlora.run.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
                                     set_rng_states)
 from fedlora.report.comm import CommLedger, expected_params, message_part
@@ -87,8 +88,8 @@ class Exchange:
 
 
 def published_partitions(nodes: dict[int, dict], dp) -> list[dict]:
-    """``partitions.json``: each partition's id and, without DP, its number of examples and
-    label histogram. Under record-level DP n_k stays (it is public there: the accounting
+    """``partitions.json``: each partition's id (and rank, with ``client_ranks``) and, without
+    DP, its number of examples and label histogram. Under record-level DP n_k stays (it is public there: the accounting
     publishes ``q_k = b / n_k``) and the histogram goes; under client-level DP the size goes
     too, being a statistic of the unit protected, a client's whole data set."""
     published = []
@@ -98,6 +99,8 @@ def published_partitions(nodes: dict[int, dict], dp) -> list[dict]:
             entry["num_examples"] = info["num_examples"]
         if not dp.enabled:
             entry["label_histogram"] = info["label_histogram"]
+        if "rank" in info:  # client_ranks: the rank it trains at (public: set by the config)
+            entry["rank"] = info["rank"]
         published.append(entry)
     return published
 
@@ -220,6 +223,9 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
     strategy.register_nodes(partition_of, None if cfg.dp.enabled else
                             {info["partition_id"]: info["label_histogram"] for info in nodes.values()},
                             {info["partition_id"]: info["num_examples"] for info in nodes.values()})
+    if cfg.client_ranks:  # the rank each client trains at (docs/algorithms.md)
+        for info in nodes.values():
+            info["rank"] = strategy.client_rank(info["partition_id"])
     writer.write_json("partitions.json", published_partitions(nodes, cfg.dp))
 
     score = task.evaluator(bundle, data.test, cfg.max_length, cfg.device)
@@ -251,6 +257,17 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
         bundle.load(arrays.to_torch_state_dict())
         with autocast(bundle.model):  # bf16 chosen: the evaluation's forward passes too
             metrics = score()
+        if cfg.client_ranks:  # what a client of each rank holds after its download
+            state = arrays.to_torch_state_dict()
+            tiers = {}
+            for rank in sorted(set(cfg.client_ranks)):
+                bundle.set_rank(rank)
+                bundle.load(state_at_rank(state, rank))
+                with autocast(bundle.model):
+                    tiers[str(rank)] = score()
+            bundle.set_rank(cfg.rank)
+            bundle.load(state)
+            metrics = {**metrics, "tiers": tiers}
         progress.eval_seconds.append(time.time() - begin)
         return metrics
 
@@ -266,7 +283,7 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             "bytes_down_cum": ledger.total("down", server_round),
             "params_up_per_client": ledger.params_up_per_client(server_round),
             "epsilon": strategy.privacy.max_epsilon() if strategy.privacy else None,
-            "wall_s": elapsed(started),
+            "wall_s": elapsed(started), **strategy.round_metrics(),
             **({"rejected": progress.rejected} if progress.rejected else {})}, cfg.dp))
         if strategy.privacy is not None:  # rewritten every row: an independent recomputation
             writer.write_json("privacy.json", strategy.privacy.report())  # needs only this file

@@ -20,6 +20,9 @@ from fedlora.strategies.fedex import FedEx, FedExSettings
 from fedlora.strategies.fedsb import FedSB, FedSBSettings
 from fedlora.strategies.fedsvd import FedSVD, FedSVDSettings
 from fedlora.strategies.ffa import FFA
+from fedlora.strategies.flexlora import FlexLoRA
+from fedlora.strategies.flora import FLoRA, FLoRASettings
+from fedlora.strategies.hetlora import HetLoRA, HetLoRASettings
 from fedlora.strategies.lorafair import LoRAFAIR, LoRAFAIRSettings
 from fedlora.strategies.rolora import RoLoRA
 
@@ -32,6 +35,7 @@ def get_strategy(name: str) -> type[FederatedLoRA]:
     return get_method(name).server
 
 
-__all__ = ["DEFAULT_STRATEGY", "FFA", "FedEx", "FedExSettings", "FedIT", "FedSB", "FedSBSettings",
-           "FedSVD", "FedSVDSettings", "FederatedLoRA", "LoRAFAIR", "LoRAFAIRSettings", "RoLoRA",
-           "STRATEGIES", "get_strategy"]
+__all__ = ["DEFAULT_STRATEGY", "FFA", "FLoRA", "FLoRASettings", "FedEx", "FedExSettings", "FedIT",
+           "FedSB", "FedSBSettings", "FedSVD", "FedSVDSettings", "FederatedLoRA", "FlexLoRA",
+           "HetLoRA", "HetLoRASettings", "LoRAFAIR", "LoRAFAIRSettings", "RoLoRA", "STRATEGIES",
+           "get_strategy"]

@@ -2,9 +2,12 @@
 
 A strategy holds the global adapter state as the ``ArrayRecord`` Flower passes between
 ``configure_train`` and ``aggregate_train``; a subclass says which parts its clients train
-(``trained_parts``, or per round ``trained_parts_in``), what it sends down (``payload_down``,
-``config_down``, and what a node holds once it accepts that: ``sent_down``), how it aggregates
-(``aggregate``, calling ``fedlora.aggregation.maths``), and its per-matrix communication formula.
+(``trained_parts``, or per round ``trained_parts_in``), which they keep between rounds
+(``kept_parts``, ``additive_parts``: the record of who holds what is the coordinator's,
+``fedlora.strategies.holdings``; the method moves a part's version, ``holdings.advance``, and
+may say how a client catches up on it, ``catch_up``, or gets it back, ``restore``), what else
+it sends down (``config_down``), how it aggregates (``aggregate``, calling
+``fedlora.aggregation.maths``), and its per-matrix communication formula.
 The base only orders the round; each job is a part with one purpose, composed here once so
 that it works with every method:
 
@@ -12,7 +15,9 @@ that it works with every method:
 * ``ClientWeighting`` (``fedlora.aggregation.participation``): ``c_k`` by samples, uniform or FedAU;
 * ``ReplySchema`` (``fedlora.strategies.replies``): why a reply must be rejected (pure checks);
 * ``NodeBook``: each node's partition and its size as described, who is being restored, which
-  partitions trained, and what each node was sent this round (committed on a valid reply);
+  partitions trained;
+* ``HeldParts`` (``fedlora.strategies.holdings``): which version of each kept part every client
+  holds, keyed by partition id (what it was sent this round is committed on a valid reply);
 * ``ServerPrivacy`` (``fedlora.privacy.accounting``): the record-level DP ledger around the round's
   messages; ``ClientLevelDP`` (``fedlora.privacy.client_level``): client-level DP on the round's updates.
 
@@ -26,10 +31,12 @@ One training round, in this order (``configure_train`` then ``aggregate_train``)
   1. sample this round's clients among those still within their privacy budget: exactly
      ``clients_per_round`` with the run's seeded RNG (``participation=uniform``), or those a
      participation model marks active (bernoulli, markov, cyclic);
-  2. send each the tensors it needs (``payload_down``; with ``restore_down`` on top for a node
-     that lost its Context.state) and the client config: the round's learning rate, the parts
-     it trains (``trained_parts_in``), ``config_down`` and, under DP, the server's copy of its
-     accountant; note what it was sent (``sent_down``);
+  2. send each the tensors it needs (``payload_down``: the parts it trains that it does not
+     keep, and every kept part it holds an old version of, through ``catch_up``; with what it
+     held, ``restore``, on top for a node that lost its Context.state) and the client config:
+     the round's learning rate, the parts it trains (``trained_parts_in``), ``config_down``
+     and, under DP, the server's copy of its accountant; note what it will hold
+     (``HeldParts.send``);
   3. clients train only those parts and reply with them (``fedlora.clients``); under DP each
      reports its accountant, taken into the ledger first, and one out of budget declines
      instead (never sampled again);
@@ -43,7 +50,7 @@ One training round, in this order (``configure_train`` then ``aggregate_train``)
   5. book the valid replies: those nodes are whole again and their partitions have trained;
   6. weight the valid replies: ``c_k = n_k / sum n`` (samples), ``1/K`` (uniform) or
      ``omega_k / N`` (FedAU, whose estimator steps every round, also a round without replies);
-  7. commit what each node was sent (``accepted``; ``not_accepted`` for the others);
+  7. commit what each client was sent (``HeldParts.accept``; ``reject`` for the others);
   8. under client-level DP (``dp.mode=client``, ``fedlora.privacy.client_level.ClientLevelDP``) the valid
      updates become one pseudo-update, the previous value plus the noised mean of their clipped
      deltas, with weight 1 (clients were Poisson-sampled in step 1); a round without a valid
@@ -58,30 +65,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedlora.model.adapters import factor_key, layer_names, part_of
+from fedlora.model.adapters import factor_key, layer_names, part_of, state_at_rank
 from fedlora.privacy.client_level import ClientLevelDP, client_level_dp
 from fedlora.aggregation.maths import (sample_weights, server_step_weights, single_threaded,
                                        weighted_mean_states)
 from fedlora.report.comm import RESTORE, STATE_LOST
 from fedlora.config import (DPConfig, FedAUConfig, ParticipationConfig, RunConfig,
-                            check_federation, scheduled_lr)
+                            check_federation, parse_client_ranks, scheduled_lr)
+from fedlora.core.errors import ConfigError
 from fedlora.core.settings import build, check_value
 from fedlora.aggregation.participation import ClientSampler, ClientWeighting, FedAUWeights
 from fedlora.privacy.accounting import PrivacyLedger, ServerPrivacy
+from fedlora.strategies.holdings import HeldParts
 from fedlora.strategies.grid import GridExchange, describe_nodes, wait_for_nodes
 from fedlora.strategies.replies import ReplySchema, TensorSpec, tensor_spec
 
 log = logging.getLogger("fedlora")
-
-Sent = TypeVar("Sent")  # what a method notes a node was sent in a round (``sent_down``)
-
 
 @dataclass
 class RoundReport:
@@ -117,32 +122,29 @@ class RoundReport:
 
 
 @dataclass
-class NodeBook(Generic[Sent]):
+class NodeBook:
     """Who is who among the nodes: each node's partition, each partition's number of examples
     as its node described it (the most a reply may claim), the nodes that lost their
-    Context.state and are being restored, the partitions whose node has replied validly, and
-    what each node was sent this round (``sent``, committed only on a valid reply, so a lost
-    message is simply sent again)."""
+    Context.state and are being restored, and the partitions whose node has replied validly.
+    (What each client holds is ``HeldParts``'s, keyed by partition.)"""
 
     partition_of: dict[int, int] = field(default_factory=dict)  # node id -> partition id
     examples: dict[int, int] = field(default_factory=dict)  # partition id -> described size
     restoring: set[int] = field(default_factory=set)
     partitions_trained: set[int] = field(default_factory=set)
-    sent: dict[int, Sent] = field(default_factory=dict)  # node id -> this round's record
 
     def node_of(self, partition_ids: list[int]) -> list[int]:
         by_partition = {pid: node for node, pid in self.partition_of.items()}
         return [by_partition[p] for p in partition_ids]
 
-    def restarted(self, partition_of: dict[int, int]) -> dict[int, int]:
+    def restarted(self, partition_of: dict[int, int]) -> None:
         """Nodes back with an empty Context.state (new node id -> partition id) take their
-        partitions' places and are restored; returns the renaming old id -> new id."""
+        partitions' places and are restored."""
         node_of = {pid: node for node, pid in partition_of.items()}
-        renamed = {old: node_of[pid] for old, pid in self.partition_of.items() if pid in node_of}
+        replaced = {old for old, pid in self.partition_of.items() if pid in node_of}
         self.partition_of = {node: pid for node, pid in self.partition_of.items()
                              if pid not in node_of} | dict(partition_of)
-        self.restoring = (self.restoring - set(renamed)) | set(partition_of)
-        return renamed
+        self.restoring = (self.restoring - replaced) | set(partition_of)
 
     def state_dict(self) -> dict:
         return {"partition_of": sorted(self.partition_of.items()),
@@ -153,20 +155,34 @@ class NodeBook(Generic[Sent]):
         self.partitions_trained = set(state["partitions_trained"])
 
 
-class FederatedLoRA(Strategy, Generic[Sent]):
+class FederatedLoRA(Strategy):
     name: str = ""
     latent: bool = False  # LoRA-SB's R between A and B
     exact: bool = False  # the paper's promise: the global update is E_w of the clients' updates
     trained_parts: tuple[str, ...] = ("A", "B", "head")
     one_time_parts_down: frozenset[str] = frozenset()  # bytes of these parts count as one-time
     kept_parts: frozenset[str] = frozenset()  # parts a client keeps between rounds (Context.state)
+    # kept quantities a client sums, not replaced (FedEx-LoRA's base delta): ``HeldParts.additive``
+    additive_parts: frozenset[str] = frozenset()
     keeps_node_state = property(lambda self: bool(self.kept_parts))  # FedEx: also its base delta
     seeded_parts: frozenset[str] = frozenset()  # parts a client rebuilds from the shared init seed
     moves_base_weights: bool = False  # the method adds to W0 (``global_base_delta``)
+    # Clients of different ranks (``client_ranks``, docs/algorithms.md). None: the method refuses
+    # them. "pad": the global factors have the largest rank; a client is sent (and keeps) their
+    # first r_k components, and its reply is zero-padded to the largest rank before
+    # ``aggregate``. "stack": the same downloads, but ``aggregate`` takes each reply at its
+    # own rank.
+    rank_rule: str | None = None
     # Defaults for arguments left None (keys left null in the config): rank, LoRA scale
     # alpha/rank, client lr.
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-3}
     settings_class: type | None = None  # the method's settings dataclass (``register_strategy``)
+
+    @classmethod
+    def config_problem(cls, settings, dp: DPConfig) -> str | None:
+        """A combination of the method's ``settings`` and ``dp`` it cannot run with, as a
+        one-line ``ConfigError`` message (naming the key, the value and the fix); None: none."""
+        return None
 
     @classmethod
     def setup_examples_per_client(cls, settings, clients_per_round: int) -> int:
@@ -200,7 +216,8 @@ class FederatedLoRA(Strategy, Generic[Sent]):
                  weighting: str = RunConfig.weighting, fedau_cutoff: int | None = FedAUConfig.cutoff,
                  server_lr: float = RunConfig.server_lr, min_clients: int = RunConfig.min_clients,
                  max_update_norm: float = RunConfig.max_update_norm,
-                 dp: DPConfig | None = None, settings: object | None = None):
+                 dp: DPConfig | None = None, settings: object | None = None,
+                 client_ranks: Iterable[int] = ()):
         """A strategy for any Flower ServerApp (``start``), or fedlora's round loop
         (``from_config``). Every argument is keyword-only; the defaults are fedlora's.
 
@@ -235,6 +252,9 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         Privacy:
             dp: record-level DP-SGD (the clients noise; the server keeps the ledger) or
                 client-level DP-FedAvg (the server clips and noises) (None: no DP).
+        Clients of different ranks (methods with a ``rank_rule``, docs/algorithms.md):
+            client_ranks: partition p trains at ``client_ranks[p % len]`` (empty: every
+                client at ``rank``; given: ``rank`` defaults to their largest).
         The method:
             settings: the method's own settings dataclass (``settings_class``, e.g.
                 ``FedSBSettings(init_samples=64)``; None: its defaults).
@@ -244,11 +264,13 @@ class FederatedLoRA(Strategy, Generic[Sent]):
                          lr_schedule=lr_schedule, participation=participation,
                          weighting=weighting, fedau_cutoff=fedau_cutoff, server_lr=server_lr,
                          min_clients=min_clients, max_update_norm=max_update_norm, dp=dp,
-                         settings=settings)
+                         settings=settings, client_ranks=client_ranks)
         self.clients, self.rounds, self.seed = clients, rounds, seed
         self.clients_per_round = clients if clients_per_round is None else clients_per_round
         self.head_keys = frozenset(head_keys)
-        self.rank = self.defaults["rank"] if rank is None else rank
+        self.client_ranks = tuple(client_ranks)
+        self.rank = (max(self.client_ranks) if self.client_ranks else self.defaults["rank"]) \
+            if rank is None else rank
         self.alpha = float(self.defaults["alpha_per_rank"] * self.rank) if alpha is None else alpha
         self.lr = self.defaults["lr"] if lr is None else lr
         self.head_lr, self.lr_schedule = head_lr, lr_schedule
@@ -260,7 +282,10 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         self.sampler = ClientSampler(participation or ParticipationConfig(), clients,
                                      self.clients_per_round, seed)
         self.weighting = ClientWeighting(weighting, clients, fedau_cutoff)
-        self.nodes: NodeBook[Sent] = NodeBook()
+        self.nodes = NodeBook()
+        self.holdings = HeldParts(kept=frozenset(self.kept_parts),
+                                  additive=frozenset(self.additive_parts),
+                                  seeded=frozenset(self.seeded_parts))
         self.dp = (ServerPrivacy(dp.epsilon, dp.accountant, noise=dp.noise)
                    if dp.record_level else None)
         # Client-level DP: the server clips and noises the round's updates (step 6a).
@@ -273,6 +298,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         self.server_round = 0
         self.current: dict[str, torch.Tensor] = {}  # global state sent this round
         self.setup_rejected: list[tuple[int, str]] = []  # (node id, reason) in ``initialize``
+        self.previous_in_updates = False  # ``aggregate``'s last update is the previous state
 
     @classmethod
     def from_config(cls, cfg: RunConfig, head_keys: Iterable[str]) -> FederatedLoRA:
@@ -284,7 +310,8 @@ class FederatedLoRA(Strategy, Generic[Sent]):
                    participation=cfg.participation, weighting=cfg.weighting,
                    fedau_cutoff=cfg.fedau.cutoff, server_lr=cfg.server_lr,
                    min_clients=cfg.min_clients, max_update_norm=cfg.max_update_norm, dp=cfg.dp,
-                   settings=cfg.methods.get(cls.name))  # its own ``<name>.*`` section
+                   settings=cfg.methods.get(cls.name),  # its own ``<name>.*`` section
+                   client_ranks=cfg.client_ranks)
 
     # Read-only views of the parts, for reports and tests.
 
@@ -314,39 +341,59 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         return self.trained_parts
 
     def payload_down(self, node_id: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What a client receives: by default the parts it trains this round (the rest it
-        already has)."""
+        """What a client receives: the parts it trains this round that it does not keep (their
+        starting point), and each kept part it holds an old version of (``catch_up``)."""
+        partition = self.nodes.partition_of[node_id]
         trained = self.trained_parts_in(self.server_round)
-        return {k: v for k, v in state.items() if self.part(k) in trained}
+        payload = state_at_rank({k: v for k, v in state.items()
+                                 if self.part(k) in trained and self.part(k) not in self.kept_parts},
+                                self.client_rank(partition))
+        for part in self.holdings.stale(partition, self.client_rank(partition)):
+            payload.update(self.catch_up(part, partition, state))
+        return payload
+
+    def catch_up(self, part: str, partition: int, state: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+        """The tensors that bring ``partition`` from the version of kept ``part`` it holds
+        (``self.holdings``) to the current one: by default the current value. A method whose
+        kept quantity is a sum (``additive_parts``) sends the updates it missed."""
+        return state_at_rank({k: v for k, v in state.items() if self.part(k) == part},
+                             self.client_rank(partition))
+
+    def restore(self, part: str, partition: int, state: dict[str, torch.Tensor],
+                payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a client that lost its Context.state held of kept ``part``, on top of
+        ``payload`` (which already carries the part where it was stale), and the config values
+        that go with it: by default the current value (what it held, being up to date)."""
+        return {k: v for k, v in self.catch_up(part, partition, state).items() if k not in payload}, {}
+
+    def restore_down(self, node_id: int, state: dict[str, torch.Tensor],
+                     payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a node that lost its Context.state needs on top of ``payload`` to train exactly
+        as if it had kept it (``restore`` of each kept part), and the config that goes with it."""
+        partition = self.nodes.partition_of[node_id]
+        tensors, config = {}, {}
+        for part in sorted(self.holdings.parts):
+            part_tensors, part_config = self.restore(part, partition, state, payload)
+            tensors.update(part_tensors)
+            config.update(part_config)
+        return tensors, config
 
     def config_down(self, node_id: int) -> dict:
         """Extra ConfigRecord values for one node (by default none)."""
         return {}
 
-    def sent_down(self, node_id: int) -> Sent | None:
-        """What the node will hold once it accepts this round's message (called right after
-        ``payload_down``); None: nothing to commit (the default)."""
-        return None
+    def client_rank(self, partition: int) -> int:
+        """The adapter rank ``partition`` trains at: ``client_ranks[partition % len]`` (or
+        ``rank``), until the client reports another (``next-rank``, rank self-pruning)."""
+        if partition in self.holdings.ranks:
+            return self.holdings.ranks[partition]
+        ranks = self.client_ranks
+        return ranks[partition % len(ranks)] if ranks else self.rank
 
-    def accepted(self, node_id: int, sent: Sent | None) -> None:
-        """The node replied with a valid update, so it holds what it was sent this round
-        (``sent``, from ``sent_down``). Committing only now means a lost message is simply
-        sent again."""
-
-    def not_accepted(self, node_id: int, sent: Sent) -> None:
-        """The node was sent ``sent`` but gave no valid reply: it may or may not hold it now."""
-
-    def restore_down(self, node_id: int, state: dict[str, torch.Tensor],
-                     payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-        """What a node that lost its Context.state needs on top of ``payload`` to train exactly
-        as if it had kept it, and the config values that go with it: by default the current
-        value of the parts it keeps (Fed-SB's B and A, FedSVD's A)."""
-        return {k: v for k, v in state.items()
-                if self.part(k) in self.kept_parts and k not in payload}, {}
-
-    def rename_nodes(self, renamed: dict[int, int]) -> None:
-        """Re-key per-node bookkeeping from the old node ids to ``renamed[old]`` (ids not in
-        ``renamed`` stay)."""
+    def round_metrics(self) -> dict:
+        """Values of the method's own for the next results row (by default none)."""
+        return {}
 
     def aggregate(self, state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
                   weights: list[float]) -> dict[str, torch.Tensor]:
@@ -379,7 +426,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         """Everything a restart needs, as plain Python values (JSON-able) in the base class;
         subclasses may add tensors (then save with ``torch.save``)."""
         state = {**self.nodes.state_dict(), "sampler": self.sampler.state_dict(),
-                 "weighting": self.weighting.state_dict()}
+                 "weighting": self.weighting.state_dict(), "holdings": self.holdings.state_dict()}
         if self.dp is not None:
             state["privacy"] = self.dp.state_dict()
         if self.client_dp is not None:
@@ -388,6 +435,7 @@ class FederatedLoRA(Strategy, Generic[Sent]):
 
     def load_state_dict(self, state: dict) -> None:
         self.nodes.load_state_dict(state)
+        self.holdings.load_state_dict(state["holdings"])
         self.sampler.load_state_dict(state["sampler"])
         self.weighting.load_state_dict(state["weighting"])
         if self.dp is not None:
@@ -413,11 +461,11 @@ class FederatedLoRA(Strategy, Generic[Sent]):
     def nodes_restarted(self, partition_of: dict[int, int]) -> None:
         """Nodes that came back with an empty Context.state, under new ids (``partition_of``,
         new node id -> partition id): all of them after a server restart
-        (``load_state_dict``), or SuperNodes that rejoined during a run. The bookkeeping of
-        who holds what is kept, re-keyed by partition, so messages and byte counts stay those
-        of an uninterrupted run; each node's next message also carries a ``RESTORE`` record
-        with what it lost (counted apart, ``fedlora.report.comm.CommLedger``)."""
-        self.rename_nodes(self.nodes.restarted(partition_of))
+        (``load_state_dict``), or SuperNodes that rejoined during a run. The record of who
+        holds what is keyed by partition and stays as it is, so messages and byte counts stay
+        those of an uninterrupted run; each node's next message also carries a ``RESTORE``
+        record with what it lost (``restore``; counted apart, ``fedlora.report.comm.CommLedger``)."""
+        self.nodes.restarted(partition_of)
 
     def sample(self, server_round: int) -> list[int]:
         """This round's node ids in partition order (step 1), reproducible from the seed."""
@@ -485,16 +533,13 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         """Steps 1 and 2: one train message per sampled node."""
         self.server_round = server_round
         self.current = arrays.to_torch_state_dict()
-        self.nodes.sent = {}
+        self.holdings.pending = {}
         trained = self.trained_parts_in(server_round)
         messages = []
         for node_id in self.sample(server_round):
             partition_id = self.nodes.partition_of[node_id]
             restoring = node_id in self.nodes.restoring
             payload = self.payload_down(node_id, self.current)
-            sent = self.sent_down(node_id)
-            if sent is not None:
-                self.nodes.sent[node_id] = sent
             restore, restore_config = ({}, {}) if not restoring else \
                 self.restore_down(node_id, self.current, payload)
             node_config = ConfigRecord({**config, "server-round": server_round,
@@ -508,8 +553,13 @@ class FederatedLoRA(Strategy, Generic[Sent]):
                                         # a node that trained before must still hold its state
                                         "expect-state": int(self.keeps_node_state and not restoring
                                                             and partition_id in self.nodes.partitions_trained),
+                                        # its own rank (client_ranks, or pruned since)
+                                        **({"client-rank": self.client_rank(partition_id)}
+                                           if self.client_ranks or partition_id in
+                                           self.holdings.ranks else {}),
                                         **self.config_down(node_id), **restore_config,
                                         **(self.dp.outgoing(partition_id) if self.dp else {})})
+            self.holdings.send(partition_id, self.client_rank(partition_id))
             content = RecordDict({"arrays": ArrayRecord(payload), "config": node_config})
             if restore:
                 content[RESTORE] = ArrayRecord(restore)
@@ -526,13 +576,19 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         replies = self.record_privacy(replies, report.declined)
         expected = {k: v for k, v in self.current.items()
                     if self.part(k) in self.trained_parts_in(server_round)}
-        schema = ReplySchema(tensor_spec(expected), self.nodes.examples,
-                             accountant=self.dp is not None, reference=expected,
-                             max_update_norm=self.max_update_norm)
+        schemas: dict[int, ReplySchema] = {}  # one per client rank: what it was sent
         valid = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
-            reason = schema.problem(reply, self.nodes.partition_of)
+            partition = self.nodes.partition_of.get(node_id)
+            rank = self.rank if partition is None else self.client_rank(partition)
+            if rank not in schemas:
+                sent = state_at_rank(expected, rank)
+                schemas[rank] = ReplySchema(tensor_spec(sent), self.nodes.examples,
+                                            accountant=self.dp is not None, reference=sent,
+                                            max_update_norm=self.max_update_norm)
+            reason = (schemas[rank].problem(reply, self.nodes.partition_of)
+                      or next_rank_problem(reply, rank))
             if reason is None:
                 valid.append(reply)
                 continue
@@ -555,13 +611,23 @@ class FederatedLoRA(Strategy, Generic[Sent]):
         report.client_reports = [dict(r.content["metrics"]) for r in valid]
         num_examples = [int(r.content["metrics"]["num-examples"]) for r in valid]
         coefficients = self.weighting.coefficients(partitions, num_examples)
-        for node_id in nodes:
-            self.accepted(node_id, self.nodes.sent.get(node_id))
-        for node_id in set(self.nodes.sent) - set(nodes):
-            self.not_accepted(node_id, self.nodes.sent[node_id])
+        for partition in partitions:
+            self.holdings.accept(partition)
+        self.holdings.end_round()  # the other messaged clients gave no valid reply
+        trained_ranks = [self.client_rank(p) for p in partitions]
+        next_ranks = [int(r.content["metrics"].get("next-rank", rank))
+                      for r, rank in zip(valid, trained_ranks)]
+        for partition, rank, next_rank in zip(partitions, trained_ranks, next_ranks):
+            if next_rank != rank:  # the client pruned its rank: it trains at next_rank from now
+                self.holdings.ranks[partition] = next_rank
         if not valid and (self.client_dp is None or server_round == 0):
             return report
-        updates = [r.content["arrays"].to_torch_state_dict() for r in valid]
+        # A pruned client's components beyond its new rank are dropped; under "pad" (and under
+        # client-level DP, whose deltas need one shape) replies are zero-padded to the global rank.
+        updates = [state_at_rank(r.content["arrays"].to_torch_state_dict(), rank)
+                   for r, rank in zip(valid, next_ranks)]
+        if self.rank_rule == "pad" or self.client_dp is not None:
+            updates = [state_at_rank(update, self.rank) for update in updates]
         normalised = self.weighting.normalised
         if self.client_dp is not None:  # one noised pseudo-update; the method post-processes it
             # (noise alone when no update arrived: skipping it would publish that none did)
@@ -569,7 +635,8 @@ class FederatedLoRA(Strategy, Generic[Sent]):
             coefficients, normalised = [1.0], True
         weights, previous_weight = server_step_weights(coefficients, self.server_lr,
                                                        normalised=normalised)
-        if previous_weight != 0.0:
+        self.previous_in_updates = previous_weight != 0.0
+        if self.previous_in_updates:
             updates.append({key: self.current[key] for key in updates[0]})
             weights.append(previous_weight)
         with single_threaded():
@@ -636,6 +703,18 @@ class FederatedLoRA(Strategy, Generic[Sent]):
                  f", DP epsilon {self.dp.ledger.target_epsilon:g}" if self.dp else "")
 
 
+def next_rank_problem(reply: Message, rank: int) -> str | None:
+    """Why a valid reply's ``next-rank`` (the rank a client trains at from its next round, after
+    pruning its own) cannot be used, or None: it must be an integer from 1 to ``rank``."""
+    if reply.has_error() or "metrics" not in reply.content.metric_records:
+        return None
+    value = reply.content["metrics"].get("next-rank")
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                         and value == int(value) and 1 <= value <= rank):
+        return None
+    return f"'next-rank' is {value!r}, not an integer from 1 to the client's rank {rank}"
+
+
 def _check_arguments(strategy: FederatedLoRA, **arguments) -> None:
     """A strategy's arguments by the rules of the config keys of the same names (one-line
     ``ConfigError``; the settings sections by their fields' rules), and the method's settings
@@ -656,3 +735,9 @@ def _check_arguments(strategy: FederatedLoRA, **arguments) -> None:
     check_federation(arguments["clients"], clients_per_round,
                      arguments["participation"] or ParticipationConfig(), arguments["weighting"],
                      arguments["min_clients"], arguments["dp"] or DPConfig())
+    if arguments["client_ranks"]:
+        parse_client_ranks(list(arguments["client_ranks"]), arguments["rank"], strategy.name)
+    problem = strategy.config_problem(settings or (expected() if expected else None),
+                                      arguments["dp"] or DPConfig())
+    if problem:
+        raise ConfigError(problem)

@@ -13,6 +13,7 @@ from fedlora.strategies.base import FederatedLoRA
 
 class FedIT(FederatedLoRA):
     trained_parts = ("A", "B", "head")
+    rank_rule = "pad"  # clients of different ranks: zero-padded (docs/algorithms.md)
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-2}
 
     @staticmethod

@@ -8,15 +8,17 @@
 
 Every client must hold the same W0_t: a client's base weight is the pretrained W0 plus the
 sum of all residuals so far. The server keeps each round's residual factors and sends a
-sampled client every residual it missed since it last took part (`fedex.residual=dense`: their
+sampled client every residual it missed since it last took part (``catch_up``: the version of
+the kept part ``base`` a client holds, in the coordinator's record
+``fedlora.strategies.holdings``, is how many rounds it has added; `fedex.residual=dense`: their
 sum, m x n per layer, the official behaviour; `factored`: the stacked factors of each missed
 round, (K+1) r (m + n) per layer and round; K+2 pairs when FedAU or a server learning rate
 adds the previous global pair as a term). The client adds them to the base delta it keeps in
 its Context.state (``FedExClient``); a client whose reply was lost gets every residual
 again and starts its delta afresh. The server's own model adds the global sum before
 evaluation (``global_base_delta``). After a server restart the nodes' deltas are lost; the server
-rebuilds each one from the residual messages it accepted, exactly as the node summed them, and
-sends it back once (``restore_down``).
+rebuilds each one from the residual messages it accepted (the record's history), exactly as
+the node summed them, and sends it back once (``restore``).
 """
 
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ class FedEx(FedIT):
 
     exact = True
     keeps_node_state = True  # each node's base delta (the residuals it added), in Context.state
+    additive_parts = frozenset({"base"})  # its version: the rounds of residuals a client added
     moves_base_weights = True  # W0 + the residuals (``global_base_delta``)
 
     @staticmethod
@@ -56,50 +59,36 @@ class FedEx(FedIT):
         super().__init__(**arguments)
         self.residuals: list[dict[str, list[torch.Tensor]]] = []  # per round: layer -> [s B, A]
         self.base_delta: dict[str, torch.Tensor] = {}  # layer -> s * sum of all residuals
-        self.residuals_held: dict[int, int] = {}  # node id -> rounds of residuals it added
-        self.delivered: dict[int, list[tuple[int, int]]] = {}  # node id -> accepted (from, to)
         self._catch_up: dict[int, dict[str, torch.Tensor]] = {}  # residuals held -> message
 
-    def payload_down(self, node_id, state):
-        payload = super().payload_down(node_id, state)
-        held = self.residuals_held.get(node_id, 0)
+    def catch_up(self, part, partition, state):
+        """``base``: the residual rounds the client has not added (its held version of
+        ``base`` is how many it has), one message per starting point each round."""
+        if part != "base":
+            return super().catch_up(part, partition, state)
+        held = self.holdings.held_version(partition, "base")
         if held not in self._catch_up:
             self._catch_up[held] = self.missed_residuals(self.residuals[held:])
-        payload.update(self._catch_up[held])
-        return payload
-
-    def sent_down(self, node_id) -> int:
-        """The rounds of residuals the node has added once it accepts this round's message."""
-        return len(self.residuals)
+        return self._catch_up[held]
 
     def config_down(self, node_id):
-        return {"residual-from": self.residuals_held.get(node_id, 0),
-                "residual-to": len(self.residuals)}
+        partition = self.nodes.partition_of[node_id]
+        return {"residual-from": self.holdings.held_version(partition, "base"),
+                "residual-to": self.holdings.version("base")}
 
-    def accepted(self, node_id, sent: int):
-        self.delivered.setdefault(node_id, []).append((self.residuals_held.get(node_id, 0), sent))
-        self.residuals_held[node_id] = sent
-
-    def not_accepted(self, node_id, sent: int):
-        # It may have added the residuals before its reply was lost: resend all from round 1
-        # next time, which the client adds to a fresh delta (``residual-from`` = 0).
-        if sent != self.residuals_held.get(node_id, 0):
-            self.residuals_held[node_id] = 0
-
-    def restore_down(self, node_id, state, payload):
-        """The base delta the node held, rebuilt bit for bit as the node built it: the residual
-        messages it accepted, replayed through the client's own ``update_base_delta``."""
+    def restore(self, part, partition, state, payload):
+        """``base``: the base delta the client held, rebuilt bit for bit as it built it: the
+        residual messages it accepted (``holdings.history``), replayed through the client's own
+        ``update_base_delta``."""
+        if part != "base":
+            return super().restore(part, partition, state, payload)
         delta, held = {}, 0
-        for start, end in self.delivered.get(node_id, []):
+        for start, end in self.holdings.history.get(partition, {}).get("base", []):
             delta, held = update_base_delta(delta, held, start, end,
                                             self.missed_residuals(self.residuals[start:end]))
         if not held:
             return {}, {}
         return {residual_key(layer): d for layer, d in delta.items()}, {"restore-base-held": held}
-
-    def rename_nodes(self, renamed):
-        self.residuals_held = {renamed.get(node, node): n for node, n in self.residuals_held.items()}
-        self.delivered = {renamed.get(node, node): m for node, m in self.delivered.items()}
 
     def missed_residuals(self, missed: list[dict]) -> dict[str, torch.Tensor]:
         """The message tensors for residual rounds a client missed (scale s included)."""
@@ -113,7 +102,7 @@ class FedEx(FedIT):
         for layer in missed[0]:
             B_stack = torch.cat([r[layer][0] for r in missed], dim=1)  # sum of products =
             A_stack = torch.cat([r[layer][1] for r in missed], dim=0)  # product of stacks
-            if self.settings.residual == "dense":
+            if self.dense_messages():
                 dense = B_stack.to(torch.float64) @ A_stack.to(torch.float64)
                 message[residual_key(layer)] = dense.to(B_stack.dtype)
             else:
@@ -130,27 +119,34 @@ class FedEx(FedIT):
             B_stack, A_stack = product_mean_residual_factors([u[B_key] for u in updates],
                                                       [u[A_key] for u in updates], weights)
             residual[layer] = [scale * B_stack, A_stack]
-            increment = residual[layer][0].to(torch.float64) @ A_stack.to(torch.float64)
+        self.merge_into_base(residual)
+        return new_state
+
+    def dense_messages(self) -> bool:
+        """Whether missed residuals travel as their m x n sum (else as stacked factors)."""
+        return self.settings.residual == "dense"
+
+    def merge_into_base(self, residual: dict[str, list[torch.Tensor]]) -> None:
+        """Add one round's ``{layer: [B_stack, A_stack]}`` (scale folded into B) to the base
+        weights: the server's sum, and the version of ``base`` clients must catch up to."""
+        for layer, (B_stack, A_stack) in residual.items():
+            increment = B_stack.to(torch.float64) @ A_stack.to(torch.float64)
             self.base_delta[layer] = self.base_delta.get(layer, 0) + increment
         self.residuals.append(residual)
+        self.holdings.advance("base")
         self._catch_up = {}
-        return new_state
 
     def global_base_delta(self):
         return dict(self.base_delta) or None
 
     def state_dict(self):
         return {**super().state_dict(), "residuals": self.residuals,
-                "base_delta": self.base_delta,
-                "residuals_held": sorted(self.residuals_held.items()),
-                "delivered": sorted((node, list(m)) for node, m in self.delivered.items())}
+                "base_delta": self.base_delta}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.residuals = [{layer: list(f) for layer, f in r.items()} for r in state["residuals"]]
         self.base_delta = dict(state["base_delta"])
-        self.residuals_held = {int(node): int(n) for node, n in state["residuals_held"]}
-        self.delivered = {int(node): [tuple(m) for m in messages] for node, messages in state["delivered"]}
         self._catch_up = {}
 
 

@@ -47,6 +47,7 @@ class FedSB(FederatedLoRA):
     exact = True
     trained_parts = ("R", "head")
     one_time_parts_down = frozenset({"A", "B"})
+    # B and A never change after the init: kept, they travel once to each client (holdings)
     kept_parts = frozenset({"A", "B"})
     defaults = {"rank": 32, "alpha_per_rank": 1.0, "lr": 3e-2}
 
@@ -62,34 +63,6 @@ class FedSB(FederatedLoRA):
     def setup_examples_per_client(cls, settings: FedSBSettings, clients_per_round: int) -> int:
         """Each round-0 client's share of ``init_samples`` (its DP release is planned for it)."""
         return -(-settings.init_samples // clients_per_round)
-
-    def __init__(self, **arguments):  # FederatedLoRA's keyword arguments
-        super().__init__(**arguments)
-        self.has_factors: set[int] = set()  # nodes that hold B and A
-
-    def payload_down(self, node_id, state):
-        parts = set(self.trained_parts)
-        if node_id not in self.has_factors:  # B and A travel once per client
-            parts |= self.one_time_parts_down
-        return {k: v for k, v in state.items() if self.part(k) in parts}
-
-    def sent_down(self, node_id) -> bool | None:
-        """True: this round's message carries B and A (the node holds them once it accepts)."""
-        return True if node_id not in self.has_factors else None
-
-    def accepted(self, node_id, sent: bool | None):
-        if sent:
-            self.has_factors.add(node_id)
-
-    def rename_nodes(self, renamed):
-        self.has_factors = {renamed.get(node, node) for node in self.has_factors}
-
-    def state_dict(self):
-        return {**super().state_dict(), "has_factors": sorted(self.has_factors)}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.has_factors = set(state["has_factors"])
 
     def export_factors(self, state):
         """Plain LoRA with ``B' = B R`` and ``A' = A``: ``s B' A' = s B R A``, the same update."""

@@ -41,23 +41,10 @@ class FedSVD(FFA):
     def params_down(m: int, n: int, rank: int) -> int:
         return rank * (m + n)  # period 1: A and B after every re-factorisation
 
-    def __init__(self, **arguments):  # FederatedLoRA's keyword arguments
-        super().__init__(**arguments)
-        self.a_version = 0  # re-factorisations that changed A so far (0: the seeded A_0)
-        self.a_version_held: dict[int, int] = {}  # node id -> version of the A it holds
-
-    def payload_down(self, node_id, state):
-        payload = super().payload_down(node_id, state)
-        if self.a_version_held.get(node_id, 0) != self.a_version:
-            payload.update({k: v for k, v in state.items() if self.part(k) == "A"})
-        return payload
-
-    def sent_down(self, node_id) -> int:
-        """The version of A the node holds once it accepts this round's message."""
-        return self.a_version
-
-    def accepted(self, node_id, sent: int):
-        self.a_version_held[node_id] = sent
+    @property
+    def a_version(self) -> int:
+        """Re-factorisations that changed A so far (0: the seeded A_0)."""
+        return self.holdings.version("A")
 
     def aggregate(self, state, updates, weights):
         new_state = super().aggregate(state, updates, weights)  # B_bar and the head
@@ -70,20 +57,13 @@ class FedSVD(FFA):
             B_new, A_new = refactorise_orthonormal(new_state[B_key], state[A_key])
             changed = changed or not torch.equal(A_new, state[A_key])
             new_state[B_key], new_state[A_key] = B_new, A_new
-        self.a_version += int(changed)
+        if changed:
+            self.holdings.advance("A")  # clients holding an older A are sent the new one
         return new_state
 
-    def rename_nodes(self, renamed):
-        self.a_version_held = {renamed.get(node, node): v for node, v in self.a_version_held.items()}
-
     def state_dict(self):
-        return {**super().state_dict(), "a_version": self.a_version,
-                "a_version_held": sorted(self.a_version_held.items())}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.a_version = int(state["a_version"])
-        self.a_version_held = {int(node): int(v) for node, v in state["a_version_held"]}
+        # The version is the record's (``holdings``); also under its own name for checkpoint readers.
+        return {**super().state_dict(), "a_version": self.a_version}
 
 
 register_strategy("fedsvd", FedSVD, FedSVDSettings)

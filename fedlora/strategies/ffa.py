@@ -15,6 +15,7 @@ class FFA(FederatedLoRA):
     exact = True
     trained_parts = ("B", "head")
     seeded_parts = frozenset({"A"})
+    rank_rule = "pad"  # clients of different ranks: zero-padded (docs/algorithms.md)
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-2}
 
     @staticmethod

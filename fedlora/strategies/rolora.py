@@ -31,6 +31,7 @@ class RoLoRA(FederatedLoRA):
     trained_parts = ("A", "B", "head")  # over the run; ``trained_parts_in`` says which per round
     kept_parts = frozenset(FACTORS)  # the latest A and B a client received
     seeded_parts = frozenset(FACTORS)  # A_0 and B_0 from the shared init
+    rank_rule = "pad"  # clients of different ranks: zero-padded (docs/algorithms.md)
     defaults = {"rank": 8, "alpha_per_rank": 2.0, "lr": 1e-2}
 
     @staticmethod
@@ -53,41 +54,11 @@ class RoLoRA(FederatedLoRA):
         up, down = cls.params_up(m, n, rank), cls.params_down(m, n, rank)
         return (up, down) if cls.trained_factor(server_round) == "B" else (down, up)
 
-    def __init__(self, **arguments):  # FederatedLoRA's keyword arguments
-        super().__init__(**arguments)
-        self.version = dict.fromkeys(FACTORS, 0)  # aggregations of each factor so far (0: seeded)
-        self.version_held: dict[int, dict[str, int]] = {}  # node id -> versions it holds
-
-    def payload_down(self, node_id, state):
-        """The head, and each factor whose current value the node does not hold (it starts
-        the trained factor from its copy and keeps the frozen one as it is)."""
-        held = self.version_held.get(node_id, dict.fromkeys(FACTORS, 0))
-        stale = {factor for factor in FACTORS if held[factor] != self.version[factor]}
-        return {k: v for k, v in state.items() if self.part(k) in stale | {"head"}}
-
-    def sent_down(self, node_id) -> dict[str, int]:
-        """The versions of A and B the node holds once it accepts this round's message."""
-        return dict(self.version)
-
-    def accepted(self, node_id, sent: dict[str, int]):
-        self.version_held[node_id] = dict(sent)
-
     def aggregate(self, state, updates, weights):
         new_state = super().aggregate(state, updates, weights)  # the trained factor, the head
-        self.version[self.trained_factor(self.server_round)] += 1
+        # clients holding the factor's older value are sent the new one (holdings)
+        self.holdings.advance(self.trained_factor(self.server_round))
         return new_state
-
-    def rename_nodes(self, renamed):
-        self.version_held = {renamed.get(node, node): v for node, v in self.version_held.items()}
-
-    def state_dict(self):
-        return {**super().state_dict(), "version": dict(self.version),
-                "version_held": sorted((node, dict(v)) for node, v in self.version_held.items())}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.version = dict(state["version"])
-        self.version_held = {int(node): dict(v) for node, v in state["version_held"]}
 
 
 register_strategy("rolora", RoLoRA)
