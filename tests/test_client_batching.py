@@ -286,6 +286,7 @@ class TwinGrid:
         self.differences: list[float] = []
         self.relative: list[float] = []
         self.compared = 0
+        self.ranks_seen: set[int] = set()
 
     def get_node_ids(self):
         return self.hosted.get_node_ids()
@@ -321,6 +322,9 @@ class TwinGrid:
             self.differences.append(difference)
             norm = left[key].double().norm().item()
             self.relative.append((left[key].double() - right[key].double()).norm().item() / max(norm, 1e-30))
+        for key in left:  # the rank a reply was trained at (its A factors' rows)
+            if key.endswith("lora_A.weight"):
+                self.ranks_seen.add(left[key].shape[0])
         left_metrics, right_metrics = dict(expected["metrics"]), dict(got["metrics"])
         assert sorted(left_metrics) == sorted(right_metrics)
         for key, value in left_metrics.items():
@@ -384,6 +388,22 @@ def test_batched_rounds_equal_one_client_at_a_time_in_float64_causal_lm(
     # Assert
     assert twin.compared >= 8
     assert max(twin.differences) <= 1e-10
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flora", "flexlora", "hetlora"])
+def test_batched_clients_of_different_ranks_equal_one_client_at_a_time_in_float64(
+        strategy, bert_folder, float64_clients, tmp_path, caplog):
+    # Prepare: partition p at rank [1, 2][p % 2] on host p % 3, so every host holds clients of
+    # both ranks (trained in separate chunks); HetLoRA's pruning clients train alone
+    cfg = topic_config(strategy, bert_folder, client_ranks=[1, 2])
+
+    # Execute
+    twin = twin_run(cfg, tmp_path, hosts=3, client_batch=2, caplog=caplog)
+
+    # Assert: every reply within 1e-10, and replies of both ranks were compared
+    assert twin.compared >= 12
+    assert max(twin.differences) <= 1e-10
+    assert twin.ranks_seen == {1, 2}
 
 
 # float32 (the default): what "the same up to rounding" means in numbers, measured on these
