@@ -248,7 +248,9 @@ class RunConfig:
     client_batch: int = setting(1, "simulation: a node trains up to this many of a round's "
                                 "clients together, rows of all of them in one pass through one "
                                 "copy of the base model, each with its own adapter factors "
-                                "(docs/design/client-batching.md); 1: one client at a time",
+                                "(under record-level DP its own clipping, noise and "
+                                "accountant; docs/design/client-batching.md); 1: one client at "
+                                "a time",
                                 check=POSITIVE)
     client_hosts: int | None = setting(None, "simulation: virtual SuperNodes that host the clients "
                                        "(partition p on node p mod client_hosts; a node's clients "

@@ -19,7 +19,10 @@ clients' batches of step s into one batch, client k's rows forming block k:
 * dropout is drawn client by client (``ClientRandomness``): client k's block, cut to its own
   batch's shape, from client k's own random stream (the torch RNG state it would have had
   training alone), so its masks are the very masks it draws alone; repeated rows and padding
-  draw nothing.
+  draw nothing;
+* under record-level DP (``ClientSteps.privacy``) a step is each client's DP-SGD step alone
+  (``private_step``): per-example gradients, clipped, summed and noised from the client's own
+  source, divided by its own expected batch size, as Opacus does it for the client alone.
 
 So a chunk's clients end their round with the tensors they would have trained one at a time,
 to floating-point rounding (tests: float64, 1e-10).
