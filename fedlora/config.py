@@ -254,7 +254,9 @@ class RunConfig:
     client_batch: int = setting(1, "simulation: a node trains up to this many of a round's "
                                 "clients together, rows of all of them in one pass through one "
                                 "copy of the base model, each with its own adapter factors "
-                                "(docs/design/client-batching.md); 1: one client at a time",
+                                "(under record-level DP its own clipping, noise and "
+                                "accountant; docs/design/client-batching.md); 1: one client at "
+                                "a time",
                                 check=POSITIVE)
     client_hosts: int | None = setting(None, "simulation: virtual SuperNodes that host the clients "
                                        "(partition p on node p mod client_hosts; a node's clients "
@@ -393,11 +395,6 @@ class RunConfig:
         if self.client_hosts is not None and self.client_hosts > self.clients:
             raise ConfigError(f"client_hosts={self.client_hosts} exceeds clients={self.clients}: a "
                               f"node would host no client; set client_hosts <= {self.clients}")
-        if self.client_batch > 1 and self.dp.record_level:
-            raise ConfigError(f"client_batch={self.client_batch} with record-level DP (dp.epsilon, "
-                              "dp.mode=record): DP-SGD inside a batch of clients is not built yet; "
-                              "set client_batch=1 (client_hosts still shares a node's model) or "
-                              "dp.mode=client")
         if self.min_clients > self.clients_per_round and self.participation.name == "uniform":
             raise ConfigError(f"min_clients={self.min_clients} exceeds clients_per_round="
                               f"{self.clients_per_round}; set min_clients <= {self.clients_per_round}")

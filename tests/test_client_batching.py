@@ -168,20 +168,22 @@ def test_a_clients_error_in_a_hosts_reply_is_that_clients_alone():
 # Configuration
 
 
-def test_client_batch_resolves_the_hosts_and_refuses_record_level_dp_and_deployment():
+def test_client_batch_resolves_the_hosts_takes_dp_and_refuses_deployment():
     # Execute
     plain = RunConfig.from_dict({"clients": 100, "clients_per_round": 10})
     batched = RunConfig.from_dict({"clients": 100, "clients_per_round": 10, "client_batch": 3})
     hosted = RunConfig.from_dict({"clients": 100, "client_hosts": 7})
+    private = RunConfig.from_dict({"clients": 100, "client_batch": 2, "dp": {"epsilon": 8}})
 
-    # Assert
+    # Assert: record-level DP (tests/test_batched_dp.py) and client-level DP are accepted
     assert (plain.hosts, batched.hosts, hosted.hosts) == (None, 4, 7)
-    with pytest.raises(ConfigError, match="client_batch=2 with record-level DP"):
-        RunConfig.from_dict({"client_batch": 2, "dp": {"epsilon": 8}})
+    assert private.dp.record_level and private.client_batch == 2
     with pytest.raises(ConfigError, match="client_hosts=5 exceeds clients=4"):
         RunConfig.from_dict({"clients": 4, "client_hosts": 5})
     with pytest.raises(ConfigError, match="a real SuperNode is one client"):
         check_deployment(batched)
+    with pytest.raises(ConfigError, match="a real SuperNode is one client"):
+        check_deployment(private)
     RunConfig.from_dict({"client_batch": 2, "dp": {"epsilon": 8, "mode": "client"}})  # fine
 
 

@@ -189,7 +189,7 @@ class LocalRound:
     context: Context
     start: dict[str, torch.Tensor]  # the full adapter and head state it trains from
     trained: set[str]
-    steps: list  # example indices of each local step; under DP, its Poisson batches
+    steps: list  # example indices of each local step (under DP its Poisson samples; None: empty)
     privacy: ClientPrivacy | None
     rank: int  # the adapter rank it trains at (``client-rank``; else the build's)
 
@@ -236,8 +236,9 @@ def begin_training(message: Message, context: Context) -> LocalRound | Message:
     elif not privacy.can_afford(local_steps):  # out of budget: decline, do not touch the data
         return setup.reply(message, {}, {"dp-declined": 1, **privacy.metrics()})
     else:
-        steps = poisson_batches(setup.batches, setup.indices, privacy.sample_rate, local_steps,
-                                privacy.rng("poisson", setup, context.state))
+        steps = list(poisson_batches(example_indices(setup.batches), setup.indices,
+                                     privacy.sample_rate, local_steps,
+                                     privacy.rng("poisson", setup, context.state)))
         privacy.noise_generator = privacy.rng("noise", setup, context.state, setup.device)
     return LocalRound(setup, message, context, start, _parts(cfg, "trained-parts"), steps, privacy,
                       rank)
@@ -257,8 +258,8 @@ def train_alone(local: LocalRound) -> Message:
     bundle.set_rank(local.rank)
     bundle.load(local.start)
     trainable = bundle.set_trainable(local.trained)
-    steps = local.steps if local.privacy is not None else \
-        (setup.batches.collate(indices) for indices in local.steps)
+    steps = (None if indices is None else setup.batches.collate(indices)
+             for indices in local.steps)  # None: an empty Poisson batch (DP)
     head = [param for key, param in bundle.model.named_parameters()
             if param.requires_grad and key in bundle.head_keys]
     metrics = client_update(bundle.model, trainable, steps, float(cfg["lr"]), setup.device,
@@ -295,7 +296,7 @@ class ReadyClient:
         setup, cfg = self.local.setup, self.local.setup.config
         return (self.local.rank, tuple(sorted(self.local.trained)), str(cfg["optimizer"]), float(cfg["lr"]),
                 float(cfg["head-lr"]), len(self.local.steps), setup.device, id(setup.bundle),
-                id(setup.batches), setup.task)
+                id(setup.batches), setup.task, self.local.privacy is None)
 
 
 def train_hosted_clients(clients: list[HostedClient], client_batch: int) -> dict[int, Message]:
@@ -303,9 +304,10 @@ def train_hosted_clients(clients: list[HostedClient], client_batch: int) -> dict
     (``fedlora.clients.batched``): clients with the same training settings and base weights
     are split into as few chunks as ``client_batch`` allows, of sizes that differ by at most
     one. A client that fails before its steps gets its own error reply; if a chunk fails, each
-    of its clients is trained again alone, so no client fails because of another's data. A DP
-    client trains alone (DP-SGD inside a batch is not built), and so does a client whose hooks
-    add to its loss; clients of different ranks (``client_ranks``) train in different chunks."""
+    of its clients is trained again alone, so no client fails because of another's data. DP
+    clients train together too, each with its own per-example clipping, noise and accountant
+    (``fedlora.clients.batched.private_step``). A client whose hooks add to its loss trains
+    alone; clients of different ranks (``client_ranks``) train in different chunks."""
     replies: dict[int, Message] = {}
     groups: dict[tuple, list[list[ReadyClient]]] = {}
     for client in clients:
@@ -316,9 +318,6 @@ def train_hosted_clients(clients: list[HostedClient], client_batch: int) -> dict
             continue
         if isinstance(local, Message):
             replies[client.partition_id] = local
-            continue
-        if local.privacy is not None:
-            replies[client.partition_id] = guarded(train, client)
             continue
         setup = local.setup
         if setup.hooks.training_loss(setup, setup.task.loss) is not setup.task.loss:
@@ -389,7 +388,8 @@ def train_chunk(chunk: list[ReadyClient]) -> dict[int, Message]:
     bundle.set_rank(first.rank)  # clients of different ranks are in different chunks
     trained_keys = [key for key in bundle.shapes() if part_of(key, bundle.head_keys) in first.trained]
     steps = [ClientSteps(ready.local.start, ready.local.steps, float(cfg["lr"]),
-                         float(cfg["head-lr"]), ready.stream) for ready in chunk]
+                         float(cfg["head-lr"]), ready.stream, privacy=ready.local.privacy)
+             for ready in chunk]
     states = train_together(bundle.model, bundle.head_keys, trained_keys, steps, setup.batches,
                             setup.task.loss, str(cfg["optimizer"]), setup.device)
     return {ready.client.partition_id: finish_training(ready.local, state, {

@@ -19,7 +19,10 @@ clients' batches of step s into one batch, client k's rows forming block k:
 * dropout is drawn client by client (``ClientRandomness``): client k's block, cut to its own
   batch's shape, from client k's own random stream (the torch RNG state it would have had
   training alone), so its masks are the very masks it draws alone; repeated rows and padding
-  draw nothing.
+  draw nothing;
+* under record-level DP (``ClientSteps.privacy``) a step is each client's DP-SGD step alone
+  (``private_step``): per-example gradients, clipped, summed and noised from the client's own
+  source, divided by its own expected batch size, as Opacus does it for the client alone.
 
 So a chunk's clients end their round with the tensors they would have trained one at a time,
 to floating-point rounding (tests: float64, 1e-10).
@@ -79,11 +82,14 @@ class ClientSteps:
     the example indices of each of its local steps, its learning rates and random stream."""
 
     start: dict[str, torch.Tensor]
-    steps: list[list[int]]
+    steps: list[list[int] | None]  # None: an empty Poisson batch (DP only)
     lr: float
     head_lr: float
     stream: RandomStream
     losses: list[float] = field(default_factory=list)
+    # None, or what makes its steps DP-SGD (``fedlora.clients.dp.ClientPrivacy``: its
+    # ``noised_gradient``); passed in, so this module depends on no DP code
+    privacy: object | None = None
 
 
 @dataclass
@@ -220,6 +226,8 @@ def train_together(model: torch.nn.Module, head_keys, trained_keys: list[str],
     count = len(clients)
     if len({len(c.steps) for c in clients}) != 1:
         raise ValueError("clients trained together must take the same number of steps")
+    if len({c.privacy is None for c in clients}) != 1:
+        raise ValueError("clients trained together must all train with DP-SGD or all without")
     head = set(head_keys)
     stacks, trainable = {}, {}
     own = model.state_dict()
@@ -235,6 +243,17 @@ def train_together(model: torch.nn.Module, head_keys, trained_keys: list[str],
     step_optimizer = OPTIMIZERS[optimizer]([g for g in groups if g["params"]], clients[0].lr)
     precision = autocast(model)
     model.train()
+    if clients[0].privacy is not None:
+        # the order of each client's optimiser alone (``client_update``'s groups), in which
+        # its noise is drawn
+        order = [k for k in trained_keys if k not in head] + [k for k in trained_keys if k in head]
+        for step in range(len(clients[0].steps)):
+            private_step(model, head_keys, stacks, trainable, order, clients, step, batches, loss,
+                         precision, device)
+            step_optimizer.step()
+            step_optimizer.zero_grad(set_to_none=True)
+        return [{key: trainable[key][k].detach().cpu().clone() for key in trained_keys}
+                for k in range(count)]
     with stacked_clients(model, head_keys, stacks):
         for step in range(len(clients[0].steps)):
             batch, real, lengths = chunk_batch(batches, [c.steps[step] for c in clients])
@@ -252,3 +271,52 @@ def train_together(model: torch.nn.Module, head_keys, trained_keys: list[str],
                 client.losses.append(value)
     return [{key: trainable[key][k].detach().cpu().clone() for key in trained_keys}
             for k in range(count)]
+
+
+def private_step(model: torch.nn.Module, head_keys, stacks: dict[str, torch.Tensor],
+                 trainable: dict[str, torch.nn.Parameter], order: list[str],
+                 clients: list[ClientSteps], step: int, batches, loss, precision,
+                 device: str) -> None:
+    """Step ``step`` of DP-SGD for every client of the chunk: each stacked trained tensor's
+    ``.grad`` set, slice k to client k's noised gradient (``ClientPrivacy.noised_gradient``),
+    exactly what its own DP-SGD step alone would give its optimiser.
+
+    Per-example gradients from one pass: each example's rows get their own copy of its
+    client's factors and head (stacked ``[examples, ...]``, example-major within each client's
+    block, which ``fedlora.model.stacked`` computes as it computes clients), so the gradient of
+    the summed per-example losses with respect to copy i is example i's own gradient (what
+    Opacus' hooks compute for a client alone). Rows that only top up a block carry no loss, so
+    their copies' gradients are dropped. A client whose Poisson batch is empty has no rows (its
+    forward pass draws no dropout, as alone) and takes the noise-only step. Each client's noise
+    is drawn from its own source (a torch generator: its own random stream), in its own
+    optimiser's order and shapes: no other client of the chunk changes it."""
+    present = [k for k, client in enumerate(clients) if client.steps[step]]
+    per_example = [{key: trainable[key].new_zeros((0, *trainable[key].shape[1:])) for key in order}
+                   for _ in clients]
+    if present:
+        batch, real, lengths = chunk_batch(batches, [clients[k].steps[step] for k in present])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        most = max(real)
+        copies = {}
+        for key, stacked in stacks.items():  # each client's tensors, once per row of its block
+            copies[key] = stacked.detach()[present].repeat_interleave(most, dim=0)
+            if key in trainable:
+                copies[key].requires_grad_(True)
+        blocks = [Block(position * most, rows, length, clients[k].stream)
+                  for position, (k, rows, length) in enumerate(zip(present, real, lengths))]
+        with stacked_clients(model, head_keys, copies), precision, \
+                ClientRandomness(blocks, _batch_length(batch), len(present) * most):
+            per_row = loss(model, batch, "none")
+            own = [per_row[b.first:b.first + b.rows] for b in blocks]
+            grads = torch.autograd.grad(torch.stack([rows.sum() for rows in own]).sum(),
+                                        [copies[key] for key in order])
+        for position, (k, block) in enumerate(zip(present, blocks)):
+            clients[k].losses.append(own[position].detach().mean().item())
+            for key, grad in zip(order, grads):
+                per_example[k][key] = grad[block.first:block.first + block.rows]
+    noised = []
+    for client, own_examples in zip(clients, per_example):
+        with client.stream.active():  # a torch generator's noise: the client's own stream
+            noised.append(client.privacy.noised_gradient([own_examples[key] for key in order]))
+    for j, key in enumerate(order):
+        trainable[key].grad = torch.stack([gradients[j] for gradients in noised])

@@ -154,6 +154,13 @@ class ClientPrivacy:
     def empty_step(optimizer, trainable: list[torch.nn.Parameter]) -> None:
         empty_step(optimizer, trainable)
 
+    def noised_gradient(self, per_example: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One DP-SGD step's gradient of this client's trained tensors from their per-example
+        gradients, as ``wrap``'s optimiser makes it (``dp_sgd_gradient``); for a client trained
+        with others in one pass (``fedlora.clients.batched``)."""
+        return dp_sgd_gradient(per_example, self.clip, self.noise_multiplier, self.batch_size,
+                               self.noise_generator)
+
     def metrics(self) -> dict:
         """What the reply reports, for the server's ledger and ``privacy.json``: the release
         log whenever it accounts for every step of the history (a history carried over from an
@@ -203,6 +210,37 @@ def empty_step(optimizer, trainable: list[torch.nn.Parameter]) -> None:
     for param in trainable:
         param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
     optimizer.step()
+
+
+def dp_sgd_gradient(per_example: list[torch.Tensor], clip: float, noise_multiplier: float,
+                    expected_batch_size: int, noise: KeyStream | torch.Generator) -> list[torch.Tensor]:
+    """The gradient one DP-SGD step gives each trained tensor, from the per-example gradients
+    of one client's batch (``per_example[j]``: ``[examples, *shape of tensor j]``, in the order
+    of the client's optimiser; no example: an empty Poisson batch).
+
+    Opacus' ``DPOptimizer`` step, operation for operation (what ``private`` runs, mean loss
+    reduction): each example's gradient clipped to ``clip`` by its norm over all tensors
+    (the norm of the tensors' norms, ``clip / (norm + 1e-6)`` capped at 1), summed, plus
+    Gaussian noise of std ``noise_multiplier * clip`` drawn from ``noise`` tensor by tensor as
+    the client's optimiser draws it (a ``KeyStream``: one hardened draw for all tensors; a
+    ``torch.Generator``: Opacus' own draw per tensor), divided by the expected batch size."""
+    first = per_example[0]
+    if len(first) == 0:  # an empty batch: the noise alone
+        factor = torch.zeros((0,), dtype=first.dtype, device=first.device)
+    else:
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in per_example], dim=1)
+        factor = (clip / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+    summed = [torch.einsum("i,i...", factor.to(g.dtype), g) for g in per_example]
+    std = noise_multiplier * clip
+    if isinstance(noise, KeyStream):
+        noises = noise.normal_like(std, summed)
+    elif isinstance(noise, torch.Generator):
+        from opacus.optimizers.optimizer import _generate_noise
+
+        noises = [_generate_noise(std, total, noise) for total in summed]
+    else:
+        raise TypeError("dp_sgd_gradient needs a KeyStream or a torch.Generator (from dp_rng)")
+    return [(total + draw) / expected_batch_size for total, draw in zip(summed, noises)]
 
 
 def private_gradient_sum(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter], batches,
