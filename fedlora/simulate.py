@@ -56,11 +56,11 @@ def run(cfg: RunConfig, out, resume: bool = False, interrupts=None) -> dict:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        if cfg.hosts is not None:  # nodes hosting several clients each: one node id per client
-            grid = HostedGrid(grid, cfg.clients, cfg.hosts, cfg.client_batch)
-        if interrupts is not None:
+        if interrupts is not None:  # on Flower's grid: it polls Flower's push/pull for a stop
             interrupts.serving.set()
             grid = StoppableGrid(grid, interrupts.stop)
+        if cfg.hosts is not None:  # nodes hosting several clients each: one node id per client
+            grid = HostedGrid(grid, cfg.clients, cfg.hosts, cfg.client_batch)
         try:
             result["summary"] = run_server(grid, cfg, out, bundle, data, resume=resume)
         except RunStopped:

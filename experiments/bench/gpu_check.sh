@@ -8,7 +8,14 @@
 #      parameters (SmolLM2-135M's shape) and ~1.2B (Llama-3.2-1B's shape), for fp32, bf16,
 #      bf16 + grad_checkpointing and, with bitsandbytes installed, 4-bit NF4 base weights;
 #   3. the bare-loop ratio: the same client steps through fedlora's client_update vs a plain
-#      PyTorch loop (target <= 1.25).
+#      PyTorch loop (target <= 1.25);
+#   4. clients per GPU (client_batch, docs/design/client-batching.md): K clients per pass
+#      through one copy of the ~135M model (K = 1, 2, 4, ... until out of memory: client steps
+#      per second and the allocator's peak) against fractional-GPU workers (each its own
+#      process, CUDA context and copy of the model, one client: how many fit, from the
+#      measured context and one client's peak, and their combined rate if they shared the GPU
+#      perfectly, an upper bound). experiments/bench/RESULTS.md says "not measured" until a GPU
+#      has run this.
 # The models are RANDOM-INITIALISED LlamaConfigs of those shapes (the machine may have no
 # network and too little room for real weights) with a one-token-per-character tokenizer:
 # times and memory are the architecture's; exact match and losses mean nothing.
@@ -41,7 +48,7 @@ if [ "$SMOKE" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.i
   exit 2
 fi
 
-say "1/4 random-initialised models (NOT pretrained weights: timings and memory only)"
+say "1/5 random-initialised models (NOT pretrained weights: timings and memory only)"
 "$PY" - "$WORK" "$SMOKE" <<'PYTHON'
 import sys
 from pathlib import Path
@@ -80,7 +87,7 @@ for name, shape in SHAPES.items():
           "random weights, char tokenizer")
 PYTHON
 
-say "2/4 every method, 2 rounds, 4 clients on one GPU (client_gpus=0.25, precision=bf16)"
+say "2/5 every method, 2 rounds, 4 clients on one GPU (client_gpus=0.25, precision=bf16)"
 METHODS=${GPU_CHECK_METHODS:-$("$PY" -c "from fedlora.strategies import STRATEGIES; print(' '.join(sorted(STRATEGIES)))")}
 if [ "$SMOKE" = 1 ]; then
   METHODS=${GPU_CHECK_METHODS:-fedavg}
@@ -115,7 +122,7 @@ PYTHON
   [ "$status" = ok ] || tail -n 5 "$WORK/$method.log" | sed 's/^/      /'
 done
 
-say "3/4 step time and peak memory per client; 4/4 bare-loop ratio"
+say "3/5 step time and peak memory per client; 4/5 bare-loop ratio"
 "$PY" - "$WORK" "$SMOKE" <<'PYTHON'
 import importlib.util
 import random
@@ -215,5 +222,109 @@ for name in ("smollm2-135m-random", "llama-1b-random"):
         del bundle
         if device == "cuda":
             torch.cuda.empty_cache()
+PYTHON
+say "5/5 clients per GPU: K clients per pass vs fractional-GPU workers"
+"$PY" - "$WORK" "$SMOKE" <<'PYTHON'
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fedlora.clients.batched import ClientSteps, RandomStream, train_together
+from fedlora.clients.train import client_update
+from fedlora.model.adapters import part_of
+from fedlora.model.pretrained import ModelSpec, build_model
+from fedlora.tasks import make_task
+
+work, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
+device = "cpu" if smoke else "cuda"
+BATCH, STEPS, MAX_LENGTH = (2, 2, 256) if smoke else (8, 4, 256)
+GIB = 2**30
+task = make_task("arithmetic")
+if device == "cuda":  # this process's CUDA context: what the device lost before any tensor
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info()
+    context_gib = (total - free) / GIB
+    total_gib = total / GIB
+spec = ModelSpec(name=str(work / "smollm2-135m-random"), task="arithmetic", rank=16, alpha=32.0,
+                 precision="bf16")
+bundle = build_model(spec, device)
+examples = task.training_examples(bundle.tokenizer, MAX_LENGTH)
+rng = random.Random(0)
+keys = [k for k in bundle.shapes() if part_of(k, bundle.head_keys) in ("A", "B")]
+
+
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fresh_peak():
+    sync()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib():  # what the caching allocator held at most: a worker's memory besides its context
+    return torch.cuda.max_memory_reserved() / GIB if device == "cuda" else float("nan")
+
+
+def client_steps(count):
+    return [ClientSteps(bundle.state(("A", "B")), [rng.sample(range(len(examples)), BATCH)
+                                                  for _ in range(STEPS)], 1e-4, 1e-4,
+                        RandomStream.capture(device)) for _ in range(count)]
+
+
+# A fractional-GPU worker (client_gpus=1/N) is a process with its own CUDA context and copy of
+# the model, training one client at a time: its footprint is its context plus the peak its
+# allocator reserves for one client; N such workers fit while N footprints fit the device.
+fresh_peak()
+trainable = bundle.set_trainable(("A", "B"))
+steps = client_steps(1)[0].steps
+client_update(bundle.model, trainable, [examples.collate(s) for s in steps], 1e-4, device)
+sync()
+begin = time.perf_counter()
+client_update(bundle.model, trainable, [examples.collate(s) for s in steps], 1e-4, device)
+sync()
+alone_s = (time.perf_counter() - begin) / STEPS
+if device == "cuda":
+    footprint = context_gib + peak_gib()
+    workers = int(total_gib // footprint)
+    print(f"  fractional workers: one client {alone_s:.4f} s/step; footprint {footprint:.2f} GiB "
+          f"(context {context_gib:.2f} + allocator peak {peak_gib():.2f}): {workers} workers fit "
+          f"in {total_gib:.0f} GiB (client_gpus=1/{workers}); if they shared the GPU perfectly, "
+          f"{workers / alone_s:.1f} client steps/s (an upper bound: they time-slice one GPU)",
+          flush=True)
+else:
+    workers = 1
+    print(f"  fractional workers (CPU dry run): one client {alone_s:.4f} s/step", flush=True)
+print(f"  {'K per pass':>10} {'s/step':>8} {'client steps/s':>15} {'peak GiB':>9}")
+best, k = (0.0, 0), 1
+while True:
+    try:
+        fresh_peak()
+        clients = client_steps(k)
+        train_together(bundle.model, bundle.head_keys, keys, client_steps(k), examples,
+                       task.loss, "adamw", device)  # warm-up
+        sync()
+        begin = time.perf_counter()
+        train_together(bundle.model, bundle.head_keys, keys, clients, examples, task.loss,
+                       "adamw", device)
+        sync()
+        seconds = (time.perf_counter() - begin) / STEPS
+    except torch.cuda.OutOfMemoryError:
+        print(f"  {k:>10} out of memory: at most {k // 2} clients per pass at batch {BATCH} "
+              f"(one process, one context)")
+        break
+    print(f"  {k:>10} {seconds:>8.4f} {k / seconds:>15.1f} {peak_gib():>9.2f}", flush=True)
+    best = max(best, (k / seconds, k))
+    if smoke and k >= 2 or k >= 512:
+        break
+    k *= 2
+print(f"  clients per GPU: K per pass, best {best[0]:.1f} client steps/s at K={best[1]}; "
+      f"fractional workers: {workers} fit, at most {workers / alone_s:.1f} client steps/s")
 PYTHON
 say "done"

@@ -31,6 +31,7 @@ to floating-point rounding (tests: float64, 1e-10).
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -117,8 +118,14 @@ class ClientRandomness(TorchFunctionMode):
     """Dropout in a batched forward pass, drawn block by block from each client's stream in the
     shape of the client's own batch (``F.dropout`` on [rows, ...], [rows, positions, ...] and
     [rows, heads, positions, positions] tensors; ``F.scaled_dot_product_attention`` with
-    ``dropout_p`` > 0, computed per client). Positions beyond a client's own length and
-    repeated rows are left as they are (no draw): nothing real reads them."""
+    ``dropout_p`` > 0). Positions beyond a client's own length and repeated rows draw nothing
+    and are not dropped: nothing real reads them.
+
+    On the CPU a client's noise is drawn as ``F.dropout`` draws it (``bernoulli(1 - p) / (1 - p)``
+    in the shape of its own batch) into one noise tensor for the whole batch, and attention is
+    PyTorch's CPU math kernel written out (``math_attention``) with that noise: one pass for all
+    clients, the very numbers of each client alone. On CUDA (fused dropout kernels) each
+    client's block is computed by its own call."""
 
     def __init__(self, blocks: list[Block], length: int, total_rows: int):
         super().__init__()
@@ -159,16 +166,33 @@ class ClientRandomness(TorchFunctionMode):
         if x.shape[0] != self.total_rows:
             raise RuntimeError(f"dropout on a tensor of {x.shape[0]} rows in a batched pass of "
                                f"{self.total_rows} rows; set client_batch=1")
-        out = x.clone()
+        if x.device.type != "cpu":  # CUDA's fused kernel: each client's own call
+            out = x.clone()
+            for block in self.blocks:
+                index = self._positions(x, block)
+                with block.stream.active():
+                    out[index] = F.dropout(x[index], p, True)
+            return out
+        # CPU: F.dropout is ``x * (bernoulli(1 - p) / (1 - p))`` with the noise drawn in x's
+        # shape; so each client's noise, drawn in its own shape, and one product
+        noise = torch.ones_like(x)
         for block in self.blocks:
             index = self._positions(x, block)
             with block.stream.active():
-                out[index] = F.dropout(x[index], p, True)
-        return out
+                noise[index] = _dropout_noise(noise[index].shape, p, x.dtype)
+        return x * noise
 
     def attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                   scale=None, enable_gqa=False) -> torch.Tensor:
-        out = query.new_zeros(*query.shape[:-1], value.shape[-1])
+        if query.device.type == "cpu":  # CPU's math kernel, with each client's noise
+            heads, positions = query.shape[-3], query.shape[-2]
+            noise = query.new_ones(query.shape[0], heads, positions, key.shape[-2])
+            for block in self.blocks:
+                index = self._positions(noise, block)
+                with block.stream.active():
+                    noise[index] = _dropout_noise(noise[index].shape, dropout_p, query.dtype)
+            return math_attention(query, key, value, attn_mask, noise, is_causal, scale, enable_gqa)
+        out = query.new_zeros(*query.shape[:-1], value.shape[-1])  # CUDA: client by client
         for block in self.blocks:
             rows = slice(block.first, block.first + block.rows)
             cut = slice(0, block.length)
@@ -181,6 +205,33 @@ class ClientRandomness(TorchFunctionMode):
                     query[rows, :, cut], key[rows, :, cut], value[rows, :, cut], attn_mask=mask,
                     dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         return out
+
+
+def _dropout_noise(shape, p: float, dtype) -> torch.Tensor:
+    """What ``F.dropout`` multiplies a CPU tensor of ``shape`` by, from the current RNG."""
+    return torch.empty(shape, dtype=dtype).bernoulli_(1 - p).div_(1 - p)
+
+
+def math_attention(query, key, value, attn_mask, noise, is_causal: bool, scale, enable_gqa: bool):
+    """``F.scaled_dot_product_attention`` as PyTorch's CPU math kernel computes it with
+    dropout (the kernel it uses when ``dropout_p`` > 0), the attention probabilities times
+    ``noise`` (the dropout noise: 0 or 1 / (1 - p)): the kernel's operations in its order."""
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    root = math.sqrt(scale)
+    if is_causal:
+        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool,
+                               device=query.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device
+                                ).masked_fill(attn_mask.logical_not(), float("-inf"))
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
+    attn = torch.matmul(query * root, key.transpose(-2, -1) * root)
+    if attn_mask is not None:
+        attn = attn + attn_mask
+    attn = torch._safe_softmax(attn, -1)
+    return torch.matmul(attn * noise, value)
 
 
 def _batch_length(batch: dict[str, torch.Tensor]) -> int:
