@@ -12,7 +12,9 @@
 # Environment: OUT (default /tmp/fedlora-batching-runs), BATCHED (the second run's extra keys;
 # default "precision=auto client_batch=5": 2 hosts of 5 clients a round, one per core, for the
 # default job, and "precision=auto" for the generative pair, whose 2 clients a round gain
-# nothing from batching: RESULTS.md). Each run takes 15-30 min on the shared 2-core VM.
+# nothing from batching: RESULTS.md), EXTRA (keys for both runs of a pair, e.g. "rounds=5
+# eval_every=5" for a reduced generative pair). A default-job run takes 4-5 min (fp32) on two
+# quiet cores, 15-30 min on the shared VM.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -55,15 +57,17 @@ PYTHON
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; load now: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "$WHICH" = default ] || [ "$WHICH" = both ]; then
   echo "default job (strategy=fedsb clients=100)"
-  run default-today strategy=fedsb clients=100 precision=fp32 client_batch=1
   # shellcheck disable=SC2086
-  run default-batched strategy=fedsb clients=100 ${BATCHED:-precision=auto client_batch=5}
+  run default-today strategy=fedsb clients=100 precision=fp32 client_batch=1 ${EXTRA:-}
+  # shellcheck disable=SC2086
+  run default-batched strategy=fedsb clients=100 ${BATCHED:-precision=auto client_batch=5} ${EXTRA:-}
   report default-today default-batched
 fi
 if [ "$WHICH" = generative ] || [ "$WHICH" = both ]; then
   echo "generative default (task=arithmetic strategy=fedsb clients=20)"
-  run generative-today task=arithmetic strategy=fedsb clients=20 precision=fp32 client_batch=1
   # shellcheck disable=SC2086
-  run generative-batched task=arithmetic strategy=fedsb clients=20 ${BATCHED:-precision=auto}
+  run generative-today task=arithmetic strategy=fedsb clients=20 precision=fp32 client_batch=1 ${EXTRA:-}
+  # shellcheck disable=SC2086
+  run generative-batched task=arithmetic strategy=fedsb clients=20 ${BATCHED:-precision=auto} ${EXTRA:-}
   report generative-today generative-batched
 fi
