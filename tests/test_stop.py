@@ -63,6 +63,7 @@ def no_processes_left(session_id: int) -> list[str]:
     return left
 
 
+@pytest.mark.slow  # a real simulation stopped and resumed (~70 s on 2 cores); the unit tests below stay
 def test_ctrl_c_stops_a_simulation_in_seconds_with_one_line_and_it_resumes(tmp_path):
     # Prepare: a run whose round 1 is on file (the first progress line)
     run_dir = tmp_path / "run"
