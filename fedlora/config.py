@@ -434,12 +434,13 @@ class RunConfig:
 
 
 def parse_client_ranks(raw, rank, strategy: str) -> tuple[int, ...]:
-    """``client_ranks`` as positive integers (a list, or "2,4,8" / "[2,4,8]" from a run config),
-    checked against ``rank`` (the global rank: their largest) and the method, which must have a
-    rule for clients of different ranks (``FederatedLoRA.rank_rule``)."""
-    if raw is None or raw == "" or raw == []:
+    """``client_ranks`` (a list; Flower's run-config string "2,4,8" is split by
+    ``_spelled_out`` first) as positive integers, checked against ``rank`` (the global rank:
+    their largest) and the method, which must have a rule for clients of different ranks
+    (``FederatedLoRA.rank_rule``)."""
+    if not raw:
         return ()
-    items = raw.strip("[] ").split(",") if isinstance(raw, str) else list(raw)
+    items = list(raw)
     try:
         ranks = tuple(int(str(r).strip()) for r in items)
     except ValueError:
@@ -457,6 +458,8 @@ def parse_client_ranks(raw, rank, strategy: str) -> tuple[int, ...]:
                           f"(client_ranks={list(ranks)}); drop client_ranks or choose one of: "
                           f"{', '.join(supported)}")
     return ranks
+
+
 def check_federation(clients: int, clients_per_round: int, participation: ParticipationConfig,
                      weighting: str, min_clients: int, dp: DPConfig) -> None:
     """The rules relating the keys a strategy takes (``RunConfig`` and a strategy's own
