@@ -64,3 +64,36 @@ def test_heterogeneous_table_groups_settings_and_averages_tiers_over_seeds():
     assert (flora["bytes_up_mb"], flora["bytes_down_mb"]) == pytest.approx((2.0, 6.0))
     assert "| default-ranks | flora | 0 1 | 0.650 ± 0.071 (0.600–0.700) | 0.750 | 0.500 |" \
         in table.markdown(rows)
+
+
+def test_round_time_recovers_a_known_cost_split_from_the_busiest_host(tmp_path):
+    """A synthetic hosted run whose round r takes exactly 0.5 s per client on its busiest host
+    plus 1.25 s: the fit gives back both numbers, the imbalance and the floor, written out
+    from the same rule by hand."""
+    import json
+
+    round_time = load_experiment("bench/round_time")
+    hosts, per_round, rounds = 2, 4, 6
+    # partitions 0..7; host = p mod 2. Busiest host per training round: 2, 3, 4, 2, 3, 3
+    sampled = [[0, 1, 2, 3], [0, 2, 4, 1], [0, 2, 4, 6], [1, 3, 0, 2], [1, 3, 5, 0],
+               [2, 4, 6, 7]]
+    busiest = [max(sum(p % hosts == h for p in s) for h in range(hosts)) for s in sampled]
+    assert busiest == [2, 3, 4, 2, 3, 3]
+    (tmp_path / "config.yaml").write_text(
+        f"client_batch: 2\nclients_per_round: {per_round}\nclient_hosts: null\n")
+    with open(tmp_path / "participation.csv", "w") as handle:
+        handle.write("round," + ",".join(f"c{p}" for p in range(8)) + "\n")
+        for r, s in enumerate(sampled):
+            handle.write(f"{r}," + ",".join("1" if p in s else "0" for p in range(8)) + "\n")
+    clock, rows = 7.0, [{"round": 0, "wall_s": 7.0}]
+    for r in range(1, rounds + 1):
+        clock += 0.5 * busiest[r - 1] + 1.25
+        rows.append({"round": r, "wall_s": clock})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    a = round_time.analyse(tmp_path)
+    assert a["hosts"] == 2 and a["rounds"] == 6
+    assert abs(a["per_client_s"] - 0.5) < 1e-9 and abs(a["per_round_s"] - 1.25) < 1e-9
+    assert abs(a["mean_busiest"] - 17 / 6) < 1e-12 and a["balanced_busiest"] == 2
+    assert abs(a["imbalance_s"] - 0.5 * (17 - 12)) < 1e-9
+    assert abs(a["floor_s"] - (7.0 + 0.5 * 2 * 6)) < 1e-9
