@@ -510,6 +510,30 @@ HETEROGENEOUS_CLAIMS = (  # (method, the paper's claim against zero-padded FedIT
 )
 
 
+def missing_heterogeneous_runs(done: set[tuple[str, str, str]], seeds=("0", "1")) -> str:
+    """What of compare_heterogeneous.sh's whole grid (every method with a rank rule, both tasks,
+    client_ranks and the two bounds, ``seeds``) has no finished run, setting by setting:
+    ``done`` holds (setting, method, seed) of the finished runs."""
+    from fedlora.strategies import STRATEGIES
+
+    methods = sorted(name for name, cls in STRATEGIES.items() if cls.rank_rule is not None)
+    parts = []
+    for task in ("default", "arithmetic"):
+        for kind in ("ranks", "r16", "r2"):
+            setting = f"{task}-{kind}"
+            gaps = {m: [s for s in seeds if (setting, m, s) not in done] for m in methods}
+            gaps = {m: left for m, left in gaps.items() if left}
+            if not gaps:
+                continue
+            if len(gaps) == len(methods) and all(len(left) == len(seeds) for left in gaps.values()):
+                parts.append(f"`{setting}` (all of it)")
+                continue
+            words = [m if len(left) == len(seeds) else f"{m} (seed {', '.join(left)})"
+                     for m, left in gaps.items()]
+            parts.append(f"`{setting}`: " + ", ".join(words))
+    return "; ".join(parts) if parts else "nothing: the grid is complete"
+
+
 def heterogeneous(folder: Path) -> dict[str, str]:
     """experiments/compare_heterogeneous.sh: the table of comparison.csv
     (experiments/heterogeneous_table.py) and each paper's claim against the zero-padded FedIT
@@ -541,6 +565,7 @@ def heterogeneous(folder: Path) -> dict[str, str]:
             claims.append([claim, setting, f"{statistics.mean(gaps):+.3f}",
                            ", ".join(f"{s}: {g:+.3f}" for s, g in zip(seeds, gaps)), verdict])
     return {
+        "missing": missing_heterogeneous_runs({key for key in final}),
         "comparison": table(["setting", "method", "seeds", "final (mean ± std)", "final min–max",
                              "best", *[f"rank {t} tier" for t in tiers], "MB up / down"], body),
         "claims": table(["claim", "setting", "final gap (mean)", "per seed", "reproduces here?"],

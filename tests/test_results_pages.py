@@ -88,3 +88,21 @@ def test_the_tables_are_the_csv_numbers(make_pages):
     # Assert: the row for epsilon 1024 starts with their mean
     row = next(line for line in means.splitlines() if line.startswith("| ε = 1024 |"))
     assert row.split(" | ")[1] == f"{statistics.mean(finals):.3f}" == "0.364"
+
+
+def test_the_heterogeneous_page_lists_exactly_the_runs_of_the_grid_that_are_missing(make_pages):
+    """The grid is every method with a rank rule x {default, arithmetic} x {ranks, r16, r2} x
+    seeds 0 and 1; what has no finished run is named, setting by setting."""
+    from fedlora.strategies import STRATEGIES
+
+    methods = sorted(n for n, c in STRATEGIES.items() if c.rank_rule is not None)
+    assert "fedsb" not in methods and {"fedavg", "flora", "flexlora", "hetlora"} <= set(methods)
+    settings = [f"{t}-{k}" for t in ("default", "arithmetic") for k in ("ranks", "r16", "r2")]
+    everything = {(s, m, seed) for s in settings for m in methods for seed in "01"}
+    assert make_pages.missing_heterogeneous_runs(everything) == "nothing: the grid is complete"
+
+    done = everything - {("default-r2", "flora", "1"), ("default-r2", "hetlora", "0"),
+                         ("default-r2", "hetlora", "1")}
+    done -= {key for key in everything if key[0] == "arithmetic-r16"}
+    assert make_pages.missing_heterogeneous_runs(done) == (
+        "`default-r2`: flora (seed 1), hetlora; `arithmetic-r16` (all of it)")
