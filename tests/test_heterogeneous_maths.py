@@ -171,3 +171,62 @@ def test_tail_norm_is_differentiable_and_ignores_the_kept_ranks():
 def test_bad_shapes_and_values_are_refused(call):
     with pytest.raises(ValueError):
         call()
+
+
+def _layer_state(B, A, R=None):
+    from fedlora.model.adapters import factor_key
+
+    state = {factor_key("enc.q", "B"): B, factor_key("enc.q", "A"): A, "head.weight": torch.ones(3)}
+    if R is not None:
+        state[factor_key("enc.q", "R")] = R
+    return state
+
+
+def _product_at(state, rank):
+    from fedlora.model.adapters import factor_key, state_at_rank
+
+    cut = state_at_rank(state, rank)
+    B, A = cut[factor_key("enc.q", "B")], cut[factor_key("enc.q", "A")]
+    R = cut.get(factor_key("enc.q", "R"))
+    return B @ A if R is None else B @ R @ A
+
+
+@pytest.mark.parametrize("zero", ["none", "B tail", "A tail", "B"])
+def test_same_model_at_rank_is_true_exactly_when_the_cut_keeps_the_dense_update(zero):
+    """Oracle: the dense update B A of the factors cut to rank r against the uncut one."""
+    from fedlora.model.adapters import same_model_at_rank
+
+    # Prepare: a rank-8 layer whose slices beyond rank 3 are zero in B, in A, or nowhere
+    g = torch.Generator().manual_seed(7)
+    B = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    A = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    if zero == "B tail":
+        B[:, 3:] = 0
+    elif zero == "A tail":
+        A[3:, :] = 0
+    elif zero == "B":  # round 0: B = 0, every tier holds the base model
+        B.zero_()
+    state = _layer_state(B, A)
+
+    # Execute / Assert: the answer agrees with the dense products at every rank
+    for rank in range(1, 11):
+        dense_same = torch.equal(_product_at(state, rank), B @ A)
+        assert same_model_at_rank(state, rank) == dense_same, rank
+    assert same_model_at_rank(state, 3) == (zero != "none")
+    assert same_model_at_rank(state, 8) and same_model_at_rank(state, 12)
+
+
+def test_same_model_at_rank_with_a_square_middle_factor():
+    from fedlora.model.adapters import same_model_at_rank
+
+    g = torch.Generator().manual_seed(8)
+    B = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    A = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    R = torch.zeros(6, 6, dtype=torch.float64)
+    R[:2, :2] = torch.randn(2, 2, generator=g, dtype=torch.float64)
+    state = _layer_state(B, A, R)
+    assert same_model_at_rank(state, 2) and torch.allclose(_product_at(state, 2), B @ R @ A,
+                                                           rtol=0, atol=1e-12)
+    R[4, 1] = 0.5  # outside the kept block: the cut changes the update
+    assert not same_model_at_rank(state, 2)
+    assert not torch.allclose(_product_at(state, 2), B @ R @ A)

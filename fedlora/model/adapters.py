@@ -147,6 +147,26 @@ def state_at_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.
     return {key: at_rank(key, tensor, rank) for key, tensor in state.items()}
 
 
+def same_model_at_rank(state: dict[str, torch.Tensor], rank: int) -> bool:
+    """Whether ``state_at_rank(state, rank)`` is the model ``state`` is: every adapted layer's
+    slices beyond ``rank`` add nothing to its update (B's columns or A's rows beyond ``rank``
+    all zero; R beyond its top-left ``rank`` x ``rank`` block all zero). True at round 0
+    (B = 0), after FLoRA's merge (fresh adapters) and at the largest rank; the server then
+    scores a rank tier as the global model instead of evaluating the same function again."""
+    for layer in layer_names(state):
+        B, A = state[factor_key(layer, "B")], state[factor_key(layer, "A")]
+        R = state.get(factor_key(layer, "R"))
+        if R is not None:
+            outside = R.clone()
+            outside[:rank, :rank] = 0
+            if outside.any() and B.any() and A.any():
+                return False
+            continue
+        if B.shape[1] > rank and B[:, rank:].any() and A[rank:, :].any():
+            return False
+    return True
+
+
 RESIDUAL_FACTORS = ("", "_B", "_A")  # dense m x n, or the stacked factors B (m x q), A (q x n)
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.model.adapters import PARTS, state_at_rank
+from fedlora.model.adapters import PARTS, same_model_at_rank, state_at_rank
 from fedlora.run.checkpoint import (CHECKPOINT, FINAL_ADAPTER, load_checkpoint, rng_states, save_atomic,
                                     set_rng_states)
 from fedlora.report.comm import CommLedger, expected_params, message_part
@@ -261,6 +261,9 @@ def run_server(grid, cfg: RunConfig, out: Path, bundle: AdaptedModel, data,
             state = arrays.to_torch_state_dict()
             tiers = {}
             for rank in sorted(set(cfg.client_ranks)):
+                if same_model_at_rank(state, rank):  # the very model just scored
+                    tiers[str(rank)] = dict(metrics)
+                    continue
                 bundle.set_rank(rank)
                 bundle.load(state_at_rank(state, rank))
                 with autocast(bundle.model):
