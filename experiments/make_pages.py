@@ -565,7 +565,7 @@ def heterogeneous(folder: Path) -> dict[str, str]:
             claims.append([claim, setting, f"{statistics.mean(gaps):+.3f}",
                            ", ".join(f"{s}: {g:+.3f}" for s, g in zip(seeds, gaps)), verdict])
     return {
-        "missing": missing_heterogeneous_runs({key for key in final}),
+        "missing": missing_heterogeneous_runs(set(final)),
         "comparison": table(["setting", "method", "seeds", "final (mean ± std)", "final min–max",
                              "best", *[f"rank {t} tier" for t in tiers], "MB up / down"], body),
         "claims": table(["claim", "setting", "final gap (mean)", "per seed", "reproduces here?"],

@@ -42,9 +42,12 @@ def round_loads(run: Path, hosts: int) -> dict[int, list[int]]:
 
 
 def analyse(run: Path) -> dict:
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    batch, per_round = config["client_batch"], config["clients_per_round"]
-    hosts = config.get("client_hosts") or math.ceil(per_round / batch)
+    from fedlora.config import RunConfig
+
+    cfg = RunConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    batch, per_round, hosts = cfg.client_batch, cfg.clients_per_round, cfg.hosts
+    if hosts is None:
+        raise SystemExit(f"{run}: one node per client (client_batch=1, no client_hosts): no hosts to fit")
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     clock = {row["round"]: row["wall_s"] for row in rows}
     loads = round_loads(run, hosts)

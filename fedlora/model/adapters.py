@@ -151,18 +151,17 @@ def same_model_at_rank(state: dict[str, torch.Tensor], rank: int) -> bool:
     """Whether ``state_at_rank(state, rank)`` is the model ``state`` is: every adapted layer's
     slices beyond ``rank`` add nothing to its update (B's columns or A's rows beyond ``rank``
     all zero; R beyond its top-left ``rank`` x ``rank`` block all zero). True at round 0
-    (B = 0), after FLoRA's merge (fresh adapters) and at the largest rank; the server then
-    scores a rank tier as the global model instead of evaluating the same function again."""
+    (B = 0), for a method whose clients start fresh adapters each round, and at the largest
+    rank; the server then scores a rank tier as the global model instead of evaluating the same
+    function again."""
     for layer in layer_names(state):
         B, A = state[factor_key(layer, "B")], state[factor_key(layer, "A")]
         R = state.get(factor_key(layer, "R"))
         if R is not None:
-            outside = R.clone()
-            outside[:rank, :rank] = 0
-            if outside.any() and B.any() and A.any():
+            if (R[rank:, :].any() or R[:, rank:].any()) and B.any() and A.any():
                 return False
             continue
-        if B.shape[1] > rank and B[:, rank:].any() and A[rank:, :].any():
+        if B[:, rank:].any() and A[rank:, :].any():
             return False
     return True
 
