@@ -61,15 +61,15 @@ def test_the_global_update_is_the_clipped_mean_with_a_fixed_denominator(name):
         # re-factorisation keeps the product; LoRA-FAIR's correction and FedEx's residual
         # vanish for a single update; FLoRA merges it into the base weights, which hold the
         # earlier rounds' updates)
-        if not replies:  # noise alone, of std 1e-9 C / m (the round still releases it)
-            if name == "fedsvd":  # its re-factorisation may rotate B and A: the product stays
-                from fedlora.model.adapters import factor_key, layer_names
-                for layer in layer_names(before):
-                    B, A = factor_key(layer, "B"), factor_key(layer, "A")
-                    assert torch.allclose(fed.state[B] @ fed.state[A], before[B] @ before[A],
-                                          atol=1e-6)
-            else:
-                assert all(torch.allclose(fed.state[k], before[k], atol=1e-6) for k in before)
+        if not replies:  # noise alone, of std 1e-9 C / m (the round still releases it): the
+            # model stays. Compared as the products the model computes, since a method that
+            # re-factorises the global (FedSVD, FlexLoRA's SVD) may rotate B and A, and which
+            # rotation an SVD returns for a tiny perturbation differs across CPU models
+            reference = effective_weights(before, fed.W0, base_before)
+            for layer, weight in fed.global_effective_weights().items():
+                assert torch.allclose(weight, reference[layer], atol=1e-6), (name, layer)
+            for key in HEAD_KEYS:
+                assert torch.allclose(fed.state[key], before[key], atol=1e-6)
             continue
         trained_rounds += 1
         updates = [r.content["arrays"].to_torch_state_dict() for r in replies]
