@@ -92,9 +92,8 @@ def plots(folder: Path, runs: list[dict], rounds: list[dict], rows: list[dict]) 
     for task in sorted({row["setting"].split("-")[0] for row in rows}):
         figure, axes = plt.subplots(figsize=(7, 4.5))
         colours = {}
-        for row in rows:
-            if not row["setting"].startswith(task + "-"):
-                continue
+        task_rows = [row for row in rows if row["setting"].startswith(task + "-")]
+        for row in task_rows:
             curves = [[(int(r["round"]), float(r[row["metric"]])) for r in rounds if r["run"] == name]
                       for name, run in finished.items()
                       if setting_of(name) == row["setting"] and run["strategy"] == row["strategy"]]
@@ -105,7 +104,7 @@ def plots(folder: Path, runs: list[dict], rounds: list[dict], rows: list[dict]) 
                               label=f"{row['strategy']} {row['setting'].split('-', 1)[1]}")
             colours.setdefault(row["strategy"], line.get_color())
         axes.set_xlabel("round")
-        axes.set_ylabel(rows[0]["metric"].replace("_", " "))
+        axes.set_ylabel(task_rows[0]["metric"].replace("_", " "))  # the task's, not the first row's
         axes.set_title(f"{task}: client_ranks=[2,4,8,16] (solid), rank 16 (dashed), rank 2 (dotted)")
         axes.legend(fontsize=7, ncol=2)
         figure.tight_layout()
