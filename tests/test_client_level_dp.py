@@ -25,6 +25,7 @@ from fedlora.strategies import STRATEGIES
 from tests.federation import CLIENTS, HEAD_KEYS, Federation, effective_weights
 
 NAMES = sorted(STRATEGIES)
+SVD_REFACTORISED = {"fedsvd", "flexlora"}  # their global B and A are re-derived by an SVD
 pytestmark = pytest.mark.usefixtures("flower_task")  # Messages need a task identity
 
 
@@ -62,14 +63,17 @@ def test_the_global_update_is_the_clipped_mean_with_a_fixed_denominator(name):
         # vanish for a single update; FLoRA merges it into the base weights, which hold the
         # earlier rounds' updates)
         if not replies:  # noise alone, of std 1e-9 C / m (the round still releases it): the
-            # model stays. Compared as the products the model computes, since a method that
-            # re-factorises the global (FedSVD, FlexLoRA's SVD) may rotate B and A, and which
-            # rotation an SVD returns for a tiny perturbation differs across CPU models
+            # model the layers compute stays, and so does every tensor, except that a method
+            # re-factorising the global by SVD re-derives B and A from B A + noise: before any
+            # trained round (B = 0) that is the SVD of the noise, new factors of the same ~0
+            # product. Poisson sampling draws from the OS, so which methods meet an empty round
+            # varies from run to run
             reference = effective_weights(before, fed.W0, base_before)
             for layer, weight in fed.global_effective_weights().items():
                 assert torch.allclose(weight, reference[layer], atol=1e-6), (name, layer)
-            for key in HEAD_KEYS:
-                assert torch.allclose(fed.state[key], before[key], atol=1e-6)
+            kept = [k for k in before
+                    if name not in SVD_REFACTORISED or part_of(k, HEAD_KEYS) == "head"]
+            assert all(torch.allclose(fed.state[k], before[k], atol=1e-6) for k in kept), name
             continue
         trained_rounds += 1
         updates = [r.content["arrays"].to_torch_state_dict() for r in replies]
