@@ -3,8 +3,8 @@
     python experiments/bench/step_flops.py [--strategy fedsb] [--steps 5]
 
 Forward and backward of the strategy's default adapters on the default model (all-MiniLM-L6-v2,
-batch 16, max_length 32, the same seeded batches as step_time.py), only the adapter and head
-trainable, counted with ``torch.utils.flop_counter.FlopCounterMode`` and averaged over
+batch 16, max_length 32, the same seeded batches as step_time.py), only the parts the strategy
+trains (Fed-SB: R and the head) trainable, counted with ``torch.utils.flop_counter.FlopCounterMode`` and averaged over
 ``--steps`` batches. Divided by a measured step time it gives the rate a step runs at
 (RESULTS.md, "The floor").
 """
@@ -24,10 +24,9 @@ def main() -> None:
     parser.add_argument("--strategy", default="fedsb")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    _, bundle, batches, _ = setup("topic", args.strategy, args.steps)
+    _, bundle, batches, trained = setup("topic", args.strategy, args.steps)
     model = bundle.model
-    for name, param in model.named_parameters():
-        param.requires_grad_("lora" in name or "classifier" in name)
+    bundle.set_trainable(trained)  # what a client of this strategy trains, as step_time.py
     total, tokens = 0, 0
     for batch in batches:
         counter = FlopCounterMode(display=False)
